@@ -1,0 +1,65 @@
+"""The one typed error hierarchy of trajstore (store and pipeline alike).
+
+Every error says what happened and what to do about it. Catch ``TrajstoreError`` to
+catch them all; each also subclasses the closest builtin so idiomatic handlers work.
+"""
+from __future__ import annotations
+
+
+class TrajstoreError(Exception):
+    """Base class of every error trajstore raises on purpose."""
+
+
+class NotAStoreError(TrajstoreError, FileNotFoundError):
+    """The path does not hold a trajstore store."""
+
+
+class FormatVersionError(TrajstoreError):
+    """The store was written by a newer (or unknown) format version."""
+
+
+class StoreLockedError(TrajstoreError):
+    """Another live writer holds the store's lock."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+class StaleLockError(StoreLockedError):
+    """A lock left by a writer that is no longer running; pass ``break_lock=True`` to take it."""
+
+
+class LayoutMismatchError(TrajstoreError, ValueError):
+    """A snapshot or model does not match the store's parameter layout (names, shapes, length)."""
+
+
+class NonFiniteError(TrajstoreError, ValueError):
+    """A snapshot holds NaN or Inf values."""
+
+
+class CorruptSnapshotError(TrajstoreError):
+    """Stored bytes failed their checksum or could not be decoded."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+class StoreWriteError(TrajstoreError, OSError):
+    """The background writer failed (disk full, permission, ...); committed data is intact."""
+
+
+class InvalidArgumentError(TrajstoreError, ValueError):
+    """An argument is out of range or inconsistent with the store's contents."""
+
+
+class SubspaceExistsError(TrajstoreError, FileExistsError):
+    """A subspace of that name already exists; pass ``overwrite=True`` to replace it."""
+
+
+class SubspaceNotFoundError(TrajstoreError, KeyError):
+    """No subspace of that name is stored."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we do not want that
+        return str(self.args[0]) if self.args else ""

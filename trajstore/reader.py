@@ -1,0 +1,100 @@
+"""Decoding reads of committed rows: used by TrajectoryStore.read and by its dask arrays.
+
+``RowReader`` is a small picklable array-like (shape, dtype, ``__getitem__``) over the
+first ``committed`` rows of a store, so ``dask.array.from_array`` can build graphs that run
+on threads or on dask.distributed workers, each worker opening the store read-only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from .codecs import CodecPreset
+from .errors import CorruptSnapshotError
+from .format import PARAMS, REFERENCE, zarr_store
+
+_DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError)
+
+
+class RowReader:
+    """Array-like view (committed, n) of a store's decoded snapshots."""
+
+    def __init__(self, path: str, committed: int, n: int, dtype: str, codec: dict,
+                 storage_options: dict | None = None, token: str = ""):
+        self.path, self.committed, self.n = path, committed, n
+        self.dtype = np.dtype(dtype)
+        self.codec_json = codec
+        self.storage_options = storage_options
+        self.token = token
+        self._arrays: tuple | None = None
+
+    # array-like protocol used by dask.array.from_array
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.committed, self.n)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __dask_tokenize__(self):
+        return ("trajstore.RowReader", self.path, self.committed, self.token)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # reopen on the worker
+        return state
+
+    def _open(self):
+        if self._arrays is None:
+            group = zarr.open_group(zarr_store(self.path, True, self.storage_options), mode="r")
+            params = group[PARAMS]
+            reference = group[REFERENCE] if REFERENCE in group else None
+            self._arrays = (params, reference)
+        return self._arrays
+
+    @property
+    def preset(self) -> CodecPreset:
+        return CodecPreset.from_json(self.codec_json)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        r0, r1, rstep = rows.indices(self.committed) if isinstance(rows, slice) else (rows, rows + 1, 1)
+        c0, c1, cstep = cols.indices(self.n)
+        if r1 <= r0 or c1 <= c0:
+            return np.empty((max(0, len(range(r0, r1, rstep))), max(0, len(range(c0, c1, cstep)))), self.dtype)
+        block = self.read_block(r0, r1, c0, c1)
+        out = block[::rstep, ::cstep]
+        return out[0] if not isinstance(rows, slice) else out
+
+    def read_block(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> np.ndarray:
+        """Decoded rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0)."""
+        c1 = self.n if c1 is None else c1
+        preset = self.preset
+        start = preset.decode_start(r0)
+        params, reference = self._open()
+        try:
+            stored = params[start:r1, c0:c1]
+            ref = reference[0, c0:c1] if preset.transform == "delta" else None
+        except _DECODE_ERRORS as exc:
+            raise self._locate_corruption(start, r1, c0, c1, exc) from None
+        return preset.decode(stored, start, ref, self.dtype)[r0 - start:]
+
+    def _locate_corruption(self, r0: int, r1: int, c0: int, c1: int, exc: Exception) -> Exception:
+        """Re-read row by row to name the corrupt snapshot."""
+        params, reference = self._open()
+        if reference is not None:
+            try:
+                reference[0, c0:c1]
+            except _DECODE_ERRORS as inner:
+                return CorruptSnapshotError(
+                    f"the reference snapshot of store {self.path} is corrupt ({inner}); every snapshot "
+                    "decodes from it, so restore the store from a copy", index=0)
+        for i in range(r0, r1):
+            try:
+                params[i, c0:c1]
+            except _DECODE_ERRORS as inner:
+                return CorruptSnapshotError(
+                    f"snapshot {i} of store {self.path} is corrupt: {inner}. The other snapshots are "
+                    f"intact; run `trajstore verify {self.path}` to list every bad snapshot", index=i)
+        return CorruptSnapshotError(f"reading snapshots {r0}..{r1 - 1} of {self.path} failed: {exc}")

@@ -1,0 +1,429 @@
+"""TrajectoryStore: append parameter snapshots to a chunked, compressed zarr v3 group.
+
+Commit protocol (design.md): every row of snapshot t is written first, then
+``committed = t + 1`` is written to the group attributes (one small JSON, replaced
+atomically). Readers see rows ``[0, committed)`` only; a writer reopening a store whose
+arrays run ahead of ``committed`` overwrites from ``committed``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from . import __version__
+from .codecs import CodecPreset, get_preset
+from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreWriteError
+from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS,
+                     NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME, local_dir,
+                     normalize, open_root, zarr_store)
+from .layout import ParamLayout, strip_prefixes
+from .lock import WriterLock
+from .reader import RowReader
+from .writer import BackgroundWriter, Job
+
+_ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}
+_ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
+
+
+class TrajectoryStore:
+    """A trajectory of parameter snapshots on disk. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: str, group: zarr.Group, meta: dict, mode: str, lock: WriterLock | None,
+                 storage_options: dict | None, queue_depth: int = 2):
+        self.path, self.mode, self.storage_options = path, mode, storage_options
+        self._group, self._meta, self._lock = group, meta, lock
+        self.layout = ParamLayout.from_json(meta["layout"])
+        self.buffer_layout = ParamLayout.from_json(meta["buffer_layout"]) if meta.get("buffer_layout") else None
+        self.codec: CodecPreset = CodecPreset.from_json(meta["codec"])
+        self.dtype = np.dtype(meta["dtype"])
+        self._writer: BackgroundWriter | None = None
+        self._closed = False
+        if mode == "a":
+            self._prev: np.ndarray | None = None  # decoded last row (xor transform)
+            self._reference: np.ndarray | None = None  # decoded row 0 (delta transform)
+            self._load_encoder_state()
+            self._writer = BackgroundWriter(self.n_params, self.dtype, self._write_row, depth=queue_depth)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: "str | os.PathLike", source: object, *, codec: "str | CodecPreset" = "lossless",
+               metadata: dict | None = None, overwrite: bool = False, buffers: bool = False,
+               chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD, queue_depth: int = 2,
+               storage_options: dict | None = None) -> "TrajectoryStore":
+        """Create a store for the parameters of ``source`` (nn.Module, state_dict or ParamLayout).
+
+        ``buffers=True`` also records the module's buffers (BN running statistics) in a separate
+        array. Returns the store open for appending (mode ``"a"``).
+        """
+        path = normalize(path)
+        preset = get_preset(codec)
+        layout = ParamLayout.of(source)
+        if layout.n == 0:
+            raise LayoutMismatchError("the source has no parameters to record")
+        buffer_layout = None
+        if buffers:
+            if isinstance(source, torch.nn.Module):
+                buffer_layout = ParamLayout.buffers_of(source)
+            elif isinstance(source, Mapping):
+                buffer_layout = ParamLayout.from_state_dict(source)[1]
+            else:
+                raise InvalidArgumentError("buffers=True needs an nn.Module or a state_dict as source")
+        local = local_dir(path)
+        if local is not None and local.exists() and any(local.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or open it with mode='a'")
+        if local is not None:
+            local.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(path, LOCK_NAME).acquire()
+        try:
+            group = zarr.open_group(zarr_store(path, False, storage_options), mode="w")
+            dtype = layout.storage_dtype()
+            n = layout.n
+            chunk = min(chunk_size, n)
+            shard = chunk * math.ceil(min(shard_size, n) / chunk)
+            _create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
+            if preset.transform == "delta":
+                _create_rows(group, REFERENCE, n, dtype, chunk, shard, get_preset("lossless"), rows=1)
+            if buffer_layout is not None and buffer_layout.n:
+                m = buffer_layout.n
+                _create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
+            for name in ROW_ARRAYS:
+                group.create_array(name, shape=(0,), chunks=(ROW_CHUNK,), dtype=_ROW_DTYPES[name],
+                                   fill_value=_ROW_FILL[name])
+            group.create_group(METRICS)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": torch.__version__},
+                "layout": layout.to_json(),
+                "buffer_layout": buffer_layout.to_json() if buffer_layout is not None and buffer_layout.n else None,
+                "dtype": dtype.name,
+                "codec": preset.to_json(),
+                "metadata": dict(metadata or {}),
+                "committed": 0,
+                "truncations": [],
+            }
+            group.attrs[ATTR] = meta
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, group, meta, "a", lock, storage_options, queue_depth)
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike", mode: str = "r", *, break_lock: bool = False,
+             queue_depth: int = 2, storage_options: dict | None = None) -> "TrajectoryStore":
+        """Open an existing store: ``mode="r"`` to read, ``"a"`` to append (takes the writer lock)."""
+        if mode not in ("r", "a"):
+            raise InvalidArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
+        path = normalize(path)
+        group, meta = open_root(path, mode, storage_options)
+        lock = WriterLock(path, LOCK_NAME, break_lock=break_lock).acquire() if mode == "a" else None
+        if lock is not None:  # re-read under the lock: the previous writer may have committed since
+            group, meta = open_root(path, mode, storage_options)
+        return cls(path, group, meta, mode, lock, storage_options, queue_depth)
+
+    def __enter__(self) -> "TrajectoryStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TrajectoryStore({self.path!r}, mode={self.mode!r}, snapshots={len(self)}, n={self.n_params})"
+
+    # -- reading ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._meta["committed"])
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.n
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self._meta.get("metadata", {}))
+
+    @property
+    def attrs(self) -> dict:
+        """A copy of the store's ``trajstore`` attributes (format, layout, codec, committed, ...)."""
+        return dict(self._meta)
+
+    @property
+    def group(self) -> zarr.Group:
+        """The root zarr group (for derived data such as ``gram/`` and ``subspaces/``)."""
+        return self._group
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Training step of each committed snapshot, (t,) int64."""
+        return self._row_values(STEP)
+
+    @property
+    def epochs(self) -> np.ndarray:
+        """Epoch of each committed snapshot (-1 where none was given), (t,) int64."""
+        return self._row_values(EPOCH)
+
+    @property
+    def wall_times(self) -> np.ndarray:
+        return self._row_values(WALL_TIME)
+
+    def metric_names(self) -> list[str]:
+        return sorted(self._group[METRICS].array_keys())
+
+    def metrics(self, name: str) -> np.ndarray:
+        """Values of metric ``name`` per committed snapshot, NaN where a snapshot had none."""
+        if name not in self.metric_names():
+            raise KeyError(f"no metric {name!r}; recorded metrics: {self.metric_names()}")
+        return self._group[f"{METRICS}/{name}"][: len(self)]
+
+    def refresh(self) -> "TrajectoryStore":
+        """Re-read the committed count and array shapes (a reader following a live writer)."""
+        if self.mode == "r":
+            self._group, self._meta = open_root(self.path, "r", self.storage_options)
+        return self
+
+    def reader(self) -> RowReader:
+        """A picklable decoding view (t, n) of the committed snapshots."""
+        token = f"{len(self)}-{len(self._meta.get('truncations', []))}-{self._meta.get('created')}"
+        return RowReader(self.path, len(self), self.n_params, self.dtype.name, self._meta["codec"],
+                         self.storage_options, token)
+
+    def read(self, index: "int | slice | Sequence[int]") -> np.ndarray:
+        """Snapshot ``index`` as (n,), or several as (k, n), decoded to the store's float dtype."""
+        self._check_readable()
+        t = len(self)
+        if isinstance(index, slice):
+            r0, r1, step = index.indices(t)
+            if r1 <= r0:
+                return np.empty((0, self.n_params), self.dtype)
+            return self.reader().read_block(r0, r1)[::step] if step > 0 else self.read(list(range(r0, r1, step)))
+        if isinstance(index, (int, np.integer)):
+            i = self._check_index(int(index))
+            return self.reader().read_block(i, i + 1)[0]
+        rows = [self._check_index(int(i)) for i in index]
+        reader = self.reader()
+        return np.stack([reader.read_block(i, i + 1)[0] for i in rows]) if rows else np.empty((0, self.n_params), self.dtype)
+
+    def to_dask(self, row_block: int | None = None, col_block: int | None = None):
+        """The committed snapshots as a dask array (t, n), decoded lazily block by block."""
+        import dask.array as da
+
+        t, n = len(self), self.n_params
+        params = self._group[PARAMS]
+        col_block = col_block or int(params.shards[1] if params.shards else params.chunks[1])
+        if row_block is None:
+            row_block = max(1, min(t, (128 << 20) // (col_block * self.dtype.itemsize)))
+        k = self.codec.keyframe_interval
+        row_block = max(k, row_block - row_block % k)  # xor groups never straddle blocks
+        return da.from_array(self.reader(), chunks=(row_block, col_block), asarray=False, lock=False,
+                             fancy=False, meta=np.empty((0, 0), self.dtype), name=False)
+
+    def read_buffers(self, index: int) -> dict[str, torch.Tensor]:
+        """The buffers (BN running statistics) recorded with snapshot ``index``."""
+        if self.buffer_layout is None:
+            raise InvalidArgumentError(f"store {self.path} records no buffers (create it with buffers=True)")
+        i = self._check_index(index)
+        return self.buffer_layout.unflatten(self._group[BUFFERS][i, :])
+
+    def state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Snapshot ``index`` as a state_dict of tensors in their original shapes and dtypes."""
+        sd = self.layout.unflatten(self.read(index))
+        if self.buffer_layout is not None:
+            sd.update(self.read_buffers(index))
+        return sd
+
+    def load_into(self, model: torch.nn.Module, index: int) -> torch.nn.Module:
+        """Copy snapshot ``index`` (and its buffers, if recorded) into ``model`` in place."""
+        self.layout.check_same(ParamLayout.from_module(model), "model")
+        sd = self.state_dict(index)
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            named.update(dict(model.named_buffers()))
+            for key, tensor in named.items():
+                value = sd.get(strip_prefixes(key))
+                if value is not None:
+                    tensor.copy_(value.to(tensor.dtype))
+        return model
+
+    # -- writing ------------------------------------------------------------------------
+    def append(self, source: object, *, step: int, epoch: int | None = None,
+               metrics: Mapping[str, float] | None = None, allow_nonfinite: bool = False) -> int:
+        """Queue one snapshot; returns its index. The copy is taken now, writing happens in the background.
+
+        ``source``: nn.Module, state_dict, or a flat tensor/array (n,). Raises LayoutMismatchError
+        on a wrong length or layout, NonFiniteError on NaN/Inf (unless ``allow_nonfinite``), and
+        any error of an earlier background write.
+        """
+        self._check_writable()
+        if isinstance(source, torch.nn.Module):
+            self.layout.check_same(ParamLayout.from_module(source), "model")
+        buf = self._writer.acquire()
+        try:
+            self.layout.flatten_into(source, buf)
+            nonfinite = not np.isfinite(buf).all()
+            if nonfinite and not allow_nonfinite:
+                raise NonFiniteError(
+                    f"snapshot at step {step} holds NaN or Inf in {self._first_nonfinite(buf)}; it was not "
+                    "recorded (training has diverged?). Pass allow_nonfinite=True to record it anyway")
+            buffers = self._flatten_buffers(source)
+        except BaseException:
+            self._writer.release(buf)
+            raise
+        index = self._next_index
+        self._next_index += 1
+        self._writer.submit(Job(index, buf, int(step), -1 if epoch is None else int(epoch), time.time(),
+                                {k: float(v) for k, v in (metrics or {}).items()}, buffers, nonfinite))
+        return index
+
+    def flush(self) -> None:
+        """Block until every queued snapshot is committed; raises a background error if one occurred."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush, stop the writer and release the lock. Raises a background error if one occurred."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def truncate(self, length: int) -> None:
+        """Drop every snapshot from index ``length`` on (a resumed run replaces what came after its checkpoint)."""
+        self._check_writable()
+        self.flush()
+        if not 0 <= length <= len(self):
+            raise InvalidArgumentError(f"cannot truncate to {length}: the store holds {len(self)} snapshots")
+        if length == len(self):
+            return
+        meta = dict(self._meta)
+        meta["committed"] = length
+        meta["truncations"] = list(meta.get("truncations", [])) + [length]
+        self._commit_meta(meta)
+        self._load_encoder_state()
+
+    def truncate_after_step(self, step: int) -> int:
+        """Drop every snapshot with a step greater than ``step``; returns the new length."""
+        later = self.steps > step  # (t,)
+        keep = int(np.argmax(later)) if later.any() else len(later)
+        self.truncate(keep)
+        return keep
+
+    # -- internals ----------------------------------------------------------------------
+    def _check_readable(self) -> None:
+        if self._closed:
+            raise InvalidArgumentError(f"store {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_readable()
+        if self.mode != "a":
+            raise InvalidArgumentError(f"store {self.path} is open read-only; open it with mode='a' to append")
+
+    def _check_index(self, i: int) -> int:
+        t = len(self)
+        j = i + t if i < 0 else i
+        if not 0 <= j < t:
+            raise IndexError(f"snapshot {i} out of range: the store holds {t} committed snapshots")
+        return j
+
+    def _row_values(self, name: str) -> np.ndarray:
+        return self._group[name][: len(self)]
+
+    def _first_nonfinite(self, buf: np.ndarray) -> str:
+        for spec, lo, hi in zip(self.layout.specs, self.layout.offsets, self.layout.offsets[1:]):
+            if not np.isfinite(buf[lo:hi]).all():
+                return f"tensor {spec.name!r}"
+        return "the snapshot"
+
+    def _flatten_buffers(self, source: object) -> np.ndarray | None:
+        if self.buffer_layout is None:
+            return None
+        if not isinstance(source, (torch.nn.Module, Mapping)):
+            raise InvalidArgumentError("this store records buffers: append a module or state_dict, not a flat vector")
+        out = np.empty(self.buffer_layout.n, np.float64)
+        return self.buffer_layout.flatten_into(source, out)
+
+    def _load_encoder_state(self) -> None:
+        """Where the next append goes, and the decoded rows the row transform needs."""
+        t = len(self)
+        self._next_index = t
+        if self.codec.transform == "xor" and t > 0:
+            self._prev = self.reader().read_block(t - 1, t)[0].copy()
+        if self.codec.transform == "delta" and t > 0:
+            self._reference = self._group[REFERENCE][0, :]
+
+    def _ensure_capacity(self, rows: int) -> None:
+        params = self._group[PARAMS]
+        if params.shape[0] >= rows:
+            return
+        capacity = max(rows, 2 * params.shape[0], 16)
+        for name in (PARAMS, BUFFERS, *ROW_ARRAYS):
+            if name in self._group and self._group[name].shape[0] < capacity:
+                arr = self._group[name]
+                arr.resize((capacity, *arr.shape[1:]))
+        for name in self.metric_names():
+            arr = self._group[f"{METRICS}/{name}"]
+            if arr.shape[0] < capacity:
+                arr.resize((capacity,))
+
+    def _write_row(self, job: Job) -> None:
+        """Runs on the writer thread: data rows first, the commit last."""
+        i, row = job.index, job.row
+        self._ensure_capacity(i + 1)
+        if self.codec.transform == "delta" and i == 0:
+            self._group[REFERENCE][0, :] = row
+            self._reference = row.copy()
+        stored = self.codec.encode(row, i, self._prev, self._reference)
+        self._group[PARAMS][i, :] = stored
+        if job.buffers is not None:
+            self._group[BUFFERS][i, :] = job.buffers
+        self._group[STEP][i] = job.step
+        self._group[EPOCH][i] = job.epoch
+        self._group[WALL_TIME][i] = job.wall_time
+        self._group[NONFINITE][i] = job.nonfinite
+        capacity = self._group[PARAMS].shape[0]
+        metrics_group = self._group[METRICS]
+        for name in set(job.metrics) | set(metrics_group.array_keys()):
+            if name not in metrics_group:
+                metrics_group.create_array(name, shape=(capacity,), chunks=(ROW_CHUNK,), dtype="float64",
+                                           fill_value=float("nan"))
+            metrics_group[name][i] = job.metrics.get(name, float("nan"))
+        if self.codec.transform == "xor":
+            if self._prev is None:
+                self._prev = np.empty_like(row)
+            self._prev[:] = row
+        meta = dict(self._meta)
+        meta["committed"] = i + 1
+        self._commit_meta(meta)
+
+    def _commit_meta(self, meta: dict) -> None:
+        self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically
+        self._meta = meta
+
+
+def _create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: int, shard: int,
+                 preset: CodecPreset, rows: int = 0) -> zarr.Array:
+    """A (rows, n) array: one row per snapshot, inner chunks (1, chunk) in shards (1, shard)."""
+    fill = float("nan") if np.dtype(dtype).kind == "f" else 0
+    return group.create_array(name, shape=(rows, n), chunks=(1, chunk), shards=(1, shard), dtype=dtype,
+                              compressors=preset.zarr_compressors(), fill_value=fill,
+                              config={"write_empty_chunks": True})
+
+
+def stored_bytes(path: str) -> int:
+    """Bytes the store takes on disk (or in the object store)."""
+    local = local_dir(path)
+    if local is not None:
+        return sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(path)
+    return int(fs.du(root))

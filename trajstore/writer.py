@@ -1,0 +1,117 @@
+"""Background writer: staging buffers, a bounded queue and back-pressure.
+
+``submit`` takes a filled staging buffer and returns at once; a single thread encodes
+and writes rows in order through a ``write_row`` callback and hands the buffer back to
+the pool. When every buffer is in flight, ``acquire`` blocks (back-pressure) rather than
+letting memory grow. The first error in the thread is kept and raised, once, from the
+next ``acquire``/``submit``/``flush``/``close`` in the caller's thread; it is never swallowed.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import StoreWriteError
+
+
+@dataclass
+class Job:
+    """One snapshot on its way to disk."""
+
+    index: int
+    row: np.ndarray  # (n,) staging buffer, owned by the writer until written
+    step: int
+    epoch: int
+    wall_time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    buffers: np.ndarray | None = None  # (m,) float64
+    nonfinite: bool = False
+
+
+class BackgroundWriter:
+    """Single writer thread fed through a bounded queue of staging buffers."""
+
+    def __init__(self, n: int, dtype: np.dtype, write_row: Callable[[Job], None], depth: int = 2):
+        self._write_row = write_row
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(depth):
+            self._free.put(np.empty(n, dtype=dtype))
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="trajstore-writer", daemon=True)
+        self._thread.start()
+
+    # -- caller side --------------------------------------------------------------------
+    def acquire(self) -> np.ndarray:
+        """A free staging buffer (n,); blocks while all are in flight."""
+        self.raise_pending()
+        while True:
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                self.raise_pending()
+                if not self._thread.is_alive():
+                    raise StoreWriteError("the background writer stopped; reopen the store with mode='a'")
+
+    def release(self, buf: np.ndarray) -> None:
+        """Give back a buffer that was acquired but not submitted."""
+        self._free.put(buf)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; returns at once."""
+        self.raise_pending()
+        self._jobs.put(job)
+
+    def flush(self) -> None:
+        """Wait until every submitted job is written; raise the background error if any."""
+        self._jobs.join()
+        self.raise_pending()
+
+    def close(self) -> None:
+        """Flush, then stop the thread. Raises a pending background error."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self.raise_pending()
+
+    def raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self._failed = err
+            raise err
+        if getattr(self, "_failed", None) is not None:
+            raise StoreWriteError(
+                f"the background writer failed earlier ({self._failed}); nothing after the last "
+                "committed snapshot was written. Fix the cause and reopen the store with mode='a'"
+            )
+
+    # -- thread side --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None and getattr(self, "_failed", None) is None:
+                    self._write_row(job)
+            except BaseException as exc:  # kept and re-raised in the caller's thread
+                self._error = exc if isinstance(exc, StoreWriteError) else _wrap(exc, job)
+            finally:
+                if job is not None:
+                    self._free.put(job.row)
+                self._jobs.task_done()
+
+
+def _wrap(exc: BaseException, job: Job) -> BaseException:
+    if isinstance(exc, OSError):
+        err = StoreWriteError(
+            f"writing snapshot {job.index} (step {job.step}) failed: {exc}. Every snapshot before it is "
+            "committed and intact; free space or fix permissions, then reopen with mode='a' to resume"
+        )
+        err.__cause__ = exc
+        return err
+    return exc
