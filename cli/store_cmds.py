@@ -1,0 +1,84 @@
+"""Commands over the store: ``info``, ``verify``, ``import``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from trajstore import inspect
+from trajstore.importers import import_checkpoints
+
+from ._console import err, errors_to_exit, human_bytes, print_json, progress_bar
+
+
+def info(run: str = typer.Argument(..., help="store path or URL"),
+         json: bool = typer.Option(False, "--json", help="machine-readable output on stdout")) -> None:
+    """Snapshots, parameters, steps, sizes, compression ratio, codec and format version of RUN."""
+    with errors_to_exit():
+        data = inspect.info(run)
+    if json:
+        print_json(data)
+        return
+    table = Table(show_header=False, title=f"trajstore {data['path']}")
+    steps = data["steps"]
+    step_text = (f"{data['first_step']} .. {data['last_step']}" if steps else "none")
+    rows = [
+        ("snapshots", str(data["snapshots"])),
+        ("parameters", f"{data['parameters']:,} in {data['tensors']} tensors"),
+        ("steps", step_text),
+        ("stored", human_bytes(data["stored_bytes"])),
+        ("raw", human_bytes(data["raw_bytes"])),
+        ("compression", f"{data['compression_ratio']:.3f}x" if data["compression_ratio"] else "-"),
+        ("codec", f"{data['codec']} ({'lossless' if data['lossless'] else 'lossy: ' + data['error_bound']})"),
+        ("dtype", data["dtype"]),
+        ("format version", str(data["format_version"])),
+        ("metrics", ", ".join(data["metrics"]) or "-"),
+        ("subspaces", ", ".join(data["subspaces"]) or "-"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    err.print(table)
+
+
+def verify(run: str = typer.Argument(..., help="store path or URL"),
+           json: bool = typer.Option(False, "--json")) -> None:
+    """Read every chunk; check checksums, finiteness and the committed count. Exit 1 naming bad snapshots."""
+    with errors_to_exit(), progress_bar("verifying", quiet=json) as update:
+        report = inspect.verify(run, progress=update)
+    if json:
+        print_json(report.to_json())
+    else:
+        for problem in report.store_problems:
+            err.print(f"[red]store:[/] {problem}", highlight=False)
+        for index, problems in sorted(report.problems.items()):
+            err.print(f"[red]snapshot {index}:[/] {'; '.join(problems)}", highlight=False)
+        if report.ok:
+            err.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
+    if not report.ok:
+        bad = ", ".join(str(i) for i in sorted(report.problems))
+        err.print(f"[bold red]verify failed[/]: bad snapshots: {bad or 'none'}", highlight=False)
+        raise typer.Exit(1)
+
+
+def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of checkpoints"),
+            run: str = typer.Argument(..., help="new store path or URL"),
+            pattern: str = typer.Option("*.pt", "--pattern", help="glob of checkpoint files, e.g. '*.safetensors'"),
+            codec: str = typer.Option("lossless", "--codec"),
+            overwrite: bool = typer.Option(False, "--overwrite"),
+            json: bool = typer.Option(False, "--json")) -> None:
+    """Convert a folder of per-epoch state_dicts (natural order) into a store."""
+    with errors_to_exit(), progress_bar("importing", quiet=json) as update:
+        import_checkpoints(folder, run, pattern, codec=codec, overwrite=overwrite, progress=update)
+    with errors_to_exit():
+        data = inspect.info(run)
+    if json:
+        print_json(data)
+    else:
+        err.print(f"imported {data['snapshots']} snapshots of {data['parameters']:,} parameters into {data['path']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+    app.command("verify")(verify)
+    app.command("import")(import_)

@@ -1,0 +1,70 @@
+"""Import a folder of per-epoch checkpoints (``0.pt, 1.pt, ..., 10.pt``) into a store."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import InvalidArgumentError, TrajstoreError
+from .layout import ParamLayout, strip_prefixes
+from .store import TrajectoryStore
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def natural_key(path: Path) -> list:
+    """Sort key under which ``2.pt`` comes before ``10.pt``."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path.name)]
+
+
+def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Load a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` state_dict."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(file))
+    else:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise TrajstoreError(f"cannot load {file} with torch.load(weights_only=True): {exc}") from None
+    for key in _NESTED_KEYS:  # Lightning / common training-script checkpoints nest the weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TrajstoreError(f"{file} does not hold a state_dict of tensors")
+    return {strip_prefixes(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", pattern: str = "*.pt", *,
+                       codec: str = "lossless", param_names: Iterable[str] | None = None,
+                       overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> TrajectoryStore:
+    """Convert every file matching ``pattern`` in ``folder`` (natural order) into a new store at ``path``.
+
+    Parameters are told from buffers by ``param_names`` when given, else by name (BN
+    running statistics and integer tensors are buffers). The number in each file name is
+    recorded as the snapshot's epoch and step. Returns the store, closed.
+    """
+    files = sorted((p for p in Path(folder).glob(pattern) if p.is_file()), key=natural_key)
+    if not files:
+        raise InvalidArgumentError(f"no files match {pattern!r} in {folder}")
+    first = load_state_dict(files[0])
+    layout, buffer_layout = ParamLayout.from_state_dict(first, param_names)
+    store = TrajectoryStore.create(path, first if buffer_layout.n else layout, codec=codec,
+                                   overwrite=overwrite, buffers=bool(buffer_layout.n),
+                                   metadata={"imported_from": str(Path(folder).absolute()), "pattern": pattern})
+    try:
+        for i, file in enumerate(files):
+            sd = first if i == 0 else load_state_dict(file)
+            numbers = re.findall(r"\d+", file.stem)
+            index = int(numbers[-1]) if numbers else i
+            store.append(sd, step=index, epoch=index)
+            if progress:
+                progress(i + 1, len(files))
+    finally:
+        store.close()
+    return store

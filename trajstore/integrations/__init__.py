@@ -1,0 +1,1 @@
+"""Trainer callbacks (optional extras): ``trajstore.integrations.lightning`` and ``.transformers``."""

@@ -1,0 +1,126 @@
+"""Recorder: decide when to snapshot a model in a training loop, and resume without duplicates.
+
+Snapshots are keyed by training step (optimizer steps taken). On (re)start the recorder
+truncates every snapshot recorded after the step it resumes from, so a run restarted from
+a checkpoint neither duplicates nor misses snapshots.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+
+from .errors import InvalidArgumentError
+from .format import local_dir, normalize
+from .layout import ParamLayout
+from .store import TrajectoryStore
+
+
+def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch.nn.Module, *,
+                       codec: str = "lossless", buffers: bool = False, metadata: dict | None = None,
+                       break_lock: bool = False) -> TrajectoryStore:
+    """Open ``path`` for appending, creating the store when it does not exist yet."""
+    if isinstance(path, TrajectoryStore):
+        return path
+    path = normalize(path)
+    local = local_dir(path)
+    exists = (local / "zarr.json").exists() if local is not None else _remote_exists(path)
+    if not exists:
+        return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata)
+    store = TrajectoryStore.open(path, "a", break_lock=break_lock)
+    try:
+        store.layout.check_same(ParamLayout.from_module(model), "model")
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _remote_exists(url: str) -> bool:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs.exists(f"{root.rstrip('/')}/zarr.json")
+
+
+class Recorder:
+    """Snapshot ``model`` into ``store`` every N steps and/or every N epochs.
+
+    Plain loop::
+
+        rec = Recorder(store, model, every_n_epochs=1)
+        rec.start()                      # records the initial weights (step 0)
+        for epoch in range(E):
+            for batch in loader:
+                ...; opt.step(); rec.step()
+            rec.epoch_end(epoch, metrics={"loss": loss})
+        store.close()
+    """
+
+    def __init__(self, store: TrajectoryStore, model: torch.nn.Module, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = None, record_initial: bool = True):
+        if every_n_steps is None and every_n_epochs is None:
+            raise InvalidArgumentError("give every_n_steps, every_n_epochs, or both")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1, got {value}")
+        self.store, self.model = store, model
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.record_initial = record_initial
+        self.global_step = 0
+        self._last_step: int | None = None
+
+    def start(self, global_step: int = 0, epoch: int | None = None) -> None:
+        """Begin or resume at ``global_step``: drop snapshots taken after it, record the initial weights."""
+        self.global_step = int(global_step)
+        self.store.truncate_after_step(self.global_step)
+        steps = self.store.steps
+        self._last_step = int(steps[-1]) if len(steps) else None
+        if self.record_initial and self.global_step == 0 and self._last_step is None:
+            self.record(0, epoch=epoch)
+
+    def record(self, step: int, epoch: int | None = None, metrics: Mapping[str, float] | None = None) -> bool:
+        """Append a snapshot at ``step`` unless one was already taken there; returns whether it did."""
+        if self._last_step is not None and step <= self._last_step:
+            return False
+        self.store.append(self.model, step=step, epoch=epoch, metrics=_scalars(metrics))
+        self._last_step = step
+        return True
+
+    def on_step(self, step: int, epoch: int | None = None, metrics: Mapping[str, float] | None = None) -> bool:
+        """Call after each optimizer step with the number of steps taken so far."""
+        self.global_step = step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return self.record(step, epoch, metrics)
+        return False
+
+    def step(self, metrics: Mapping[str, float] | None = None) -> bool:
+        """Plain loops: count one optimizer step and record if due."""
+        return self.on_step(self.global_step + 1, None, metrics)
+
+    def epoch_end(self, epoch: int, metrics: Mapping[str, float] | None = None, step: int | None = None) -> bool:
+        """Call at the end of epoch ``epoch`` (0-based); records if due."""
+        if step is not None:
+            self.global_step = step
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            return self.record(self.global_step, epoch, metrics)
+        return False
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.start(int(state["global_step"]))
+
+
+def _scalars(metrics: Mapping | None) -> dict[str, float]:
+    out = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, (int, float)):
+            out[str(key).replace("/", "_")] = float(value)
+    return out
