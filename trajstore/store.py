@@ -81,7 +81,8 @@ class TrajectoryStore:
             local.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(path, LOCK_NAME).acquire()
         try:
-            group = zarr.open_group(zarr_store(path, False, storage_options), mode="w")
+            _clear_except_lock(path)
+            group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
             dtype = layout.storage_dtype()
             n = layout.n
             chunk = min(chunk_size, n)
@@ -417,6 +418,25 @@ def _create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: i
     return group.create_array(name, shape=(rows, n), chunks=(1, chunk), shards=(1, shard), dtype=dtype,
                               compressors=preset.zarr_compressors(), fill_value=fill,
                               config={"write_empty_chunks": True})
+
+
+def _clear_except_lock(path: str) -> None:
+    """Empty the store's folder (``overwrite=True``) while keeping the lock we hold."""
+    import shutil
+
+    import fsspec
+
+    local = local_dir(path)
+    if local is not None:
+        for entry in local.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        for entry in fs.ls(root, detail=False):
+            if not entry.rstrip("/").endswith(LOCK_NAME):
+                fs.rm(entry, recursive=True)
 
 
 def stored_bytes(path: str) -> int:
