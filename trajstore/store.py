@@ -416,7 +416,7 @@ def _create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: i
     """A (rows, n) array: one row per snapshot, inner chunks (1, chunk) in shards (1, shard)."""
     fill = float("nan") if np.dtype(dtype).kind == "f" else 0
     return group.create_array(name, shape=(rows, n), chunks=(1, chunk), shards=(1, shard), dtype=dtype,
-                              compressors=preset.zarr_compressors(), fill_value=fill,
+                              compressors=preset.zarr_compressors(chunk * np.dtype(dtype).itemsize), fill_value=fill,
                               config={"write_empty_chunks": True})
 
 

@@ -1,0 +1,1 @@
+"""pipeline: the maths over a trajectory store (DLDR extraction, subspace optimizers, experiments)."""

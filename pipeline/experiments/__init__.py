@@ -1,0 +1,1 @@
+"""Recipes (data + model) and the runs built on them."""
