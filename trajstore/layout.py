@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import numpy as np
-import torch
 
+from ._lazy import is_module, is_tensor, torch as _torch
 from .errors import LayoutMismatchError
+
+if TYPE_CHECKING:
+    import torch
 
 _PREFIXES = ("module.", "_orig_mod.")
 # state_dict entries that are running statistics, not trainable parameters
@@ -27,7 +30,7 @@ def strip_prefixes(name: str) -> str:
 
 def is_buffer_name(name: str, tensor: torch.Tensor | None = None) -> bool:
     """Heuristic for state_dicts without a model: BN statistics and integer tensors are buffers."""
-    if tensor is not None and not torch.is_floating_point(tensor):
+    if tensor is not None and not tensor.is_floating_point():
         return True
     return name.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES
 
@@ -80,7 +83,7 @@ class ParamLayout:
         wanted = {strip_prefixes(n) for n in param_names} if param_names is not None else None
         params, buffers = [], []
         for key, value in state_dict.items():
-            if not isinstance(value, torch.Tensor):
+            if not is_tensor(value):
                 continue
             name = strip_prefixes(key)
             is_param = (name in wanted) if wanted is not None else not is_buffer_name(name, value)
@@ -92,7 +95,7 @@ class ParamLayout:
         """Layout of a module, a state_dict or a ParamLayout."""
         if isinstance(source, ParamLayout):
             return source
-        if isinstance(source, torch.nn.Module):
+        if is_module(source):
             return cls.from_module(source)
         if isinstance(source, Mapping):
             return cls.from_state_dict(source)[0]
@@ -153,11 +156,11 @@ class ParamLayout:
     # -- flatten / unflatten ------------------------------------------------------------
     def tensors_of(self, source: object) -> list[torch.Tensor]:
         """The tensors of ``source`` (module or state_dict) in layout order, checked by name and shape."""
-        if isinstance(source, torch.nn.Module):
+        if is_module(source):
             named = {strip_prefixes(k): v for k, v in source.named_parameters()}
             named.update({strip_prefixes(k): v for k, v in source.named_buffers()})
         elif isinstance(source, Mapping):
-            named = {strip_prefixes(k): v for k, v in source.items() if isinstance(v, torch.Tensor)}
+            named = {strip_prefixes(k): v for k, v in source.items() if is_tensor(v)}
         else:
             raise TypeError(f"expected nn.Module or state_dict, got {type(source).__name__}")
         out = []
@@ -176,21 +179,24 @@ class ParamLayout:
 
     def flatten_into(self, source: object, out: np.ndarray) -> np.ndarray:
         """Copy ``source`` (module, state_dict, 1-D tensor/array of length n) into ``out`` (n,)."""
-        if isinstance(source, (np.ndarray, torch.Tensor)):
+        if isinstance(source, np.ndarray) or is_tensor(source):
             if source.ndim != 1 or source.shape[0] != self.n:
                 raise LayoutMismatchError(
                     f"snapshot has shape {tuple(source.shape)}, the store expects a flat vector of length {self.n}"
                 )
-            flat = torch.as_tensor(source).detach()
-            torch.from_numpy(out).copy_(flat.reshape(-1))
+            if isinstance(source, np.ndarray):
+                np.copyto(out, source, casting="same_kind")
+            else:
+                _torch().from_numpy(out).copy_(source.detach().reshape(-1))
             return out
-        dst = torch.from_numpy(out)  # (n,) shares memory with out
+        dst = _torch().from_numpy(out)  # (n,) shares memory with out
         for spec, t, lo, hi in zip(self.specs, self.tensors_of(source), self.offsets, self.offsets[1:]):
             dst[lo:hi].copy_(t.detach().reshape(-1))
         return out
 
     def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """Split a flat vector (n,) into named tensors of the layout's shapes and dtypes."""
+        torch = _torch()
         vec = torch.from_numpy(np.ascontiguousarray(flat))
         return {
             s.name: vec[lo:hi].reshape(s.shape).to(getattr(torch, s.dtype)).clone()

@@ -12,11 +12,13 @@ import os
 import time
 from typing import Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 import zarr
 
 from . import __version__
+from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreWriteError
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS,
@@ -26,6 +28,9 @@ from .layout import ParamLayout, strip_prefixes
 from .lock import WriterLock
 from .reader import RowReader
 from .writer import BackgroundWriter, Job
+
+if TYPE_CHECKING:
+    import torch
 
 _ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}
 _ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
@@ -68,7 +73,7 @@ class TrajectoryStore:
             raise LayoutMismatchError("the source has no parameters to record")
         buffer_layout = None
         if buffers:
-            if isinstance(source, torch.nn.Module):
+            if is_module(source):
                 buffer_layout = ParamLayout.buffers_of(source)
             elif isinstance(source, Mapping):
                 buffer_layout = ParamLayout.from_state_dict(source)[1]
@@ -100,7 +105,7 @@ class TrajectoryStore:
             meta = {
                 "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": torch.__version__},
+                "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch().__version__},
                 "layout": layout.to_json(),
                 "buffer_layout": buffer_layout.to_json() if buffer_layout is not None and buffer_layout.n else None,
                 "dtype": dtype.name,
@@ -242,7 +247,7 @@ class TrajectoryStore:
         """Copy snapshot ``index`` (and its buffers, if recorded) into ``model`` in place."""
         self.layout.check_same(ParamLayout.from_module(model), "model")
         sd = self.state_dict(index)
-        with torch.no_grad():
+        with _torch().no_grad():
             named = dict(model.named_parameters())
             named.update(dict(model.named_buffers()))
             for key, tensor in named.items():
@@ -261,7 +266,7 @@ class TrajectoryStore:
         any error of an earlier background write.
         """
         self._check_writable()
-        if isinstance(source, torch.nn.Module):
+        if is_module(source):
             self.layout.check_same(ParamLayout.from_module(source), "model")
         buf = self._writer.acquire()
         try:
@@ -348,7 +353,7 @@ class TrajectoryStore:
     def _flatten_buffers(self, source: object) -> np.ndarray | None:
         if self.buffer_layout is None:
             return None
-        if not isinstance(source, (torch.nn.Module, Mapping)):
+        if not (is_module(source) or isinstance(source, Mapping)):
             raise InvalidArgumentError("this store records buffers: append a module or state_dict, not a flat vector")
         out = np.empty(self.buffer_layout.n, np.float64)
         return self.buffer_layout.flatten_into(source, out)
