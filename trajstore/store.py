@@ -12,7 +12,8 @@ import os
 import time
 from typing import Mapping, Sequence
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import zarr
@@ -21,7 +22,7 @@ from . import __version__
 from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreWriteError
-from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS,
+from .format import (ATTR, BUFFERS, DERIVED_LOCK_NAME, DEFAULT_CHUNK, DEFAULT_SHARD, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS,
                      NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME, local_dir,
                      normalize, open_root, zarr_store)
 from .layout import ParamLayout, strip_prefixes
@@ -192,6 +193,18 @@ class TrajectoryStore:
         if self.mode == "r":
             self._group, self._meta = open_root(self.path, "r", self.storage_options)
         return self
+
+    @contextmanager
+    def derived(self) -> Iterator[zarr.Group]:
+        """Exclusive write access to derived data (``gram/``, ``subspaces/``) as a writable root group.
+
+        Guarded by its own lock, so extraction can run while a training process appends.
+        """
+        lock = WriterLock(self.path, DERIVED_LOCK_NAME).acquire()
+        try:
+            yield zarr.open_group(zarr_store(self.path, False, self.storage_options), mode="r+")
+        finally:
+            lock.release()
 
     def reader(self) -> RowReader:
         """A picklable decoding view (t, n) of the committed snapshots."""

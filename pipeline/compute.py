@@ -1,0 +1,97 @@
+"""Run independent block tasks on dask: the threaded scheduler, or a dask.distributed cluster.
+
+Every pass of the pipeline is a list of independent, idempotent tasks (one per column
+block) that write their result into the store and return something small. That keeps
+memory bounded by one block per worker thread, lets a killed pass resume by skipping
+finished blocks, and runs unchanged on threads or on cluster workers.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Sequence, TypeVar
+
+import dask
+from dask.callbacks import Callback
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]
+
+
+class Interrupted(Exception):
+    """Raised when a stop was requested (Ctrl-C / SIGTERM) between tasks."""
+
+
+class StopFlag:
+    """Set from a signal handler; tasks that have not started yet are skipped."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def get_client(scheduler: object):
+    """``None`` -> None (threads); a ``distributed.Client``; or a scheduler address string."""
+    if scheduler is None:
+        return None
+    from distributed import Client
+
+    if isinstance(scheduler, Client):
+        return scheduler
+    if isinstance(scheduler, str):
+        return Client(scheduler)
+    raise TypeError(f"scheduler must be None, a distributed.Client or an address, got {type(scheduler).__name__}")
+
+
+def run_tasks(tasks: Sequence[Callable[[], T]], scheduler: object = None, progress: Progress | None = None,
+              stop: StopFlag | None = None, num_workers: int | None = None) -> list[T]:
+    """Run ``tasks`` (picklable zero-argument callables) and return their results in order."""
+    total = len(tasks)
+    if progress:
+        progress(0, total)
+    if not tasks:
+        return []
+    client = get_client(scheduler)
+    if client is None:
+        return _run_threads(tasks, progress, stop, num_workers)
+    from distributed import as_completed
+
+    futures = [client.submit(task, pure=False) for task in tasks]
+    index = {f.key: i for i, f in enumerate(futures)}
+    results: list = [None] * total
+    try:
+        for done, future in enumerate(as_completed(futures), start=1):
+            results[index[future.key]] = future.result()
+            if progress:
+                progress(done, total)
+            if stop:
+                raise Interrupted("stopped on request")
+    finally:
+        for f in futures:
+            f.cancel()
+    return results
+
+
+def _run_threads(tasks, progress, stop, num_workers) -> list:
+    counter = {"done": 0}
+    lock = threading.Lock()
+
+    def guarded(task):
+        if stop:
+            raise Interrupted("stopped on request")
+        return task()
+
+    class _Progress(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if progress and isinstance(key, tuple) is False and str(key).startswith("block-"):
+                with lock:
+                    counter["done"] += 1
+                    progress(counter["done"], len(tasks))
+
+    delayed = [dask.delayed(guarded, pure=False)(task, dask_key_name=f"block-{i}") for i, task in enumerate(tasks)]
+    with _Progress():
+        return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))

@@ -1,0 +1,236 @@
+"""DLDR out of core: spectrum of the centred Gram, choice of d, and the basis P written to zarr.
+
+With G the cached shifted Gram (see gram.py) restricted to the chosen snapshots S:
+K = C G_S C (C = I − 11ᵀ/t) is the centred Gram, eigh(K) = (λ, V) descending, and since
+Vᵀ1 = 0 the orthonormal basis is P = D_Sᵀ V_d Λ_d^{-1/2} for any shift of the rows: no
+mean is subtracted from the data and no second copy of the trajectory is made. P is
+computed per column block straight into ``subspaces/<name>/basis``; finished blocks are
+flagged, so a killed extraction resumes where it stopped and gives the identical result.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import zarr
+
+from trajstore import TrajectoryStore
+from trajstore.errors import InvalidArgumentError, SubspaceExistsError
+from trajstore.reader import RowReader
+
+from .compute import Progress, StopFlag, run_tasks
+from .gram import SUB_BLOCK, block_columns, column_blocks, update_gram
+from .subspace import SUBSPACES, Subspace, open_subspace
+
+
+def resolve_snapshots(snapshots: "slice | Sequence[int] | None", t: int) -> list[int]:
+    """Committed snapshot indices for a slice / list; refuses anything beyond ``committed``."""
+    if snapshots is None:
+        rows = list(range(t))
+    elif isinstance(snapshots, slice):
+        start, stop, step = snapshots.start, snapshots.stop, snapshots.step
+        if (start is not None and start >= t) or (stop is not None and stop > t):
+            raise InvalidArgumentError(
+                f"snapshots {start}:{stop} reach beyond the {t} committed snapshots")
+        rows = list(range(*snapshots.indices(t)))
+    else:
+        rows = [int(i) for i in snapshots]
+        bad = [i for i in rows if not 0 <= i < t]
+        if bad:
+            raise InvalidArgumentError(f"snapshots {bad} are beyond the {t} committed snapshots (0..{t - 1})")
+        if len(set(rows)) != len(rows):
+            raise InvalidArgumentError("snapshot indices must be unique")
+    if len(rows) < 2:
+        raise InvalidArgumentError(f"DLDR needs at least two snapshots, got {len(rows)}")
+    return rows
+
+
+def parse_snapshots(text: str | None) -> "slice | list[int] | None":
+    """``"A:B"``, ``"A:B:S"``, ``"1,5,9"`` or None."""
+    if not text:
+        return None
+    if ":" in text:
+        parts = [int(p) if p.strip() else None for p in text.split(":")]
+        return slice(*parts)
+    return [int(p) for p in text.split(",")]
+
+
+def centred_spectrum(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of C G C, descending, eigenvalues clipped at 0: (λ (t,), V (t, t))."""
+    t = g.shape[0]
+    c = np.eye(t) - 1.0 / t
+    k = c @ g @ c
+    k = (k + k.T) / 2
+    lam, vec = np.linalg.eigh(k)
+    order = np.argsort(lam)[::-1]
+    lam, vec = np.clip(lam[order], 0.0, None), vec[:, order]
+    return lam, vec
+
+
+def choose_dim(lam: np.ndarray, dim: int | None, variance: float | None) -> int:
+    """d from ``dim`` or from the explained-variance threshold, validated against the spectrum."""
+    t = lam.shape[0]
+    if (dim is None) == (variance is None):
+        raise InvalidArgumentError("give exactly one of dim and variance")
+    total = lam.sum()
+    if total <= 0:
+        raise InvalidArgumentError("the selected snapshots are all identical: there is no direction to extract")
+    if variance is not None:
+        if not 0 < variance <= 1:
+            raise InvalidArgumentError(f"variance must be in (0, 1], got {variance}")
+        cumulative = np.cumsum(lam) / total
+        dim = int(np.searchsorted(cumulative, variance - 1e-12) + 1)
+        dim = min(dim, t - 1)
+    if not 1 <= dim <= t - 1:
+        raise InvalidArgumentError(
+            f"dim must be between 1 and t - 1 = {t - 1} (t = {t} snapshots: centring removes one direction), got {dim}")
+    rank = int((lam > lam[0] * 1e-12).sum())
+    if dim > rank:
+        raise InvalidArgumentError(f"the selected snapshots span only {rank} directions; dim {dim} is too large")
+    return dim
+
+
+def _basis_task(reader: RowReader, path: str, storage_options, name: str, block: int, c0: int, c1: int,
+                rows: list[int], weights: np.ndarray) -> int:
+    """P[c0:c1] = (X_S − x_s0)[:, c0:c1]ᵀ W and the block's mean and PᵀP, written to the store."""
+    lo, hi = min(rows), max(rows) + 1
+    x = reader.read_block(lo, hi, c0, c1)[np.asarray(rows) - lo]  # (t_S, C) float32
+    basis = np.empty((c1 - c0, weights.shape[1]), np.float32)
+    mean = np.empty(c1 - c0, np.float32)
+    for s0 in range(0, c1 - c0, SUB_BLOCK):
+        d = x[:, s0:s0 + SUB_BLOCK].astype(np.float64)  # (t_S, S)
+        mean[s0:s0 + SUB_BLOCK] = d.mean(axis=0)
+        d -= d[0]
+        basis[s0:s0 + SUB_BLOCK] = d.T @ weights  # (S, d)
+    p64 = basis.astype(np.float64)
+    from trajstore.format import zarr_store
+
+    group = zarr.open_group(zarr_store(path, False, storage_options), mode="r+")[f"{SUBSPACES}/{name}"]
+    group["basis"][c0:c1, :] = basis
+    group["mean"][c0:c1] = mean
+    group["_ptp"][block] = p64.T @ p64
+    group["_done"][block] = True
+    return block
+
+
+def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, dim: int | None = None,
+                     variance: float | None = None, snapshots: "slice | Sequence[int] | None" = None,
+                     name: str = "default", method: str = "gram", scheduler: object = None,
+                     block_size: int | None = None, overwrite: bool = False,
+                     progress: Progress | None = None, stop: StopFlag | None = None) -> Subspace:
+    """Extract the top-d DLDR subspace of a store's trajectory and write it under ``subspaces/<name>/``.
+
+    Give exactly one of ``dim`` and ``variance``. ``snapshots`` is a slice or a list of
+    committed indices. ``method`` is ``"gram"`` (exact, cached, incremental) or
+    ``"randomized"`` (dask ``svd_compressed``, for t in the thousands). ``scheduler`` is None
+    (threads), a ``distributed.Client`` or a scheduler address. ``progress(done, total)`` is
+    called as column blocks finish. Rerunning an interrupted call resumes it.
+    """
+    began = time.perf_counter()
+    store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore.open(store_or_path, "r")
+    if method not in ("gram", "randomized"):
+        raise InvalidArgumentError(f"method must be 'gram' or 'randomized', got {method!r}")
+    if variance is not None and not 0 < variance <= 1:
+        raise InvalidArgumentError(f"variance must be in (0, 1], got {variance}")
+    if (dim is None) == (variance is None):
+        raise InvalidArgumentError("give exactly one of dim and variance")
+    rows = resolve_snapshots(snapshots, len(store))
+    if dim is not None and not 1 <= dim <= len(rows) - 1:
+        raise InvalidArgumentError(
+            f"dim must be between 1 and t - 1 = {len(rows) - 1} for {len(rows)} snapshots, got {dim}")
+    settings = {"snapshots": rows, "method": method, "dim_requested": dim, "variance_requested": variance,
+                "committed": len(store)}
+    with store.derived() as root:
+        subspaces = root.require_group(SUBSPACES)
+        if name in subspaces:
+            attrs = subspaces[name].attrs.asdict()
+            same = all(attrs.get(k) == v for k, v in settings.items())
+            if attrs.get("complete") and not overwrite:
+                raise SubspaceExistsError(
+                    f"subspace {name!r} already exists in {store.path}; pass overwrite=True (--overwrite) "
+                    "or choose another --name")
+            if overwrite or not same:
+                if not overwrite:
+                    raise SubspaceExistsError(
+                        f"an unfinished extraction {name!r} with other settings is in {store.path}; pass "
+                        "overwrite=True to discard it, or rerun it with its own settings to finish it")
+                del subspaces[name]
+        if method == "gram":
+            _extract_gram(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop)
+        else:
+            from .randomized import extract_randomized
+
+            extract_randomized(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress)
+        group = root[f"{SUBSPACES}/{name}"]
+        group.attrs.update({"seconds": time.perf_counter() - began})
+    return open_subspace(TrajectoryStore.open(store.path, "r", storage_options=store.storage_options), name)
+
+
+def _extract_gram(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop):
+    subspaces = root[SUBSPACES]
+    g, stats = update_gram(store, root, scheduler=scheduler, block_size=block_size,
+                           progress=_phase(progress, 0), stop=stop)
+    if name in subspaces:  # resume: reuse the stored eigenvectors so the result is identical
+        group = subspaces[name]
+        lam = np.asarray(group.attrs["eigenvalues"])
+        vec = group["eigenvectors"][:]
+        d = vec.shape[1]
+    else:
+        lam, vec_all = centred_spectrum(g[np.ix_(rows, rows)])
+        d = choose_dim(lam, dim, variance)
+        vec = vec_all[:, :d]
+        group = _create_subspace_group(subspaces, name, store, d, lam, vec, settings, "gram")
+    weights = vec / np.sqrt(lam[:d])[None, :]  # (t_S, d) = V Λ^{-1/2}
+    width = int(group["basis"].chunks[0])
+    blocks = column_blocks(store.n_params, width)
+    done = group["_done"][:]
+    pending = [b for b in range(len(blocks)) if not done[b]]
+    reader = store.reader()
+    tasks = [functools.partial(_basis_task, reader, store.path, store.storage_options, name, b, *blocks[b],
+                               rows, weights) for b in pending]
+    offset = len(blocks) - len(pending)
+    basis_progress = _phase(progress, 1)
+    run_tasks(tasks, scheduler, (lambda k, total: basis_progress(offset + k, len(blocks))) if basis_progress else None,
+              stop)
+    ptp = np.zeros((d, d), np.float64)
+    for b in range(len(blocks)):
+        ptp += group["_ptp"][b]
+    group.attrs.update({"orthonormality_error": float(np.linalg.norm(ptp - np.eye(d))), "complete": True,
+                        "gram_blocks_computed": stats.blocks_computed, "gram_rows_reused": stats.old_rows})
+
+
+def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectoryStore, d: int, lam: np.ndarray,
+                           vec: np.ndarray, settings: dict, method: str, block_size: int | None = None) -> zarr.Group:
+    """Arrays of a new subspace (basis, mean, spectrum) and its attributes; ``complete`` comes last."""
+    n = store.n_params
+    width = block_columns(store, block_size)
+    group = subspaces.create_group(name)
+    group.create_array("basis", shape=(n, d), chunks=(min(width, n), d), dtype="float32", fill_value=np.nan)
+    group.create_array("mean", shape=(n,), chunks=(min(width, n),), dtype="float32", fill_value=np.nan)
+    group.create_array("singular_values", shape=(d,), dtype="float64", fill_value=0.0)[:] = np.sqrt(lam[:d])
+    evr = lam / lam.sum()
+    group.create_array("explained_variance_ratio", shape=evr.shape, dtype="float64", fill_value=0.0)[:] = evr
+    group.create_array("eigenvectors", shape=vec.shape, dtype="float64", fill_value=0.0)[:] = vec
+    nblocks = len(column_blocks(n, width))
+    group.create_array("_ptp", shape=(nblocks, d, d), chunks=(1, d, d), dtype="float64", fill_value=0.0,
+                       config={"write_empty_chunks": True})
+    group.create_array("_done", shape=(nblocks,), chunks=(1,), dtype="bool", fill_value=False)
+    steps = store.steps
+    group.attrs.update({**settings, "dim": d, "eigenvalues": lam.tolist(), "method": method,
+                        "steps": [int(steps[i]) for i in settings["snapshots"]], "complete": False,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "orthonormality_error": None})
+    return group
+
+
+def _phase(progress: Progress | None, phase: int) -> Progress | None:
+    """Progress over two passes (Gram, basis) reported as one bar: each pass is half."""
+    if progress is None:
+        return None
+
+    def update(done: int, total: int) -> None:
+        progress(phase * total + done, 2 * total) if total else None
+
+    return update

@@ -1,0 +1,174 @@
+"""The shifted float64 Gram matrix of a store's snapshots, out of core, cached and incremental.
+
+G = D Dᵀ with D = X - x_0 (X the (t, n) committed snapshots, x_0 the store's first one).
+Each column block of X is one task: it decodes (t, C) float32, shifts and widens to float64
+in column sub-blocks (never a float32 product), and adds D_b D_bᵀ. Per-block partial sums
+are written to ``gram/update/partial`` so a killed pass resumes; the cache ``gram/value``
+then holds G for the first ``rows`` snapshots. New snapshots only add rows and columns:
+the old x old block is never recomputed (the cross terms need the old rows once).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from trajstore import TrajectoryStore
+from trajstore.errors import NonFiniteError
+from trajstore.reader import RowReader
+
+from .compute import Progress, StopFlag, run_tasks
+
+GRAM = "gram"
+SUB_BLOCK = 1 << 15  # columns widened to float64 at a time: t x 32K x 8 bytes
+
+
+def block_columns(store: TrajectoryStore, block_size: int | None = None) -> int:
+    """Columns per task: the store's inner chunk (never split a chunk across tasks) unless given."""
+    chunk = int(store.group["params"].chunks[1])
+    if block_size is None:
+        return chunk
+    return max(chunk, chunk * round(block_size / chunk))
+
+
+def column_blocks(n: int, width: int) -> list[tuple[int, int]]:
+    return [(c0, min(n, c0 + width)) for c0 in range(0, n, width)]
+
+
+@dataclass
+class GramUpdateStats:
+    """What one :func:`update_gram` call did (for tests, logs and benchmarks)."""
+
+    old_rows: int
+    new_rows: int
+    blocks_computed: int
+    blocks_resumed: int
+    products: int  # entries of G computed from data (old x old are never recomputed)
+    seconds: float
+
+
+def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.ndarray:
+    """(t, t - first_new) float64: D[:, c0:c1] D[first_new:, c0:c1]ᵀ for one column block."""
+    x = reader.read_block(0, reader.committed, c0, c1)  # (t, C) float32
+    if not np.isfinite(x).all():
+        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
+        raise NonFiniteError(
+            f"snapshot {bad} of {reader.path} holds NaN or Inf (columns {c0}..{c1 - 1}); extraction needs "
+            "finite snapshots: choose --snapshots that exclude it")
+    t = x.shape[0]
+    out = np.zeros((t, t - first_new), np.float64)
+    for s0 in range(0, x.shape[1], SUB_BLOCK):
+        d = x[:, s0:s0 + SUB_BLOCK].astype(np.float64)  # (t, S)
+        d -= d[0]
+        if first_new == 0:
+            out += d @ d.T  # numpy dispatches a @ a.T to syrk: half the flops
+        else:
+            out += d @ d[first_new:].T
+    return out
+
+
+def _gram_task(reader: RowReader, store_path: str, storage_options, block: int, c0: int, c1: int,
+               first_new: int) -> int:
+    partial = _partial_gram(reader, c0, c1, first_new)
+    group = zarr.open_group(_zstore(store_path, storage_options), mode="r+")
+    group[f"{GRAM}/update/partial"][block] = partial
+    group[f"{GRAM}/update/done"][block] = True
+    return block
+
+
+def _zstore(path: str, storage_options):
+    from trajstore.format import zarr_store
+
+    return zarr_store(path, False, storage_options)
+
+
+def cached_rows(store: TrajectoryStore, root: zarr.Group | None = None) -> int:
+    """How many leading snapshots the cached Gram still covers (0 when none or invalidated)."""
+    root = store.group if root is None else root
+    if GRAM not in root or "value" not in root[GRAM]:
+        return 0
+    attrs = root[GRAM].attrs.asdict()
+    rows = int(attrs.get("rows", 0))
+    if attrs.get("store_created") != store.attrs.get("created"):
+        return 0  # the store was recreated under the same path
+    truncations = store.attrs.get("truncations", [])
+    for length in truncations[int(attrs.get("truncations_seen", 0)):]:
+        rows = min(rows, int(length))  # rows past a truncation were replaced
+    return min(rows, len(store))
+
+
+def update_gram(store: TrajectoryStore, root: zarr.Group, *, scheduler: object = None,
+                block_size: int | None = None, progress: Progress | None = None,
+                stop: StopFlag | None = None) -> tuple[np.ndarray, GramUpdateStats]:
+    """Bring the cached shifted Gram up to the store's committed snapshots; return it (t, t) float64.
+
+    ``root`` is the writable root group from ``store.derived()``.
+    """
+    began = time.perf_counter()
+    t = len(store)
+    m = cached_rows(store, root)
+    gram = root.require_group(GRAM)
+    if m == t and "value" in gram:
+        g = gram["value"][:t, :t]
+        return g, GramUpdateStats(m, 0, 0, 0, 0, time.perf_counter() - began)
+    width = block_columns(store, block_size)
+    blocks = column_blocks(store.n_params, width)
+    update = _prepare_update(gram, m, t, width, len(blocks))
+    done = update["done"][:]
+    pending = [b for b in range(len(blocks)) if not done[b]]
+    reader = store.reader()
+    tasks = [functools.partial(_gram_task, reader, store.path, store.storage_options, b, *blocks[b], m)
+             for b in pending]
+    if progress:
+        progress(len(blocks) - len(pending), len(blocks))
+    offset = len(blocks) - len(pending)
+    run_tasks(tasks, scheduler, (lambda d, total: progress(offset + d, len(blocks))) if progress else None, stop)
+
+    cross = np.zeros((t, t - m), np.float64)
+    partial = update["partial"]
+    for b in range(len(blocks)):  # fixed order: a resumed pass sums exactly like an uninterrupted one
+        cross += partial[b]
+    g = np.zeros((t, t), np.float64)
+    if m:
+        g[:m, :m] = gram["value"][:m, :m]
+    g[:, m:] = cross
+    g[m:, :] = cross.T
+    _write_value(gram, g, store)
+    del gram["update"]
+    stats = GramUpdateStats(m, t - m, len(pending), len(blocks) - len(pending),
+                            t * t - m * m, time.perf_counter() - began)
+    return g, stats
+
+
+def _prepare_update(gram: zarr.Group, m: int, t: int, width: int, nblocks: int) -> zarr.Group:
+    """The in-progress update group: reused when it matches (resume), else started afresh."""
+    want = {"from_rows": m, "to_rows": t, "block_columns": width, "blocks": nblocks}
+    if "update" in gram:
+        update = gram["update"]
+        if {k: update.attrs.get(k) for k in want} == want:
+            return update
+        del gram["update"]
+    update = gram.create_group("update")
+    update.create_array("partial", shape=(nblocks, t, t - m), chunks=(1, t, t - m), dtype="float64",
+                        fill_value=0.0, config={"write_empty_chunks": True})
+    update.create_array("done", shape=(nblocks,), chunks=(1,), dtype="bool", fill_value=False)
+    update.attrs.update(want)
+    return update
+
+
+def _write_value(gram: zarr.Group, g: np.ndarray, store: TrajectoryStore) -> None:
+    t = g.shape[0]
+    if "value" in gram:
+        value = gram["value"]
+        if value.shape[0] < t:
+            value.resize((max(t, 2 * value.shape[0]),) * 2)
+    else:
+        cap = max(t, 16)
+        value = gram.create_array("value", shape=(cap, cap), chunks=(256, 256), dtype="float64", fill_value=0.0)
+    value[:t, :t] = g
+    gram.attrs.update({"rows": t, "truncations_seen": len(store.attrs.get("truncations", [])),
+                       "store_created": store.attrs.get("created"), "shift": "snapshot 0",
+                       "dtype": "float64", "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
