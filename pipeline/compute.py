@@ -35,15 +35,15 @@ class StopFlag:
 
 
 def get_client(scheduler: object):
-    """``None`` -> None (threads); a ``distributed.Client``; or a scheduler address string."""
+    """(client, owned): ``None`` -> threads; a ``distributed.Client``; or a scheduler address string."""
     if scheduler is None:
-        return None
+        return None, False
     from distributed import Client
 
     if isinstance(scheduler, Client):
-        return scheduler
+        return scheduler, False
     if isinstance(scheduler, str):
-        return Client(scheduler)
+        return Client(scheduler), True
     raise TypeError(f"scheduler must be None, a distributed.Client or an address, got {type(scheduler).__name__}")
 
 
@@ -55,11 +55,20 @@ def run_tasks(tasks: Sequence[Callable[[], T]], scheduler: object = None, progre
         progress(0, total)
     if not tasks:
         return []
-    client = get_client(scheduler)
+    client, owned = get_client(scheduler)
     if client is None:
         return _run_threads(tasks, progress, stop, num_workers)
+    try:
+        return _run_distributed(client, tasks, progress, stop)
+    finally:
+        if owned:
+            client.close()
+
+
+def _run_distributed(client, tasks, progress, stop) -> list:
     from distributed import as_completed
 
+    total = len(tasks)
     futures = [client.submit(task, pure=False) for task in tasks]
     index = {f.key: i for i, f in enumerate(futures)}
     results: list = [None] * total

@@ -70,12 +70,17 @@ def centred_spectrum(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lam, vec
 
 
-def choose_dim(lam: np.ndarray, dim: int | None, variance: float | None) -> int:
-    """d from ``dim`` or from the explained-variance threshold, validated against the spectrum."""
-    t = lam.shape[0]
+def choose_dim(lam: np.ndarray, dim: int | None, variance: float | None, total: float | None = None,
+               t: int | None = None) -> int:
+    """d from ``dim`` or from the explained-variance threshold, validated against the spectrum.
+
+    ``lam`` may be truncated (randomized): then ``total`` is the whole variance and ``t`` the
+    number of snapshots.
+    """
+    t = lam.shape[0] if t is None else t
     if (dim is None) == (variance is None):
         raise InvalidArgumentError("give exactly one of dim and variance")
-    total = lam.sum()
+    total = lam.sum() if total is None else total
     if total <= 0:
         raise InvalidArgumentError("the selected snapshots are all identical: there is no direction to extract")
     if variance is not None:
@@ -83,7 +88,7 @@ def choose_dim(lam: np.ndarray, dim: int | None, variance: float | None) -> int:
             raise InvalidArgumentError(f"variance must be in (0, 1], got {variance}")
         cumulative = np.cumsum(lam) / total
         dim = int(np.searchsorted(cumulative, variance - 1e-12) + 1)
-        dim = min(dim, t - 1)
+        dim = min(dim, t - 1, lam.shape[0])
     if not 1 <= dim <= t - 1:
         raise InvalidArgumentError(
             f"dim must be between 1 and t - 1 = {t - 1} (t = {t} snapshots: centring removes one direction), got {dim}")
@@ -158,31 +163,46 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                         f"an unfinished extraction {name!r} with other settings is in {store.path}; pass "
                         "overwrite=True to discard it, or rerun it with its own settings to finish it")
                 del subspaces[name]
-        if method == "gram":
-            _extract_gram(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop)
-        else:
-            from .randomized import extract_randomized
-
-            extract_randomized(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress)
+        _extract(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop)
         group = root[f"{SUBSPACES}/{name}"]
         group.attrs.update({"seconds": time.perf_counter() - began})
     return open_subspace(TrajectoryStore.open(store.path, "r", storage_options=store.storage_options), name)
 
 
-def _extract_gram(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop):
+def _spectrum(store, root, rows, dim, variance, method, scheduler, block_size, progress, stop):
+    """(λ, V, total variance, extra attrs) of the centred Gram of ``rows``, by the chosen method."""
+    if method == "gram":
+        g, stats = update_gram(store, root, scheduler=scheduler, block_size=block_size, progress=progress, stop=stop)
+        lam, vec = centred_spectrum(g[np.ix_(rows, rows)])
+        return lam, vec, float(lam.sum()), {"gram_blocks_computed": stats.blocks_computed,
+                                            "gram_blocks_resumed": stats.blocks_resumed,
+                                            "gram_rows_reused": stats.old_rows}
+    from .randomized import randomized_spectrum
+
+    k = dim if dim is not None else min(len(rows) - 1, 100)
+    lam, vec, total = randomized_spectrum(store, rows, k, scheduler=scheduler, block_size=block_size,
+                                          progress=progress, stop=stop)
+    if variance is not None and lam.sum() / total < variance - 1e-12:
+        raise InvalidArgumentError(
+            f"the top {len(lam)} randomized components explain {lam.sum() / total:.4f} of the variance, less "
+            f"than {variance}; use method='gram' or give dim")
+    return lam, vec, total, {"randomized_components": len(lam)}
+
+
+def _extract(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop):
     subspaces = root[SUBSPACES]
-    g, stats = update_gram(store, root, scheduler=scheduler, block_size=block_size,
-                           progress=_phase(progress, 0), stop=stop)
     if name in subspaces:  # resume: reuse the stored eigenvectors so the result is identical
         group = subspaces[name]
         lam = np.asarray(group.attrs["eigenvalues"])
         vec = group["eigenvectors"][:]
         d = vec.shape[1]
     else:
-        lam, vec_all = centred_spectrum(g[np.ix_(rows, rows)])
-        d = choose_dim(lam, dim, variance)
+        lam, vec_all, total, extra = _spectrum(store, root, rows, dim, variance, settings["method"], scheduler,
+                                               block_size, _phase(progress, 0), stop)
+        d = choose_dim(lam, dim, variance, total, len(rows))
         vec = vec_all[:, :d]
-        group = _create_subspace_group(subspaces, name, store, d, lam, vec, settings, "gram")
+        group = _create_subspace_group(subspaces, name, store, d, lam, vec, total, settings, block_size)
+        group.attrs.update(extra)
     weights = vec / np.sqrt(lam[:d])[None, :]  # (t_S, d) = V Λ^{-1/2}
     width = int(group["basis"].chunks[0])
     blocks = column_blocks(store.n_params, width)
@@ -199,11 +219,11 @@ def _extract_gram(store, root, rows, dim, variance, name, settings, scheduler, b
     for b in range(len(blocks)):
         ptp += group["_ptp"][b]
     group.attrs.update({"orthonormality_error": float(np.linalg.norm(ptp - np.eye(d))), "complete": True,
-                        "gram_blocks_computed": stats.blocks_computed, "gram_rows_reused": stats.old_rows})
+                        "basis_blocks_resumed": offset})
 
 
 def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectoryStore, d: int, lam: np.ndarray,
-                           vec: np.ndarray, settings: dict, method: str, block_size: int | None = None) -> zarr.Group:
+                           vec: np.ndarray, total: float, settings: dict, block_size: int | None = None) -> zarr.Group:
     """Arrays of a new subspace (basis, mean, spectrum) and its attributes; ``complete`` comes last."""
     n = store.n_params
     width = block_columns(store, block_size)
@@ -211,7 +231,7 @@ def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectorySt
     group.create_array("basis", shape=(n, d), chunks=(min(width, n), d), dtype="float32", fill_value=np.nan)
     group.create_array("mean", shape=(n,), chunks=(min(width, n),), dtype="float32", fill_value=np.nan)
     group.create_array("singular_values", shape=(d,), dtype="float64", fill_value=0.0)[:] = np.sqrt(lam[:d])
-    evr = lam / lam.sum()
+    evr = lam / total  # all t components (gram) or the computed ones (randomized)
     group.create_array("explained_variance_ratio", shape=evr.shape, dtype="float64", fill_value=0.0)[:] = evr
     group.create_array("eigenvectors", shape=vec.shape, dtype="float64", fill_value=0.0)[:] = vec
     nblocks = len(column_blocks(n, width))
@@ -219,7 +239,7 @@ def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectorySt
                        config={"write_empty_chunks": True})
     group.create_array("_done", shape=(nblocks,), chunks=(1,), dtype="bool", fill_value=False)
     steps = store.steps
-    group.attrs.update({**settings, "dim": d, "eigenvalues": lam.tolist(), "method": method,
+    group.attrs.update({**settings, "dim": d, "eigenvalues": lam.tolist(), "total_variance": total,
                         "steps": [int(steps[i]) for i in settings["snapshots"]], "complete": False,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "orthonormality_error": None})
     return group

@@ -1,0 +1,138 @@
+"""Commands over the pipeline's extraction: ``extract``, ``spectrum``, ``project``."""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline import extract_subspace, open_subspace
+from pipeline.compute import Interrupted, StopFlag
+from pipeline.dldr import parse_snapshots
+
+from ._console import err, errors_to_exit, fail, print_json, progress_bar
+
+
+@contextmanager
+def stop_on_signals():
+    """Ctrl-C / SIGTERM ask the running pass to stop after its in-flight blocks (cache kept)."""
+    stop = StopFlag()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        err.print("[yellow]stopping after the blocks in flight; rerun the same command to resume[/]")
+        stop.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def extract(run: str = typer.Argument(..., help="store path or URL"),
+            dim: Optional[int] = typer.Option(None, "--dim", help="subspace dimension d"),
+            variance: Optional[float] = typer.Option(None, "--variance", help="smallest d reaching this explained variance"),
+            snapshots: Optional[str] = typer.Option(None, "--snapshots", help="A:B, A:B:S or i,j,k"),
+            name: str = typer.Option("default", "--name"),
+            method: str = typer.Option("gram", "--method", help="gram | randomized"),
+            scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address"),
+            block_size: Optional[int] = typer.Option(None, "--block-size", help="columns per task"),
+            overwrite: bool = typer.Option(False, "--overwrite"),
+            follow: bool = typer.Option(False, "--follow", help="keep extracting while RUN is being recorded"),
+            every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
+            poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
+            json: bool = typer.Option(False, "--json")) -> None:
+    """Extract the DLDR subspace of RUN out of core (exact Gram or randomized), into RUN/subspaces/NAME."""
+    if (dim is None) == (variance is None):
+        raise fail("give exactly one of --dim and --variance", 2)
+    if follow:
+        _follow(run, every, dim, variance, name, method, scheduler, poll, json)
+        return
+    with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
+        try:
+            sub = extract_subspace(run, dim=dim, variance=variance, snapshots=parse_snapshots(snapshots), name=name,
+                                   method=method, scheduler=scheduler, block_size=block_size, overwrite=overwrite,
+                                   progress=update, stop=stop)
+        except Interrupted:
+            raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
+    summary = sub.summary()
+    if json:
+        print_json(summary)
+        return
+    err.print(f"subspace [bold]{name}[/]: d = {sub.dim} from {len(sub.snapshots)} snapshots, "
+              f"explained variance {summary['explained_variance']:.2%}, "
+              f"‖PᵀP − I‖ = {sub.orthonormality_error:.2e}, {summary['seconds']:.1f} s", highlight=False)
+
+
+def _follow(run, every, dim, variance, name, method, scheduler, poll, json):
+    from pipeline.follow import follow as follow_run
+
+    def on_gram(t: int) -> None:
+        if not json:
+            err.print(f"gram cache: {t} snapshots")
+
+    def on_subspace(sub) -> None:
+        if json:
+            print_json({"snapshots": len(sub.snapshots), "dim": sub.dim,
+                        "orthonormality_error": sub.orthonormality_error})
+        else:
+            err.print(f"subspace {name}: d = {sub.dim} from {len(sub.snapshots)} snapshots")
+
+    with errors_to_exit(), stop_on_signals() as stop:
+        updates = follow_run(run, every=every, dim=dim, variance=variance, name=name, method=method,
+                             scheduler=scheduler, poll=poll, stop=stop, on_gram=on_gram, on_subspace=on_subspace)
+    if not json:
+        err.print(f"stopped after {updates} refreshes; the Gram cache is intact")
+
+
+def spectrum(run: str = typer.Argument(...), name: str = typer.Option("default", "--name"),
+             plot: Optional[Path] = typer.Option(None, "--plot", help="write the PCA-ratio figure (PNG)"),
+             top: int = typer.Option(20, "--top", help="rows of the table"),
+             json: bool = typer.Option(False, "--json")) -> None:
+    """The spectrum of a subspace's trajectory: per-component and cumulative explained variance."""
+    with errors_to_exit():
+        sub = open_subspace(run, name)
+    if plot:
+        from pipeline.plots import spectrum_plot
+
+        spectrum_plot(sub.explained_variance_ratio, plot, dim=sub.dim)
+    if json:
+        print_json({**sub.summary(), "cumulative": sub.cumulative_variance().tolist(), "plot": str(plot) if plot else None})
+        return
+    table = Table(title=f"spectrum of {name} (d = {sub.dim})")
+    for col in ("component", "explained", "cumulative"):
+        table.add_column(col, justify="right")
+    cumulative = sub.cumulative_variance()
+    for i, ratio in enumerate(sub.explained_variance_ratio[:top]):
+        style = "bold" if i < sub.dim else "dim"
+        table.add_row(str(i + 1), f"{ratio:.4%}", f"{cumulative[i]:.4%}", style=style)
+    err.print(table)
+    if plot:
+        err.print(f"wrote {plot}")
+
+
+def project(run: str = typer.Argument(...), name: str = typer.Option("default", "--name"),
+            plot: Path = typer.Option(..., "--plot", help="PNG file to write")) -> None:
+    """Draw the trajectory in the plane of the first two principal directions."""
+    from pipeline.plots import trajectory_plot
+
+    with errors_to_exit():
+        sub = open_subspace(run, name)
+    if sub.dim < 2:
+        raise fail(f"subspace {name!r} has d = 1; extract with --dim 2 or more to draw the PC plane", 2)
+    trajectory_plot(sub.coordinates(), sub.explained_variance_ratio, plot, steps=sub.attrs.get("steps"))
+    err.print(f"wrote {plot}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extract")(extract)
+    app.command("spectrum")(spectrum)
+    app.command("project")(project)

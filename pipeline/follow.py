@@ -1,0 +1,54 @@
+"""Keep the cached Gram and a subspace current while another process is still recording."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from trajstore import TrajectoryStore
+
+from .compute import Interrupted, StopFlag
+from .dldr import extract_subspace
+from .gram import update_gram
+from .subspace import Subspace
+
+
+def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, variance: float | None = None,
+           name: str = "default", method: str = "gram", scheduler: object = None, poll: float = 1.0,
+           stop: StopFlag | None = None, max_updates: int | None = None,
+           on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None) -> int:
+    """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
+
+    Reads committed rows only and takes only the derived-data lock, so the writer is never
+    blocked. Returns the number of subspace refreshes; stops when ``stop`` is set (the
+    cache stays intact: an interrupted update resumes on the next run) or after ``max_updates``.
+    """
+    stop = StopFlag() if stop is None else stop
+    store = TrajectoryStore.open(path, "r")
+    refreshed_at, updates = 0, 0
+    needed = (dim + 1) if dim else 2
+    try:
+        while not stop:
+            store.refresh()
+            t = len(store)
+            if t >= 2 and method == "gram":
+                with store.derived() as root:
+                    _, stats = update_gram(store, root, scheduler=scheduler, stop=stop)
+                if stats.new_rows and on_gram:
+                    on_gram(t)
+            if t >= needed and t - refreshed_at >= every:
+                sub = extract_subspace(store, dim=dim, variance=variance, name=name, method=method,
+                                       scheduler=scheduler, overwrite=True, stop=stop)
+                refreshed_at, updates = t, updates + 1
+                if on_subspace:
+                    on_subspace(sub)
+                if max_updates is not None and updates >= max_updates:
+                    break
+            deadline = time.monotonic() + poll
+            while not stop and time.monotonic() < deadline:
+                time.sleep(min(0.1, poll))
+    except Interrupted:
+        pass
+    finally:
+        store.close()
+    return updates

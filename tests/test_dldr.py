@@ -1,0 +1,128 @@
+"""DLDR extraction against a dense numpy float64 reference, on real stores and real dask."""
+import numpy as np
+import pytest
+
+from pipeline import extract_subspace, open_subspace
+from pipeline.gram import cached_rows, update_gram
+from trajstore import TrajectoryStore
+from trajstore.errors import InvalidArgumentError, NonFiniteError, SubspaceExistsError, SubspaceNotFoundError
+
+from .synthetic import dense_reference, max_angle, trajectory, write_store
+
+T, N, D = 24, 50_003, 5
+
+
+@pytest.fixture(scope="module")
+def data():
+    return trajectory(T, N, rank=D)
+
+
+@pytest.mark.parametrize("codec", ["lossless", "xor-delta:4"])
+def test_matches_dense_numpy_reference(tmp_path, data, codec):
+    write_store(tmp_path / "run.zarr", data, codec=codec)
+    sub = extract_subspace(tmp_path / "run.zarr", dim=D)
+    s_ref, p_ref, g_ref = dense_reference(data, D)
+    with TrajectoryStore.open(tmp_path / "run.zarr") as store:
+        g = store.group["gram/value"][:T, :T]
+    assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10
+    np.testing.assert_allclose(sub.singular_values, s_ref[:D], rtol=1e-8)
+    assert max_angle(sub.to_numpy(), p_ref) <= 1e-6
+    assert sub.orthonormality_error < 1e-5
+    np.testing.assert_allclose(sub.mean[:], data.astype(np.float64).mean(0), rtol=0, atol=1e-5)
+    evr = s_ref ** 2 / (s_ref ** 2).sum()
+    np.testing.assert_allclose(sub.explained_variance_ratio[: len(evr)], evr, atol=1e-12)
+    assert sub.explained_variance_ratio.shape == (T,)
+    coords = sub.coordinates()
+    ref_coords = (data.astype(np.float64) - data.astype(np.float64).mean(0)) @ p_ref
+    np.testing.assert_allclose(np.abs(coords), np.abs(ref_coords), rtol=1e-6, atol=1e-6)
+
+
+def test_variance_threshold_snapshot_ranges_and_reopen(tmp_path, data):
+    write_store(tmp_path / "run.zarr", data)
+    s_ref, _, _ = dense_reference(data, D)
+    cumulative = np.cumsum(s_ref ** 2) / (s_ref ** 2).sum()
+    sub = extract_subspace(tmp_path / "run.zarr", variance=0.9, name="v90")
+    assert sub.dim == int(np.searchsorted(cumulative, 0.9) + 1)
+    sub2 = extract_subspace(tmp_path / "run.zarr", dim=3, snapshots=slice(4, 20), name="part")
+    s_part, p_part, _ = dense_reference(data[4:20], 3)
+    np.testing.assert_allclose(sub2.singular_values, s_part[:3], rtol=1e-8)
+    assert max_angle(sub2.to_numpy(), p_part) <= 1e-6
+    assert sub2.snapshots == list(range(4, 20)) and sub2.attrs["steps"] == [10 * i for i in range(4, 20)]
+    sub3 = extract_subspace(tmp_path / "run.zarr", dim=2, snapshots=[0, 3, 7, 11, 20], name="picked")
+    s_pick, _, _ = dense_reference(data[[0, 3, 7, 11, 20]], 2)
+    np.testing.assert_allclose(sub3.singular_values, s_pick[:2], rtol=1e-8)
+    again = open_subspace(tmp_path / "run.zarr", "part")
+    assert np.array_equal(again.to_numpy(), sub2.to_numpy())
+
+
+def test_bad_arguments_get_clear_errors(tmp_path, data):
+    write_store(tmp_path / "run.zarr", data)
+    path = tmp_path / "run.zarr"
+    with pytest.raises(InvalidArgumentError, match="t - 1"):
+        extract_subspace(path, dim=T)
+    with pytest.raises(InvalidArgumentError, match=r"\(0, 1\]"):
+        extract_subspace(path, variance=1.5)
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        extract_subspace(path, dim=2, variance=0.5)
+    with pytest.raises(InvalidArgumentError, match="at least two"):
+        extract_subspace(path, dim=1, snapshots=[3])
+    with pytest.raises(InvalidArgumentError, match="beyond"):
+        extract_subspace(path, dim=2, snapshots=slice(0, T + 5))
+    with pytest.raises(InvalidArgumentError, match="beyond"):
+        extract_subspace(path, dim=2, snapshots=[0, 1, T])
+    extract_subspace(path, dim=2)
+    with pytest.raises(SubspaceExistsError, match="overwrite"):
+        extract_subspace(path, dim=3)
+    assert extract_subspace(path, dim=3, overwrite=True).dim == 3
+    with pytest.raises(SubspaceNotFoundError, match="available"):
+        open_subspace(path, "nope")
+
+
+def test_nonfinite_snapshot_found_mid_pass_is_named(tmp_path, data):
+    bad = data.copy()
+    bad[7, 40_000] = np.nan
+    store = write_store(tmp_path / "run.zarr", bad[:7])
+    with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:
+        store.append(bad[7], step=70, allow_nonfinite=True)
+        store.append(bad[8], step=80)
+    with pytest.raises(NonFiniteError, match="snapshot 7 "):
+        extract_subspace(tmp_path / "run.zarr", dim=2)
+
+
+def test_incremental_gram_computes_only_new_rows_and_columns(tmp_path, data):
+    store = write_store(tmp_path / "run.zarr", data[:10], close=False)
+    reader = TrajectoryStore.open(tmp_path / "run.zarr")
+    with reader.derived() as root:
+        g10, first = update_gram(reader, root)
+    assert first.old_rows == 0 and first.products == 100
+    for i in range(10, T):
+        store.append(data[i], step=10 * i)
+    store.close()
+    reader.refresh()
+    with reader.derived() as root:
+        g, second = update_gram(reader, root)
+        assert cached_rows(reader, root) == T
+        _, third = update_gram(reader, root)
+    assert second.old_rows == 10 and second.new_rows == T - 10
+    assert second.products == T * T - 100  # the old x old block was reused, not recomputed
+    assert np.array_equal(g[:10, :10], g10)
+    assert third.blocks_computed == 0 and third.products == 0
+    _, _, g_ref = dense_reference(data, D)
+    assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10
+
+
+def test_truncation_invalidates_the_replaced_rows_of_the_cache(tmp_path, data):
+    write_store(tmp_path / "run.zarr", data)
+    extract_subspace(tmp_path / "run.zarr", dim=2)
+    with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:
+        store.truncate(12)
+        for i in range(12, T):
+            store.append(data[T - 1 - i + 12], step=10 * i)  # different rows after the truncation
+    replaced = np.concatenate([data[:12], data[12:][::-1]])
+    with TrajectoryStore.open(tmp_path / "run.zarr") as reader:
+        assert cached_rows(reader) == 12
+        with reader.derived() as root:
+            g, stats = update_gram(reader, root)
+    assert stats.old_rows == 12
+    _, _, g_ref = dense_reference(replaced, D)
+    assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10
