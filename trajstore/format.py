@@ -24,8 +24,8 @@ STEP, EPOCH, WALL_TIME, NONFINITE = "step", "epoch", "wall_time", "nonfinite"
 METRICS, SUBSPACES, GRAM = "metrics", "subspaces", "gram"
 ROW_ARRAYS = (STEP, EPOCH, WALL_TIME, NONFINITE)
 
-DEFAULT_CHUNK = 1 << 20  # elements per inner chunk (4 MiB of float32)
-DEFAULT_SHARD = 1 << 22  # elements per shard file (16 MiB of float32)
+DEFAULT_CHUNK = 1 << 18  # elements per inner chunk (1 MiB of float32): bounds extraction memory (t MiB a task)
+DEFAULT_SHARD = 1 << 21  # elements per shard file (8 MiB of float32): zarr encodes shards in parallel
 ROW_CHUNK = 4096  # rows per chunk of the (t,) per-snapshot arrays
 
 
