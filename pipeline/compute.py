@@ -12,6 +12,7 @@ from typing import Callable, Sequence, TypeVar
 
 import dask
 from dask.callbacks import Callback
+from threadpoolctl import threadpool_limits
 
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
@@ -92,7 +93,8 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
     def guarded(task):
         if stop:
             raise Interrupted("stopped on request")
-        return task()
+        with threadpool_limits(1):  # one BLAS thread per dask thread: no oversubscription
+            return task()
 
     class _Progress(Callback):
         def _posttask(self, key, result, dsk, state, worker_id):
