@@ -2,4 +2,12 @@
 from .dldr import extract_subspace
 from .subspace import Subspace, open_subspace
 
-__all__ = ["extract_subspace", "open_subspace", "Subspace"]
+__all__ = ["extract_subspace", "open_subspace", "Subspace", "Basis"]
+
+
+def __getattr__(name: str):  # torch is imported only by those who train
+    if name == "Basis":
+        from .basis import Basis
+
+        return Basis
+    raise AttributeError(name)

@@ -1,0 +1,251 @@
+"""Basis: the subspace P (n, d), resident on the device or streamed to it in row blocks.
+
+P is split along the store's parameter layout, so the optimizers compute
+g̃ = Pᵀg = Σ_l P_lᵀ g_l and w_l += P_l c without ever building an n-vector.
+
+* resident: all of P on the device, one view per parameter tensor;
+* streamed: P stays in host memory (pinned) or in a memory-mapped uncompressed copy on
+  disk, and moves to the device in blocks of ``block_rows`` rows through two device buffers
+  with asynchronous copies on a side stream, so device memory for P is 2 x block_rows x d.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from trajstore.errors import InvalidArgumentError, LayoutMismatchError
+from trajstore.layout import ParamLayout
+
+from .subspace import open_subspace
+
+Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in block, end)
+
+
+class Basis:
+    """An orthonormal basis P (n, d) split per parameter tensor. See :meth:`from_store`."""
+
+    def __init__(self, host: "np.ndarray | torch.Tensor", layout: ParamLayout, *, device: "str | torch.device" = "cpu",
+                 dtype: torch.dtype = torch.float32, mode: str = "auto", block_rows: int | None = None,
+                 fraction: float = 0.5, name: str = ""):
+        n, d = host.shape
+        if n != layout.n:
+            raise LayoutMismatchError(f"basis has {n} rows but the layout has {layout.n} parameters")
+        self.layout, self.n, self.d, self.dtype, self.name = layout, n, d, dtype, name
+        self.device = torch.device(device)
+        self.mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, self.device, fraction)
+        self._host = host  # (n, d): numpy (possibly a memmap) or a (pinned) torch tensor
+        if self.mode == "resident":
+            full = torch.as_tensor(np.asarray(host) if isinstance(host, np.ndarray) else host)
+            self._resident = full.to(device=self.device, dtype=dtype)  # (n, d)
+            self.block_rows = n
+        else:
+            self._resident = None
+            self.block_rows = int(block_rows or max(1, min(n, (64 << 20) // (d * 4))))
+        self._segments = [self._segments_of(r0, min(n, r0 + self.block_rows)) for r0 in range(0, n, self.block_rows)]
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
+        self._buffers: list[torch.Tensor] | None = None
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_store(cls, path: "str | os.PathLike", name: str = "default", *, device: "str | torch.device" = "cpu",
+                   dtype: torch.dtype = torch.float32, block_rows: int | None = None, mode: str = "auto",
+                   fraction: float = 0.5, host: str = "auto", cache_dir: "str | os.PathLike | None" = None) -> "Basis":
+        """Load subspace ``name`` of a store.
+
+        ``mode``: ``"resident"``, ``"streamed"`` or ``"auto"`` (resident when P takes less than
+        ``fraction`` of the device's free memory). Streamed P lives in ``host`` memory:
+        ``"pinned"`` (RAM, page-locked when CUDA is present) or ``"mmap"`` (an uncompressed copy
+        written once under ``cache_dir``, default next to the store); ``"auto"`` picks pinned.
+        """
+        sub = open_subspace(path, name)
+        from trajstore import TrajectoryStore
+
+        with TrajectoryStore.open(sub.path, "r") as store:
+            layout = store.layout
+        if host == "mmap":
+            data = _mmap_copy(sub, cache_dir)
+        else:
+            data = _read_rows(sub.basis)
+            if torch.cuda.is_available() and torch.device(device).type == "cuda" and mode != "resident":
+                data = torch.from_numpy(data).pin_memory()
+        return cls(data, layout, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
+                   name=f"{sub.path}::{name}")
+
+    @classmethod
+    def from_array(cls, p: "np.ndarray | torch.Tensor", layout_or_model: object, **kwargs) -> "Basis":
+        """A basis from an in-memory (n, d) array and a layout (or a model to take it from)."""
+        layout = layout_or_model if isinstance(layout_or_model, ParamLayout) else ParamLayout.of(layout_or_model)
+        host = p.detach().cpu().contiguous() if isinstance(p, torch.Tensor) else np.ascontiguousarray(p)
+        return cls(host, layout, **kwargs)
+
+    # -- checks -------------------------------------------------------------------------
+    def check_params(self, params: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+        """Refuse parameters that do not match the basis layout, naming the first mismatching tensor."""
+        if names is not None:
+            self.layout.check_same(ParamLayout([_spec(nm, p) for nm, p in zip(names, params)]), "model")
+        for i, spec in enumerate(self.layout.specs):
+            if i >= len(params):
+                raise LayoutMismatchError(f"the optimizer has no tensor for {spec.name!r} {spec.shape} of the basis")
+            if tuple(params[i].shape) != spec.shape:
+                raise LayoutMismatchError(
+                    f"parameter #{i} has shape {tuple(params[i].shape)}, but the basis expects {spec.name!r} "
+                    f"{spec.shape}: the basis was extracted for a different model")
+        if len(params) > len(self.layout.specs):
+            raise LayoutMismatchError(f"the optimizer has {len(params)} tensors, the basis covers {len(self.layout.specs)}")
+
+    def fingerprint(self) -> torch.Tensor:
+        """(n, d, hash) as a float64 tensor: lets an optimizer state refuse a different basis."""
+        head = np.asarray(self._host[: min(self.n, 64)], dtype=np.float32).tobytes()
+        digest = int(hashlib.sha1(head).hexdigest()[:12], 16)
+        return torch.tensor([self.n, self.d, float(digest)], dtype=torch.float64)
+
+    # -- the two products -----------------------------------------------------------------
+    @torch.no_grad()
+    def project(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """g̃ = Σ_l P_lᵀ g_l as a (d,) tensor on the device (float32 products, float64 sum across blocks)."""
+        out = torch.zeros(self.d, dtype=torch.float64, device=self.device)
+        for block, segments in self._iter_blocks():
+            acc = torch.zeros(self.d, dtype=self.dtype, device=self.device)
+            for i, lo, hi, b0, b1 in segments:
+                g = grads[i].reshape(-1)[lo:hi].to(self.dtype)
+                acc.addmv_(block[b0:b1].T, g)
+            out += acc.double()
+        return out
+
+    @torch.no_grad()
+    def add_lifted_(self, tensors: Sequence[torch.Tensor], coeffs: torch.Tensor, alpha: float = 1.0) -> None:
+        """tensors_l += alpha · P_l c, in place, block by block."""
+        c = coeffs.to(device=self.device, dtype=self.dtype)
+        for block, segments in self._iter_blocks():
+            for i, lo, hi, b0, b1 in segments:
+                flat = tensors[i].view(-1)
+                flat[lo:hi].add_((block[b0:b1] @ c).to(flat.dtype), alpha=alpha)
+
+    def lift(self, coeffs: torch.Tensor, like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-parameter tensors P_l c, shaped like the layout."""
+        out = [torch.zeros(s.shape, dtype=self.dtype, device=self.device) for s in self.layout.specs] if like is None \
+            else [torch.zeros_like(t) for t in like]
+        self.add_lifted_(out, coeffs)
+        return out
+
+    def device_bytes(self) -> int:
+        """Device memory held for P: all of it (resident) or the two block buffers (streamed)."""
+        if self._resident is not None:
+            return self._resident.numel() * self._resident.element_size()
+        if self._buffers is None:
+            return 0
+        return sum(b.numel() * b.element_size() for b in self._buffers)
+
+    # -- internals ------------------------------------------------------------------------
+    def _segments_of(self, r0: int, r1: int) -> list[Segment]:
+        segs = []
+        for i, (lo, hi) in enumerate(zip(self.layout.offsets, self.layout.offsets[1:])):
+            a, b = max(lo, r0), min(hi, r1)
+            if a < b:
+                segs.append((i, a - lo, b - lo, a - r0, b - r0))
+        return segs
+
+    def _host_block(self, r0: int, r1: int) -> torch.Tensor:
+        block = self._host[r0:r1]
+        return block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, copy=True))
+
+    def _iter_blocks(self) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
+        if self._resident is not None:
+            yield self._resident, self._segments[0]
+            return
+        starts = range(0, self.n, self.block_rows)
+        if self._stream is None:  # CPU: the host block is the block
+            for r0, segs in zip(starts, self._segments):
+                yield self._host_block(r0, min(self.n, r0 + self.block_rows)).to(self.dtype), segs
+            return
+        yield from self._iter_cuda(list(starts))
+
+    def _iter_cuda(self, starts: list[int]) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
+        """Double-buffered: copy block k+1 on a side stream while block k is used."""
+        if self._buffers is None:
+            self._buffers = [torch.empty((self.block_rows, self.d), dtype=self.dtype, device=self.device) for _ in range(2)]
+        main = torch.cuda.current_stream(self.device)
+        ready = [torch.cuda.Event(), torch.cuda.Event()]
+        free = [torch.cuda.Event(), torch.cuda.Event()]
+
+        def prefetch(k: int) -> None:
+            slot, r0 = k % 2, starts[k]
+            r1 = min(self.n, r0 + self.block_rows)
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(free[slot])
+                self._buffers[slot][: r1 - r0].copy_(self._host_block(r0, r1), non_blocking=True)
+                ready[slot].record(self._stream)
+
+        for slot in (0, 1):
+            free[slot].record(main)
+        prefetch(0)
+        for k, r0 in enumerate(starts):
+            if k + 1 < len(starts):
+                prefetch(k + 1)
+            slot = k % 2
+            main.wait_event(ready[slot])
+            r1 = min(self.n, r0 + self.block_rows)
+            yield self._buffers[slot][: r1 - r0], self._segments[k]
+            free[slot].record(main)
+
+
+def _choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float) -> str:
+    if mode not in ("auto", "resident", "streamed"):
+        raise InvalidArgumentError(f"mode must be 'auto', 'resident' or 'streamed', got {mode!r}")
+    if mode != "auto":
+        return mode
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return "resident" if nbytes <= fraction * free else "streamed"
+
+
+def _read_rows(basis, rows: int = 1 << 20) -> np.ndarray:
+    """The zarr basis (n, d) as one float32 array, read in row blocks."""
+    n, d = basis.shape
+    out = np.empty((n, d), np.float32)
+    for r0 in range(0, n, rows):
+        out[r0:r0 + rows] = basis[r0:r0 + rows, :]
+    return out
+
+
+def _mmap_copy(sub, cache_dir) -> np.ndarray:
+    """An uncompressed (n, d) float32 .npy next to the store (written once), memory-mapped."""
+    from trajstore.format import local_dir
+
+    folder = Path(cache_dir) if cache_dir else (local_dir(sub.path) or Path.cwd()) / "subspaces" / sub.name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "basis.f32.npy"
+    if not target.exists():
+        tmp = folder / "basis.f32.npy.partial"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=sub.basis.shape)
+        for r0 in range(0, sub.basis.shape[0], 1 << 20):
+            out[r0:r0 + (1 << 20)] = sub.basis[r0:r0 + (1 << 20), :]
+        out.flush()
+        del out
+        os.replace(tmp, target)
+    return np.load(target, mmap_mode="r")
+
+
+def _spec(name: str, tensor: torch.Tensor):
+    from trajstore.layout import TensorSpec
+
+    return TensorSpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+
+def random_subspace_basis(model: torch.nn.Module, d: int, seed: int = 0, **kwargs) -> Basis:
+    """Li et al. (2018) baseline: a random orthonormal d-dimensional subspace of the parameters."""
+    layout = ParamLayout.from_module(model)
+    if not 1 <= d <= layout.n:
+        raise InvalidArgumentError(f"d must be between 1 and n = {layout.n}, got {d}")
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(layout.n, d, generator=gen, dtype=torch.float64))
+    return Basis.from_array(q.float(), layout, name=f"random-{d}-seed{seed}", **kwargs)

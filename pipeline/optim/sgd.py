@@ -1,0 +1,51 @@
+"""P-SGD: momentum SGD with d free variables, w ← w − lr · P m̃."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from trajstore.errors import InvalidArgumentError
+
+from ..basis import Basis
+from ._base import SubspaceOptimizer, closure_loss
+
+
+class SubspaceSGD(SubspaceOptimizer):
+    """SGD in span(P), with torch.optim.SGD's momentum / dampening / nesterov semantics.
+
+    g̃ = Pᵀ(g + weight_decay · w); m̃ = momentum · m̃ + (1 − dampening) · g̃ (m̃ = g̃ at the
+    first step); the update is −lr · P m̃ (nesterov: −lr · P (g̃ + momentum · m̃)). The
+    momentum buffer is a (d,) float64 tensor; w never leaves w_start + span(P).
+    """
+
+    def __init__(self, params: Iterable, basis: Basis, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise InvalidArgumentError(f"invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise InvalidArgumentError("nesterov momentum needs momentum > 0 and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params, basis, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One step; the closure (if any) is evaluated first, then the gradient is projected."""
+        loss = closure_loss(closure)
+        group = self.param_groups[0]
+        grads = self.grads()
+        if group["weight_decay"]:
+            grads = [g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, self.params)]
+        g = self.basis.project(grads)  # (d,) float64
+        state = self._init_state()
+        momentum = group["momentum"]
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.clone()
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - group["dampening"])
+            g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+        self.basis.add_lifted_(self.params, g, alpha=-group["lr"])
+        state["step"] += 1
+        return loss
