@@ -1,0 +1,69 @@
+"""Commands that run experiments: ``train`` and ``demo``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ._console import err, errors_to_exit, print_json
+
+
+def _progress(quiet: bool):
+    progress = Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=True, disable=quiet)
+    tasks: dict[str, int] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            for old in tasks.values():
+                progress.update(old, visible=False)
+            tasks[label] = progress.add_task(label, total=total)
+        progress.update(tasks[label], completed=done, total=total)
+
+    return progress, update
+
+
+def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | digits-mlp | module:function"),
+          run: Path = typer.Option(..., "--run", help="run directory"),
+          sample_epochs: int = typer.Option(10, "--sample-epochs"),
+          sample_every: Optional[int] = typer.Option(None, "--sample-every", help="snapshot every N steps"),
+          dim: Optional[int] = typer.Option(None, "--dim"),
+          variance: Optional[float] = typer.Option(None, "--variance"),
+          snapshots: Optional[str] = typer.Option(None, "--snapshots", help="A:B of the sampled snapshots"),
+          subspace_epochs: int = typer.Option(10, "--subspace-epochs"),
+          optimizer: str = typer.Option("psgd", "--optimizer", help="psgd | pbfgs"),
+          lr: float = typer.Option(0.05, "--lr", help="SGD learning rate of the sampling phase"),
+          subspace_lr: Optional[float] = typer.Option(None, "--subspace-lr"),
+          batch_size: int = typer.Option(64, "--batch-size"),
+          seed: int = typer.Option(0, "--seed"),
+          label_noise: float = typer.Option(0.0, "--label-noise"),
+          device: str = typer.Option("cpu", "--device"),
+          baseline: list[str] = typer.Option(["sgd"], "--baseline", help="sgd | random-subspace | none (repeatable)"),
+          resume: bool = typer.Option(False, "--resume"),
+          json: bool = typer.Option(False, "--json")) -> None:
+    """Sample with SGD, extract the DLDR subspace, train in it, evaluate each epoch; resumable."""
+    from pipeline.experiments.runner import Run, RunConfig
+
+    with errors_to_exit():
+        config = RunConfig(recipe=recipe, sample_epochs=sample_epochs, sample_every=sample_every,
+                           dim=dim if (dim is not None or variance is not None) else 15, variance=variance,
+                           snapshots=snapshots, subspace_epochs=subspace_epochs, optimizer=optimizer, lr=lr,
+                           subspace_lr=subspace_lr, batch_size=batch_size, seed=seed, label_noise=label_noise,
+                           device=device, baselines=list(baseline))
+        progress, update = _progress(json)
+        with progress:
+            report = Run(run, config, log=lambda s: progress.console.print(s, highlight=False),
+                         progress=update).execute(resume=resume)
+    if json:
+        print_json(report["methods"])
+        return
+    for m in report["methods"].values():
+        err.print(f"{m['label']:>24}: final test acc {m['final_test_acc']:.2%} after {m['epochs']} epochs "
+                  f"({m['seconds']:.1f} s)", highlight=False)
+    err.print(f"report: {run / 'report.md'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

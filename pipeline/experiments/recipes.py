@@ -1,0 +1,82 @@
+"""Recipes: a model, its data and its loss. Built-in ones use local data only; users plug in theirs.
+
+A user recipe is ``"package.module:function"``; the function is called with the keyword
+arguments it accepts among ``seed``, ``batch_size`` and ``label_noise`` and returns
+``(model, train_loader, test_loader, loss_fn)``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trajstore.errors import InvalidArgumentError
+
+from .data import digits_arrays, loaders, mnist1d_arrays
+from .models import CNN1D, mlp
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs to train and evaluate one model."""
+
+    model: nn.Module
+    train: DataLoader
+    test: DataLoader
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _mnist1d_cnn(seed: int, batch_size: int, label_noise: float) -> Recipe:
+    torch.manual_seed(seed)
+    train, test = loaders(mnist1d_arrays(), batch_size, seed, label_noise, channel_dim=True)
+    return Recipe(CNN1D(), train, test, nn.functional.cross_entropy)
+
+
+def _mnist1d_mlp(seed: int, batch_size: int, label_noise: float) -> Recipe:
+    torch.manual_seed(seed)
+    train, test = loaders(mnist1d_arrays(), batch_size, seed, label_noise)
+    return Recipe(mlp([40, 100, 100, 10]), train, test, nn.functional.cross_entropy)
+
+
+def _digits_mlp(seed: int, batch_size: int, label_noise: float) -> Recipe:
+    torch.manual_seed(seed)
+    train, test = loaders(digits_arrays(), batch_size, seed, label_noise)
+    return Recipe(mlp([64, 64, 10]), train, test, nn.functional.cross_entropy)
+
+
+BUILTIN: dict[str, Callable[[int, int, float], Recipe]] = {
+    "mnist1d-cnn": _mnist1d_cnn,
+    "mnist1d-mlp": _mnist1d_mlp,
+    "digits-mlp": _digits_mlp,
+}
+
+
+def build_recipe(name: str, *, seed: int, batch_size: int, label_noise: float = 0.0) -> Recipe:
+    """A built-in recipe by name, or a user's ``module:function``."""
+    if name in BUILTIN:
+        return BUILTIN[name](seed, batch_size, label_noise)
+    if ":" not in name:
+        raise InvalidArgumentError(
+            f"unknown recipe {name!r}; built-in recipes: {', '.join(BUILTIN)}, or give module:function")
+    module_name, _, func_name = name.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidArgumentError(f"cannot load recipe {name!r}: {exc}") from None
+    offered = {"seed": seed, "batch_size": batch_size, "label_noise": label_noise}
+    accepted = inspect.signature(func).parameters
+    torch.manual_seed(seed)
+    result = func(**{k: v for k, v in offered.items() if k in accepted})
+    if isinstance(result, Recipe):
+        return result
+    try:
+        model, train, test, loss = result
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"recipe {name!r} must return (model, train_loader, test_loader, loss_fn)") from None
+    return Recipe(model, train, test, loss)

@@ -1,0 +1,311 @@
+"""The resumable run: sample with SGD, extract with DLDR, train in the subspace, evaluate, report.
+
+A run directory holds ``config.json``, ``trajectory.zarr``, ``checkpoint.pt`` (replaced
+atomically at the end of every epoch: phase, epoch, model, optimizer, RNG and loader
+states, metrics) and, when done, ``report.json``, ``report.md`` and the plots. Killed at
+any point, the same command with ``resume=True`` continues; on CPU the result equals an
+uninterrupted run bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from trajstore import TrajectoryStore
+from trajstore.errors import InvalidArgumentError
+from trajstore.recorder import Recorder
+
+from ..basis import Basis, random_subspace_basis
+from ..dldr import extract_subspace, parse_snapshots
+from ..optim import SubspaceBFGS, SubspaceSGD
+from .recipes import Recipe, build_recipe
+
+SUBSPACE_METHODS = ("psgd", "pbfgs", "random-subspace")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; a run directory refuses a different one unless resumed."""
+
+    recipe: str = "mnist1d-cnn"
+    sample_epochs: int = 10
+    sample_every: int | None = None  # steps between snapshots; None: once per epoch (+ the initial weights)
+    dim: int | None = 15
+    variance: float | None = None
+    snapshots: str | None = None  # "A:B" of the sampled snapshots; default all
+    start_snapshot: int = 0  # the paper restarts from the first snapshot
+    subspace_epochs: int = 10
+    optimizer: str = "psgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    subspace_lr: float | None = None  # default 0.1 for P-SGD, 1.0 (initial step) for P-BFGS
+    batch_size: int = 64
+    bfgs_batch_size: int = 500
+    seed: int = 0
+    label_noise: float = 0.0
+    device: str = "cpu"
+    baselines: list[str] = field(default_factory=lambda: ["sgd"])
+
+    def methods(self) -> list[str]:
+        return [self.optimizer] + [b for b in self.baselines if b != "none"]
+
+    def validate(self) -> None:
+        if self.optimizer not in ("psgd", "pbfgs"):
+            raise InvalidArgumentError(f"optimizer must be psgd or pbfgs, got {self.optimizer!r}")
+        for b in self.baselines:
+            if b not in ("sgd", "random-subspace", "none"):
+                raise InvalidArgumentError(f"baseline must be sgd, random-subspace or none, got {b!r}")
+        if (self.dim is None) == (self.variance is None):
+            raise InvalidArgumentError("give exactly one of dim and variance")
+        if self.sample_epochs < 1 or self.subspace_epochs < 0:
+            raise InvalidArgumentError("sample_epochs must be >= 1 and subspace_epochs >= 0")
+        if self.sample_every is None and self.dim is not None and self.snapshots is None \
+                and self.dim >= self.sample_epochs + 1:
+            raise InvalidArgumentError(
+                f"dim {self.dim} needs more than {self.dim} snapshots, but {self.sample_epochs} sampling epochs "
+                f"record {self.sample_epochs + 1}; sample more epochs, use --sample-every, or lower --dim")
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def evaluate(model: nn.Module, recipe: Recipe, device: str) -> tuple[float, float]:
+    """(test loss, test accuracy)."""
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for x, y in recipe.test:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += float(recipe.loss(out, y)) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+    model.train()
+    return loss_sum / total, correct / total
+
+
+class Run:
+    """One run directory. ``Run(dir, config).execute(resume=...)``; see the module docstring."""
+
+    def __init__(self, directory: "str | os.PathLike", config: RunConfig,
+                 log: Callable[[str], None] = lambda s: None,
+                 progress: Callable[[str, int, int], None] | None = None):
+        config.validate()
+        self.dir, self.config, self.log, self.progress = Path(directory), config, log, progress
+        self.store_path = self.dir / "trajectory.zarr"
+        self.ckpt_path = self.dir / "checkpoint.pt"
+
+    # -- driver ---------------------------------------------------------------------------
+    def execute(self, resume: bool = False) -> dict:
+        """Run (or continue) every phase; returns the report. A finished run is not redone."""
+        state = self._start(resume)
+        if state["phase"] == "done":
+            self.log(f"run {self.dir} is already finished; nothing to do (report: {self.dir / 'report.md'})")
+            return json.loads((self.dir / "report.json").read_text())
+        order = ["sample", "extract", *self.config.methods(), "done"]
+        while state["phase"] != "done":
+            phase = state["phase"]
+            if phase == "sample":
+                self._sample(state)
+            elif phase == "extract":
+                self._extract(state)
+            else:
+                self._train_method(state, phase)
+            state = self._advance(state, order[order.index(phase) + 1])
+        from .report import write_report
+
+        return write_report(self)
+
+    def _start(self, resume: bool) -> dict:
+        cfg_file = self.dir / "config.json"
+        mine = asdict(self.config)
+        if cfg_file.exists():
+            theirs = json.loads(cfg_file.read_text())
+            if theirs != mine:
+                changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise InvalidArgumentError(
+                    f"run directory {self.dir} was used with a different configuration (differs in: "
+                    f"{', '.join(changed)}); use a new --run directory or the original options")
+            if self.ckpt_path.exists():
+                state = torch.load(self.ckpt_path, weights_only=True)
+                if state["phase"] != "done" and not resume:
+                    raise InvalidArgumentError(
+                        f"run directory {self.dir} holds an unfinished run (phase {state['phase']}, epoch "
+                        f"{state['epoch']}); add --resume to continue it, or use a new --run directory")
+                return state
+        elif any(self.dir.glob("*")) if self.dir.exists() else False:
+            raise InvalidArgumentError(f"{self.dir} is not empty and holds no run configuration")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(json.dumps(mine, indent=2))
+        state = {"phase": "sample", "epoch": 0, "history": {}, "timing": {}}
+        _atomic_save(state, self.ckpt_path)
+        return state
+
+    def _advance(self, state: dict, phase: str) -> dict:
+        state = {"phase": phase, "epoch": 0, "history": state["history"], "timing": state["timing"]}
+        _atomic_save(state, self.ckpt_path)
+        return state
+
+    # -- phases ---------------------------------------------------------------------------
+    def _recipe(self, method: str) -> Recipe:
+        c = self.config
+        batch = c.bfgs_batch_size if method == "pbfgs" else c.batch_size
+        recipe = build_recipe(c.recipe, seed=c.seed, batch_size=batch, label_noise=c.label_noise)
+        recipe.model.to(c.device)
+        return recipe
+
+    def _sample(self, state: dict) -> None:
+        c = self.config
+        recipe = self._recipe("sgd")
+        model = recipe.model
+        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
+        self._restore(state, model, opt, recipe, "sample")
+        store = TrajectoryStore.open(self.store_path, "a") if self.store_path.exists() else \
+            TrajectoryStore.create(self.store_path, model, metadata={"run": str(self.dir), "recipe": c.recipe})
+        rec = Recorder(store, model, every_n_steps=c.sample_every, every_n_epochs=None if c.sample_every else 1)
+        rec.start(int(state.get("global_step", 0)))
+        try:
+            for epoch in range(state["epoch"], c.sample_epochs):
+                self._epoch(model, recipe, lambda: opt, "sample", epoch, state, rec)
+                rec.epoch_end(epoch, {"test_acc": state["history"]["sample"][-1]["test_acc"]})
+                store.flush()  # the snapshot is committed before the checkpoint that covers it
+                state["epoch"] = epoch + 1
+                state["global_step"] = rec.global_step
+                self._checkpoint(state, model, opt, recipe)
+                if epoch + 1 == c.sample_epochs:
+                    _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                  "loader": recipe.train.generator.get_state(), "rng": torch.get_rng_state()},
+                                 self.dir / "sample_end.pt")
+        finally:
+            store.close()
+
+    def _extract(self, state: dict) -> None:
+        c = self.config
+        began = time.perf_counter()
+        from ..subspace import list_subspaces
+
+        with TrajectoryStore.open(self.store_path) as store:
+            t = len(store)
+            if c.dim is not None and c.dim > t - 1:
+                raise InvalidArgumentError(
+                    f"dim {c.dim} needs at least {c.dim + 1} snapshots; the sampling phase recorded {t}")
+            done = "dldr" in list_subspaces(store)
+        if not done or not _complete(self.store_path):
+            self.log(f"extracting a {c.dim or f'{c.variance:.0%}-variance'}-dimensional subspace from {t} snapshots")
+            extract_subspace(self.store_path, dim=c.dim, variance=c.variance, snapshots=parse_snapshots(c.snapshots),
+                             name="dldr", overwrite=False)
+        state["timing"]["extract"] = state["timing"].get("extract", 0.0) + time.perf_counter() - began
+
+    def _train_method(self, state: dict, method: str) -> None:
+        c = self.config
+        recipe = self._recipe(method)
+        model = recipe.model
+        if method == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
+            if state["epoch"] == 0 and "model" not in state:
+                end = torch.load(self.dir / "sample_end.pt", weights_only=True)
+                model.load_state_dict(end["model"])
+                opt.load_state_dict(end["opt"])
+                recipe.train.generator.set_state(end["loader"])
+                torch.set_rng_state(end["rng"])
+            first_epoch = c.sample_epochs
+        else:
+            with TrajectoryStore.open(self.store_path) as store:
+                store.load_into(model, c.start_snapshot)
+            if method == "random-subspace":
+                basis = random_subspace_basis(model, self._dim(), seed=c.seed, device=c.device)
+            else:
+                basis = Basis.from_store(self.store_path, "dldr", device=c.device)
+            if method == "pbfgs":
+                opt = SubspaceBFGS(model.parameters(), basis, lr=c.subspace_lr or 1.0, buffers=model.buffers())
+            else:
+                opt = SubspaceSGD(model.parameters(), basis, lr=c.subspace_lr or 0.1, momentum=c.momentum)
+            if state["epoch"] == 0 and "model" not in state:
+                torch.manual_seed(c.seed + 1 + SUBSPACE_METHODS.index(method))
+                recipe.train.generator.manual_seed(c.seed + 1 + SUBSPACE_METHODS.index(method))
+            first_epoch = 0
+        self._restore(state, model, opt, recipe, method)
+        for epoch in range(state["epoch"], c.subspace_epochs):
+            self._epoch(model, recipe, lambda: opt, method, first_epoch + epoch, state, None)
+            state["epoch"] = epoch + 1
+            self._checkpoint(state, model, opt, recipe)
+
+    def _dim(self) -> int:
+        from ..subspace import open_subspace
+
+        return open_subspace(self.store_path, "dldr").dim
+
+    # -- one epoch, checkpoints -------------------------------------------------------------
+    def _epoch(self, model, recipe: Recipe, get_opt, method: str, epoch: int, state: dict, rec) -> None:
+        opt = get_opt()
+        began = time.perf_counter()
+        losses = []
+        total = len(recipe.train)
+        for i, (x, y) in enumerate(recipe.train):
+            x, y = x.to(self.config.device), y.to(self.config.device)
+
+            def closure():
+                opt.zero_grad()
+                loss = recipe.loss(model(x), y)
+                loss.backward()
+                return loss
+
+            if isinstance(opt, SubspaceBFGS):
+                loss = opt.step(closure)
+            else:
+                loss = closure()
+                opt.step()
+            losses.append(float(loss.detach()))
+            if rec is not None:
+                rec.step()
+            if self.progress:
+                self.progress(f"{method} epoch {epoch + 1}", i + 1, total)
+        test_loss, test_acc = evaluate(model, recipe, self.config.device)
+        seconds = time.perf_counter() - began
+        elapsed = state["timing"].get(method, 0.0) + seconds
+        state["timing"][method] = elapsed
+        entry = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "test_loss": test_loss,
+                 "test_acc": test_acc, "seconds": elapsed}
+        state["history"].setdefault(method, []).append(entry)
+        self.log(f"{method:>15} epoch {epoch + 1:3d}: train loss {entry['train_loss']:.4f}  "
+                 f"test loss {test_loss:.4f}  test acc {test_acc:.2%}")
+
+    def _checkpoint(self, state: dict, model, opt, recipe: Recipe) -> None:
+        state["model"] = model.state_dict()
+        state["optim"] = opt.state_dict()
+        state["rng"] = torch.get_rng_state()
+        state["loader"] = recipe.train.generator.get_state()
+        _atomic_save(state, self.ckpt_path)
+
+    def _restore(self, state: dict, model, opt, recipe: Recipe, method: str) -> None:
+        if "model" not in state:
+            return
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        torch.set_rng_state(state["rng"])
+        recipe.train.generator.set_state(state["loader"])
+        self.log(f"resuming {method} at epoch {state['epoch'] + 1}")
+
+
+def _complete(store_path: Path) -> bool:
+    from ..subspace import open_subspace
+    from trajstore.errors import SubspaceNotFoundError
+
+    try:
+        open_subspace(store_path, "dldr")
+        return True
+    except SubspaceNotFoundError:
+        return False
