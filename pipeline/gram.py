@@ -53,15 +53,15 @@ class GramUpdateStats:
 def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.ndarray:
     """(t, t - first_new) float64: D[:, c0:c1] D[first_new:, c0:c1]ᵀ for one column block."""
     x = reader.read_block(0, reader.committed, c0, c1)  # (t, C) float32
-    if not np.isfinite(x).all():
-        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
-        raise NonFiniteError(
-            f"snapshot {bad} of {reader.path} holds NaN or Inf (columns {c0}..{c1 - 1}); extraction needs "
-            "finite snapshots: choose --snapshots that exclude it")
     t = x.shape[0]
     out = np.zeros((t, t - first_new), np.float64)
     for s0 in range(0, x.shape[1], SUB_BLOCK):
         d = x[:, s0:s0 + SUB_BLOCK].astype(np.float64)  # (t, S)
+        if not np.isfinite(d).all():
+            bad = int(np.argmax(~np.isfinite(d).all(axis=1)))
+            raise NonFiniteError(
+                f"snapshot {bad} of {reader.path} holds NaN or Inf (near column {c0 + s0}); extraction needs "
+                "finite snapshots: choose --snapshots that exclude it")
         d -= d[0]
         if first_new == 0:
             out += d @ d.T  # numpy dispatches a @ a.T to syrk: half the flops

@@ -11,7 +11,8 @@ import zarr
 
 from .codecs import CodecPreset
 from .errors import CorruptSnapshotError
-from .format import PARAMS, REFERENCE, zarr_store
+from .fastread import open_fast
+from .format import PARAMS, REFERENCE, local_dir, zarr_store
 
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError)
 
@@ -27,6 +28,8 @@ class RowReader:
         self.storage_options = storage_options
         self.token = token
         self._arrays: tuple | None = None
+        self._fast = None
+        self._fast_checked = False
 
     # array-like protocol used by dask.array.from_array
     @property
@@ -43,6 +46,7 @@ class RowReader:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_arrays"] = None  # reopen on the worker
+        state["_fast"], state["_fast_checked"] = None, False
         return state
 
     def _open(self):
@@ -73,8 +77,12 @@ class RowReader:
         preset = self.preset
         start = preset.decode_start(r0)
         params, reference = self._open()
+        if not self._fast_checked:
+            folder = local_dir(self.path)
+            self._fast = open_fast(folder / PARAMS if folder is not None else None)
+            self._fast_checked = True
         try:
-            stored = params[start:r1, c0:c1]
+            stored = self._fast.read(start, r1, c0, c1) if self._fast is not None else params[start:r1, c0:c1]
             ref = reference[0, c0:c1] if preset.transform == "delta" else None
         except _DECODE_ERRORS as exc:
             raise self._locate_corruption(start, r1, c0, c1, exc) from None
