@@ -48,6 +48,28 @@ def get_client(scheduler: object):
     raise TypeError(f"scheduler must be None, a distributed.Client or an address, got {type(scheduler).__name__}")
 
 
+_ARENAS_LIMITED = False
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas (as MALLOC_ARENA_MAX=2 would).
+
+    Every thread that frees a block-sized buffer otherwise keeps its own arena of freed
+    memory: measured at n = 10M, t = 100 this alone took peak RSS from 475 to 567 MiB.
+    A no-op off glibc.
+    """
+    global _ARENAS_LIMITED
+    if _ARENAS_LIMITED:
+        return
+    _ARENAS_LIMITED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def run_tasks(tasks: Sequence[Callable[[], T]], scheduler: object = None, progress: Progress | None = None,
               stop: StopFlag | None = None, num_workers: int | None = None) -> list[T]:
     """Run ``tasks`` (picklable zero-argument callables) and return their results in order."""
@@ -56,6 +78,7 @@ def run_tasks(tasks: Sequence[Callable[[], T]], scheduler: object = None, progre
         progress(0, total)
     if not tasks:
         return []
+    limit_malloc_arenas()
     client, owned = get_client(scheduler)
     if client is None:
         return _run_threads(tasks, progress, stop, num_workers)

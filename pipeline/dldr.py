@@ -22,7 +22,7 @@ from trajstore.errors import InvalidArgumentError, SubspaceExistsError
 from trajstore.reader import RowReader
 
 from .compute import Progress, StopFlag, run_tasks
-from .gram import SUB_BLOCK, block_columns, column_blocks, update_gram
+from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows, scratch, update_gram, widen
 from .subspace import SUBSPACES, Subspace, open_subspace
 
 
@@ -101,12 +101,12 @@ def choose_dim(lam: np.ndarray, dim: int | None, variance: float | None, total: 
 def _basis_task(reader: RowReader, path: str, storage_options, name: str, block: int, c0: int, c1: int,
                 rows: list[int], weights: np.ndarray) -> int:
     """P[c0:c1] = (X_S − x_s0)[:, c0:c1]ᵀ W and the block's mean and PᵀP, written to the store."""
-    lo, hi = min(rows), max(rows) + 1
-    x = reader.read_block(lo, hi, c0, c1)[np.asarray(rows) - lo]  # (t_S, C) float32
+    x = read_rows(reader, rows, c0, c1)  # (t_S, C) float32
     basis = np.empty((c1 - c0, weights.shape[1]), np.float32)
     mean = np.empty(c1 - c0, np.float32)
+    buf = scratch("wide", (len(rows), SUB_BLOCK), np.float64)
     for s0 in range(0, c1 - c0, SUB_BLOCK):
-        d = x[:, s0:s0 + SUB_BLOCK].astype(np.float64)  # (t_S, S)
+        d = widen(x[:, s0:s0 + SUB_BLOCK], buf)  # (t_S, S) float64
         mean[s0:s0 + SUB_BLOCK] = d.mean(axis=0)
         d -= d[0]
         basis[s0:s0 + SUB_BLOCK] = d.T @ weights  # (S, d)

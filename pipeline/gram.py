@@ -10,6 +10,7 @@ the old x old block is never recomputed (the cross terms need the old rows once)
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass
 
@@ -50,13 +51,45 @@ class GramUpdateStats:
     seconds: float
 
 
+_thread_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread buffer reused across tasks: big blocks are not re-allocated for every task,
+    which keeps the heap (and so peak RSS) from growing with fragmentation."""
+    size = int(np.prod(shape))
+    arr = getattr(_thread_scratch, name, None)
+    if arr is None or arr.size < size or arr.dtype != np.dtype(dtype):
+        arr = np.empty(size, dtype)
+        setattr(_thread_scratch, name, arr)
+    return arr[:size].reshape(shape)
+
+
+def read_rows(reader: RowReader, rows: list[int], c0: int, c1: int) -> np.ndarray:
+    """Decoded rows (a list of indices) and columns [c0, c1): (len(rows), c1 - c0) float32, read into a
+    per-thread buffer when the rows are contiguous."""
+    lo, hi = min(rows), max(rows) + 1
+    block = reader.read_block(lo, hi, c0, c1, out=scratch("rows", (hi - lo, c1 - c0), reader.dtype))
+    if rows == list(range(lo, hi)):
+        return block
+    return block[np.asarray(rows) - lo]
+
+
+def widen(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """x (t, S) float32 copied into the reusable float64 buffer ``buf``; returns the filled view."""
+    out = buf[:, : x.shape[1]]
+    np.copyto(out, x)
+    return out
+
+
 def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.ndarray:
     """(t, t - first_new) float64: D[:, c0:c1] D[first_new:, c0:c1]ᵀ for one column block."""
-    x = reader.read_block(0, reader.committed, c0, c1)  # (t, C) float32
+    x = read_rows(reader, list(range(reader.committed)), c0, c1)  # (t, C) float32
     t = x.shape[0]
     out = np.zeros((t, t - first_new), np.float64)
+    buf = scratch("wide", (t, SUB_BLOCK), np.float64)
     for s0 in range(0, x.shape[1], SUB_BLOCK):
-        d = x[:, s0:s0 + SUB_BLOCK].astype(np.float64)  # (t, S)
+        d = widen(x[:, s0:s0 + SUB_BLOCK], buf)  # (t, S) float64
         if not np.isfinite(d).all():
             bad = int(np.argmax(~np.isfinite(d).all(axis=1)))
             raise NonFiniteError(

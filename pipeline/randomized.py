@@ -19,17 +19,12 @@ from trajstore import TrajectoryStore
 from trajstore.reader import RowReader
 
 from .compute import Progress, StopFlag, run_tasks
-from .gram import SUB_BLOCK, block_columns, column_blocks
-
-
-def _rows_block(reader: RowReader, rows: list[int], c0: int, c1: int) -> np.ndarray:
-    lo, hi = min(rows), max(rows) + 1
-    return reader.read_block(lo, hi, c0, c1)[np.asarray(rows) - lo]  # (t_S, C) float32
+from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows
 
 
 def _sketch_task(reader, rows, c0, c1, k, seed, y) -> tuple[np.ndarray, float]:
     """One block's share of C D Ω (or of C D Dᵀ Y when ``y`` is given), and of ‖C D‖_F²."""
-    x = _rows_block(reader, rows, c0, c1)
+    x = read_rows(reader, rows, c0, c1)
     out = np.zeros((len(rows), k), np.float64)
     sq = 0.0
     for s0 in range(0, c1 - c0, SUB_BLOCK):
@@ -45,7 +40,7 @@ def _sketch_task(reader, rows, c0, c1, k, seed, y) -> tuple[np.ndarray, float]:
 
 
 def _bbt_task(reader, rows, c0, c1, q) -> np.ndarray:
-    x = _rows_block(reader, rows, c0, c1)
+    x = read_rows(reader, rows, c0, c1)
     out = np.zeros((q.shape[1], q.shape[1]), np.float64)
     for s0 in range(0, c1 - c0, SUB_BLOCK):
         d = x[:, s0:s0 + SUB_BLOCK].astype(np.float64)

@@ -40,9 +40,10 @@ class FastShardReader:
         return str(self.folder / "c" / str(row) / str(shard)) if self.sep == "/" else \
             str(self.folder / f"c.{row}.{shard}")
 
-    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """Rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0) of the stored dtype."""
-        out = np.empty((r1 - r0, c1 - c0), self.dtype)
+    def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0) of the stored dtype (into ``out``)."""
+        if out is None:
+            out = np.empty((r1 - r0, c1 - c0), self.dtype)
         first, last = c0 // self.chunk, (c1 - 1) // self.chunk
         for row in range(r0, r1):
             dest = out[row - r0]

@@ -71,8 +71,13 @@ class RowReader:
         out = block[::rstep, ::cstep]
         return out[0] if not isinstance(rows, slice) else out
 
-    def read_block(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> np.ndarray:
-        """Decoded rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0)."""
+    def read_block(self, r0: int, r1: int, c0: int = 0, c1: int | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Decoded rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0).
+
+        ``out`` (optional, (r1 - r0, c1 - c0) of the store's dtype) is filled and returned when the
+        rows need no decoding context (plain codec): callers reuse one buffer across blocks.
+        """
         c1 = self.n if c1 is None else c1
         preset = self.preset
         start = preset.decode_start(r0)
@@ -82,7 +87,14 @@ class RowReader:
             self._fast = open_fast(folder / PARAMS if folder is not None else None)
             self._fast_checked = True
         try:
-            stored = self._fast.read(start, r1, c0, c1) if self._fast is not None else params[start:r1, c0:c1]
+            target = out if out is not None and start == r0 and preset.transform == "plain" else None
+            if self._fast is not None:
+                stored = self._fast.read(start, r1, c0, c1, target)
+            else:
+                stored = params[start:r1, c0:c1]
+                if target is not None:
+                    target[...] = stored
+                    stored = target
             ref = reference[0, c0:c1] if preset.transform == "delta" else None
         except _DECODE_ERRORS as exc:
             raise self._locate_corruption(start, r1, c0, c1, exc) from None
