@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.compute import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rows(t: int, n: int, rank: int = 10, seed: int = 0):
@@ -116,7 +113,7 @@ def part_trajstore(out: Path, n: int, dim: int, scheduler: str | None) -> dict:
               "singular_values": sub.singular_values.tolist(), "basis_head": sub.basis[:2000, :].tolist(),
               "cluster_start_seconds": cluster_seconds}
     if client is not None:
-        worker_rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        worker_rss = client.run(peak_rss_mib)
         result["worker_peak_rss_MiB"] = max(worker_rss.values())
         client.close()
         cluster.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -24,15 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.compute import peak_rss_mib
 from pipeline.experiments.data import loaders, mnist1d_arrays
 from pipeline.experiments.models import CNN1D, mlp
 from trajstore import TrajectoryStore
 from trajstore.recorder import Recorder
 from trajstore.store import stored_bytes
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def overhead(out: Path, epochs: int, steps_per_epoch: int, repeats: int) -> dict:

@@ -129,3 +129,17 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
     delayed = [dask.delayed(guarded, pure=False)(task, dask_key_name=f"block-{i}") for i, task in enumerate(tasks)]
     with _Progress():
         return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (VmHWM: unlike ru_maxrss, not inherited from a parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

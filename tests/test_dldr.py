@@ -126,3 +126,30 @@ def test_truncation_invalidates_the_replaced_rows_of_the_cache(tmp_path, data):
     assert stats.old_rows == 12
     _, _, g_ref = dense_reference(replaced, D)
     assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10
+
+
+def test_peak_rss_stays_flat_when_n_grows_tenfold(tmp_path):
+    """Memory is bounded by the block, not by n: 10x the parameters, the same peak RSS (within 20%)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trajstore.layout import ParamLayout, TensorSpec
+
+    peaks = []
+    for n in (400_000, 4_000_000):
+        path = tmp_path / f"n{n}.zarr"
+        rng = np.random.default_rng(0)
+        base = rng.standard_normal(n, dtype=np.float32)
+        drift = rng.standard_normal(n, dtype=np.float32)
+        store = TrajectoryStore.create(path, ParamLayout([TensorSpec("w", (n,), "float32")]))
+        for i in range(16):  # written row by row: the test itself never holds the (t, n) matrix
+            store.append(base + 0.01 * i * drift + 1e-3 * rng.standard_normal(n, dtype=np.float32), step=i)
+        store.close()
+        out = subprocess.run([sys.executable, "-m", "tests.rss_probe", str(path), "3"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        peaks.append(json.loads(out.stdout)["peak_rss_MiB"])
+    raw_mib = 16 * 4_000_000 * 4 / 2**20
+    assert peaks[1] <= 1.2 * peaks[0], peaks
+    assert peaks[1] < raw_mib, (peaks, raw_mib)  # far below holding the trajectory
