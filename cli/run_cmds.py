@@ -27,7 +27,7 @@ def _progress(quiet: bool):
 
 def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | digits-mlp | module:function"),
           run: Path = typer.Option(..., "--run", help="run directory"),
-          sample_epochs: int = typer.Option(10, "--sample-epochs"),
+          sample_epochs: int = typer.Option(15, "--sample-epochs"),
           sample_every: Optional[int] = typer.Option(None, "--sample-every", help="snapshot every N steps"),
           dim: Optional[int] = typer.Option(None, "--dim"),
           variance: Optional[float] = typer.Option(None, "--variance"),
@@ -65,5 +65,39 @@ def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | di
     err.print(f"report: {run / 'report.md'}")
 
 
+
+
+def demo(out: Path = typer.Option(Path("trajstore-demo"), "--out", help="output directory (resumable)"),
+         quick: bool = typer.Option(False, "--quick", help="fewer epochs: about 2 minutes"),
+         json: bool = typer.Option(False, "--json")) -> None:
+    """The main job: DLDR vs full SGD vs a random subspace, and P-BFGS vs SGD, on MNIST-1D (5 seeds; --quick 3)."""
+    from rich.table import Table
+
+    from pipeline.experiments.demo import _pm, run_demo
+
+    with errors_to_exit():
+        progress, update = _progress(json)
+        with progress:
+            tables = run_demo(out, quick=quick, log=lambda s: progress.console.print(s, highlight=False),
+                              progress=update)
+    if json:
+        print_json(tables)
+        return
+    a = Table(title=f"A. Dimension: {tables['recipe']}, test accuracy over {len(tables['seeds'])} seeds")
+    for col in ("method", "dimension", "test accuracy (%)"):
+        a.add_column(col, justify="left" if col == "method" else "right")
+    for row in tables["A"]:
+        a.add_row(row["method"], f"{row['dimension']:,}", _pm(row["test_acc"]))
+    b = Table(title="B. Second order: accuracy and wall-clock time")
+    for col in ("method", "test accuracy (%)", "wall-clock (s)"):
+        b.add_column(col, justify="left" if col == "method" else "right")
+    for row in tables["B"]:
+        b.add_row(row["method"], _pm(row["test_acc"]), _pm(row["seconds"], 1.0, 1))
+    err.print(a)
+    err.print(b)
+    err.print(f"tables: {out / 'demo.md'}; per-seed reports and plots: {out}/seed-*/report.md")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("demo")(demo)

@@ -35,7 +35,7 @@ class RunConfig:
     """Everything that defines a run; a run directory refuses a different one unless resumed."""
 
     recipe: str = "mnist1d-cnn"
-    sample_epochs: int = 10
+    sample_epochs: int = 15
     sample_every: int | None = None  # steps between snapshots; None: once per epoch (+ the initial weights)
     dim: int | None = 15
     variance: float | None = None
@@ -47,20 +47,27 @@ class RunConfig:
     momentum: float = 0.9
     subspace_lr: float | None = None  # default 0.1 for P-SGD, 1.0 (initial step) for P-BFGS
     batch_size: int = 64
-    bfgs_batch_size: int = 500
+    bfgs_batch_size: int = 128
     seed: int = 0
     label_noise: float = 0.0
     device: str = "cpu"
     baselines: list[str] = field(default_factory=lambda: ["sgd"])
 
+    bfgs_epochs: int | None = None  # epochs of P-BFGS when it runs beside P-SGD (default subspace_epochs)
+
     def methods(self) -> list[str]:
-        return [self.optimizer] + [b for b in self.baselines if b != "none"]
+        return [self.optimizer] + [b for b in self.baselines if b not in ("none", self.optimizer)]
 
     def validate(self) -> None:
+        from .recipes import BUILTIN
+
+        if self.recipe not in BUILTIN and ":" not in self.recipe:
+            raise InvalidArgumentError(
+                f"unknown recipe {self.recipe!r}; built-in recipes: {', '.join(BUILTIN)}, or give module:function")
         if self.optimizer not in ("psgd", "pbfgs"):
             raise InvalidArgumentError(f"optimizer must be psgd or pbfgs, got {self.optimizer!r}")
         for b in self.baselines:
-            if b not in ("sgd", "random-subspace", "none"):
+            if b not in ("sgd", "random-subspace", "psgd", "pbfgs", "none"):
                 raise InvalidArgumentError(f"baseline must be sgd, random-subspace or none, got {b!r}")
         if (self.dim is None) == (self.variance is None):
             raise InvalidArgumentError("give exactly one of dim and variance")
@@ -238,10 +245,12 @@ class Run:
                 recipe.train.generator.manual_seed(c.seed + 1 + SUBSPACE_METHODS.index(method))
             first_epoch = 0
         self._restore(state, model, opt, recipe, method)
-        for epoch in range(state["epoch"], c.subspace_epochs):
+        epochs = c.bfgs_epochs if method == "pbfgs" and c.bfgs_epochs is not None else c.subspace_epochs
+        for epoch in range(state["epoch"], epochs):
             self._epoch(model, recipe, lambda: opt, method, first_epoch + epoch, state, None)
             state["epoch"] = epoch + 1
             self._checkpoint(state, model, opt, recipe)
+        _atomic_save(model.state_dict(), self.dir / f"final-{method}.pt")
 
     def _dim(self) -> int:
         from ..subspace import open_subspace

@@ -1,0 +1,104 @@
+"""The resumable runner, `trajstore train` / `demo`: end to end, kill -9 resume bit for bit, bad options."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from pipeline.experiments.runner import Run, RunConfig
+from trajstore import TrajectoryStore
+
+from .run_proc import CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_quick_end_to_end_run_writes_report_and_plots(tmp_path):
+    result = runner.invoke(app, ["train", "mnist1d-cnn", "--run", str(tmp_path / "run"), "--sample-epochs", "8",
+                                 "--dim", "6", "--subspace-epochs", "3", "--baseline", "sgd",
+                                 "--baseline", "random-subspace", "--json"])
+    assert result.exit_code == 0, result.output
+    methods = json.loads(result.stdout)
+    assert methods["psgd"]["final_test_acc"] > 0.6  # chance is 0.1
+    assert methods["sgd"]["final_test_acc"] > 0.6
+    assert methods["random-subspace"]["epochs"] == 3
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["subspace"]["dim"] == 6 and report["config"]["recipe"] == "mnist1d-cnn"
+    for name in ("accuracy", "loss", "spectrum", "trajectory"):
+        assert (tmp_path / "run" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "DLDR P-SGD" in md and "![spectrum](spectrum.png)" in md
+    with TrajectoryStore.open(tmp_path / "run" / "trajectory.zarr") as store:
+        assert len(store) == 9  # initial weights + one snapshot per sampling epoch
+    again = runner.invoke(app, ["train", "mnist1d-cnn", "--run", str(tmp_path / "run"), "--sample-epochs", "8",
+                                "--dim", "6", "--subspace-epochs", "3", "--baseline", "sgd",
+                                "--baseline", "random-subspace"])
+    assert again.exit_code == 0 and "already finished" in " ".join(again.output.split())
+
+
+def test_user_recipe_module_function(tmp_path):
+    result = runner.invoke(app, ["train", "tests.user_recipe:build", "--run", str(tmp_path / "u"), "--sample-epochs",
+                                 "5", "--dim", "3", "--subspace-epochs", "2", "--baseline", "none", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["psgd"]["final_test_acc"] > 0.5
+
+
+def test_bad_options_get_clear_errors(tmp_path):
+    r = runner.invoke(app, ["train", "no-such-recipe", "--run", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "unknown recipe" in " ".join(r.output.split())
+    r = runner.invoke(app, ["train", "digits-mlp", "--run", str(tmp_path / "b"), "--sample-epochs", "3", "--dim", "5"])
+    assert r.exit_code == 2 and "sampling epochs record 4" in " ".join(r.output.split())
+    runner.invoke(app, ["train", "digits-mlp", "--run", str(tmp_path / "c"), "--sample-epochs", "3", "--dim", "2",
+                        "--subspace-epochs", "1"])
+    r = runner.invoke(app, ["train", "digits-mlp", "--run", str(tmp_path / "c"), "--sample-epochs", "4", "--dim", "2",
+                            "--subspace-epochs", "1"])
+    assert r.exit_code == 2 and "different configuration" in " ".join(r.output.split()) and "sample_epochs" in r.output
+
+
+def final_state(directory: Path) -> tuple[dict, dict]:
+    ckpt = {f.name: torch.load(f, weights_only=True) for f in sorted(directory.glob("final-*.pt"))}
+    ckpt["sample_end.pt"] = torch.load(directory / "sample_end.pt", weights_only=True)["model"]
+    report = json.loads((directory / "report.json").read_text())
+    history = {m: [{k: v for k, v in e.items() if k != "seconds"} for e in epochs]
+               for m, epochs in report["history"].items()}
+    return ckpt, history
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ref") / "run"
+    Run(directory, CONFIG).execute()
+    return final_state(directory)
+
+
+@pytest.mark.parametrize("kill_at", ["sample epoch   3", "extracting", "pbfgs epoch   2", "psgd epoch   1",
+                                     "sgd epoch   8"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, uninterrupted, kill_at):
+    directory = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.run_proc", str(directory)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if kill_at in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before {kill_at!r}"
+    done = subprocess.run([sys.executable, "-m", "tests.run_proc", str(directory), "--resume"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "finished" in done.stdout
+    ckpt, history = final_state(directory)
+    ref_ckpt, ref_history = uninterrupted
+    assert history == ref_history
+    assert sorted(ckpt) == sorted(ref_ckpt) == ["final-pbfgs.pt", "final-psgd.pt", "final-sgd.pt", "sample_end.pt"]
+    for name, weights in ref_ckpt.items():
+        for key in weights:
+            assert torch.equal(ckpt[name][key], weights[key]), (name, key)
