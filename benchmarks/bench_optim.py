@@ -1,0 +1,113 @@
+"""Step time of P-SGD against plain SGD (same run), resident against streamed P, and peak memory.
+
+CPU (default): MLPs of about 1M and 10M parameters, d = 15 and 40, batch 128.
+GPU (--device cuda): an MLP of at least 100M parameters, P resident and streamed.
+
+A "step" is the whole training step: forward, backward and the optimizer update.
+
+usage: python benchmarks/bench_optim.py [--device cpu|cuda] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+from pipeline.basis import Basis
+from pipeline.compute import peak_rss_mib
+from pipeline.experiments.models import mlp
+from pipeline.optim import SubspaceSGD
+from trajstore.layout import ParamLayout
+
+
+def random_basis(model: nn.Module, d: int, seed: int = 0) -> torch.Tensor:
+    """A random orthonormal (n, d) float32 basis, built in column blocks of the QR."""
+    n = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, d, generator=gen))
+    return q
+
+
+def time_steps(model: nn.Module, opt, x, y, steps: int, device: str) -> float:
+    """Median seconds per full training step."""
+    times = []
+    for i in range(steps + 3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:  # warm-up
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench(sizes: list[int], dims: list[int], steps: int, device: str, block_rows: int) -> list[dict]:
+    rows = []
+    for widths in ([int(s) for s in str(sz).split("x")] for sz in sizes):
+        torch.manual_seed(0)
+        model = mlp(widths).to(device)
+        n = sum(p.numel() for p in model.parameters())
+        layout = ParamLayout.from_module(model)
+        x = torch.randn(128, widths[0], device=device)
+        y = torch.randint(0, widths[-1], (128,), device=device)
+        start = [p.detach().clone() for p in model.parameters()]
+        sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        t_sgd = time_steps(model, sgd, x, y, steps, device)
+        for d in dims:
+            p = random_basis(model, d)
+            entry = {"n_params": n, "d": d, "sgd_ms": 1e3 * t_sgd}
+            for mode in ("resident", "streamed"):
+                with torch.no_grad():
+                    for w, w0 in zip(model.parameters(), start):
+                        w.copy_(w0)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    host = p.pin_memory() if mode == "streamed" else p
+                else:
+                    host = p
+                basis = Basis.from_array(host, layout, device=device, mode=mode, block_rows=block_rows)
+                opt = SubspaceSGD(model.parameters(), basis, lr=1e-3, momentum=0.9)
+                t = time_steps(model, opt, x, y, steps, device)
+                entry[f"{mode}_ms"] = 1e3 * t
+                entry[f"{mode}_ratio_vs_sgd"] = t / t_sgd
+                entry[f"{mode}_basis_device_MiB"] = basis.device_bytes() / 2**20
+                if device == "cuda":
+                    entry[f"{mode}_peak_device_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+                del basis, opt
+            rows.append(entry)
+            print(f"n={n:,} d={d}: SGD {1e3 * t_sgd:.2f} ms | P-SGD resident {entry['resident_ms']:.2f} ms "
+                  f"({entry['resident_ratio_vs_sgd']:.2f}x) | streamed {entry['streamed_ms']:.2f} ms "
+                  f"({entry['streamed_ratio_vs_sgd']:.2f}x), P on device: resident "
+                  f"{entry['resident_basis_device_MiB']:.0f} MiB, streamed {entry['streamed_basis_device_MiB']:.0f} MiB",
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    if args.device == "cuda":
+        # ~134M parameters: 8192 -> 8192 -> 8192 -> 10; resident P at d = 15 is 8 GB
+        sizes, dims, block_rows = ["8192x8192x8192x10"], [15], 1 << 22
+        print(f"device: {torch.cuda.get_device_name()}")
+    else:
+        # ~1.05M and ~10.5M parameters
+        sizes, dims, block_rows = ["1024x768x256x10", "2048x2560x2048x10"], [15, 40], 1 << 18
+    rows = bench(sizes, dims, args.steps, args.device, block_rows)
+    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "results": rows,
+                      "peak_rss_MiB": peak_rss_mib()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
