@@ -28,7 +28,7 @@ from pipeline.experiments.data import loaders, mnist1d_arrays
 from pipeline.experiments.models import CNN1D, mlp
 from trajstore import TrajectoryStore
 from trajstore.recorder import Recorder
-from trajstore.store import stored_bytes
+from trajstore.format import stored_bytes
 
 
 def overhead(out: Path, epochs: int, steps_per_epoch: int, repeats: int) -> dict:

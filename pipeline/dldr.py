@@ -22,7 +22,7 @@ from trajstore.errors import InvalidArgumentError, SubspaceExistsError
 from trajstore.reader import RowReader
 
 from .compute import Progress, StopFlag, run_tasks
-from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows, scratch, update_gram, widen
+from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows, scratch, update_gram, widen_shifted
 from .subspace import SUBSPACES, Subspace, open_subspace
 
 
@@ -31,7 +31,7 @@ def resolve_snapshots(snapshots: "slice | Sequence[int] | None", t: int) -> list
     if snapshots is None:
         rows = list(range(t))
     elif isinstance(snapshots, slice):
-        start, stop, step = snapshots.start, snapshots.stop, snapshots.step
+        start, stop = snapshots.start, snapshots.stop
         if (start is not None and start >= t) or (stop is not None and stop > t):
             raise InvalidArgumentError(
                 f"snapshots {start}:{stop} reach beyond the {t} committed snapshots")
@@ -105,18 +105,20 @@ def _basis_task(reader: RowReader, path: str, storage_options, name: str, block:
     basis = np.empty((c1 - c0, weights.shape[1]), np.float32)
     mean = np.empty(c1 - c0, np.float32)
     buf = scratch("wide", (len(rows), SUB_BLOCK), np.float64)
+    weights_t = np.ascontiguousarray(weights.T)  # (d, t_S)
+    ptp = np.zeros((weights.shape[1],) * 2, np.float64)
     for s0 in range(0, c1 - c0, SUB_BLOCK):
-        d = widen(x[:, s0:s0 + SUB_BLOCK], buf)  # (t_S, S) float64
-        mean[s0:s0 + SUB_BLOCK] = d.mean(axis=0)
-        d -= d[0]
-        basis[s0:s0 + SUB_BLOCK] = d.T @ weights  # (S, d)
-    p64 = basis.astype(np.float64)
+        d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf)  # (t_S, S) float64: rows minus the first
+        mean[s0:s0 + SUB_BLOCK] = d.mean(axis=0) + x[0, s0:s0 + SUB_BLOCK]
+        basis[s0:s0 + SUB_BLOCK] = (weights_t @ d).T  # (S, d)
+        stored = basis[s0:s0 + SUB_BLOCK].astype(np.float64)  # PᵀP of the float32 values as stored
+        ptp += stored.T @ stored
     from trajstore.format import zarr_store
 
     group = zarr.open_group(zarr_store(path, False, storage_options), mode="r+")[f"{SUBSPACES}/{name}"]
     group["basis"][c0:c1, :] = basis
     group["mean"][c0:c1] = mean
-    group["_ptp"][block] = p64.T @ p64
+    group["_ptp"][block] = ptp
     group["_done"][block] = True
     return block
 

@@ -24,7 +24,7 @@ from trajstore.reader import RowReader
 from .compute import Progress, StopFlag, run_tasks
 
 GRAM = "gram"
-SUB_BLOCK = 1 << 15  # columns widened to float64 at a time: t x 32K x 8 bytes
+SUB_BLOCK = 1 << 13  # columns widened to float64 at a time: t x 8K x 8 bytes stays in cache
 
 
 def block_columns(store: TrajectoryStore, block_size: int | None = None) -> int:
@@ -75,10 +75,10 @@ def read_rows(reader: RowReader, rows: list[int], c0: int, c1: int) -> np.ndarra
     return block[np.asarray(rows) - lo]
 
 
-def widen(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    """x (t, S) float32 copied into the reusable float64 buffer ``buf``; returns the filled view."""
+def widen_shifted(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """D = x − x[0] for a (t, S) float32 block, computed in float64 (exact) in one pass into ``buf``."""
     out = buf[:, : x.shape[1]]
-    np.copyto(out, x)
+    np.subtract(x, x[0], out=out, dtype=np.float64)
     return out
 
 
@@ -89,13 +89,12 @@ def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.nda
     out = np.zeros((t, t - first_new), np.float64)
     buf = scratch("wide", (t, SUB_BLOCK), np.float64)
     for s0 in range(0, x.shape[1], SUB_BLOCK):
-        d = widen(x[:, s0:s0 + SUB_BLOCK], buf)  # (t, S) float64
+        d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf)  # (t, S) float64
         if not np.isfinite(d).all():
             bad = int(np.argmax(~np.isfinite(d).all(axis=1)))
             raise NonFiniteError(
                 f"snapshot {bad} of {reader.path} holds NaN or Inf (near column {c0 + s0}); extraction needs "
                 "finite snapshots: choose --snapshots that exclude it")
-        d -= d[0]
         if first_new == 0:
             out += d @ d.T  # numpy dispatches a @ a.T to syrk: half the flops
         else:

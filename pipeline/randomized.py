@@ -16,7 +16,6 @@ import functools
 import numpy as np
 
 from trajstore import TrajectoryStore
-from trajstore.reader import RowReader
 
 from .compute import Progress, StopFlag, run_tasks
 from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.experiments.runner import Run, RunConfig
+from pipeline.experiments.runner import Run
 from trajstore import TrajectoryStore
 
 from .run_proc import CONFIG

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from .codecs import CodecPreset
 from .errors import FormatVersionError, NotAStoreError
 
 FORMAT_VERSION = 1
@@ -82,3 +84,41 @@ def check_version(meta: dict, path: str) -> None:
             f"{meta.get('versions', {}).get('trajstore', '?')}; this trajstore reads format "
             f"<= {FORMAT_VERSION}. Upgrade: pip install -U trajstore"
         )
+
+
+def create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: int, shard: int,
+                 preset: CodecPreset, rows: int = 0) -> zarr.Array:
+    """A (rows, n) array: one row per snapshot, inner chunks (1, chunk) in shards (1, shard)."""
+    fill = float("nan") if np.dtype(dtype).kind == "f" else 0
+    return group.create_array(name, shape=(rows, n), chunks=(1, chunk), shards=(1, shard), dtype=dtype,
+                              compressors=preset.zarr_compressors(chunk * np.dtype(dtype).itemsize), fill_value=fill,
+                              config={"write_empty_chunks": True})
+
+
+def clear_except_lock(path: str) -> None:
+    """Empty the store's folder (``overwrite=True``) while keeping the lock we hold."""
+    import shutil
+
+    import fsspec
+
+    local = local_dir(path)
+    if local is not None:
+        for entry in local.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        for entry in fs.ls(root, detail=False):
+            if not entry.rstrip("/").endswith(LOCK_NAME):
+                fs.rm(entry, recursive=True)
+
+
+def stored_bytes(path: str) -> int:
+    """Bytes the store takes on disk (or in the object store)."""
+    local = local_dir(path)
+    if local is not None:
+        return sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(path)
+    return int(fs.du(root))

@@ -9,7 +9,8 @@ import numpy as np
 
 from .errors import CorruptSnapshotError
 from .format import NONFINITE, PARAMS, local_dir
-from .store import TrajectoryStore, stored_bytes
+from .format import stored_bytes
+from .store import TrajectoryStore
 
 
 def info(path: "str | os.PathLike") -> dict:

@@ -124,3 +124,27 @@ def _scalars(metrics: Mapping | None) -> dict[str, float]:
         if isinstance(value, (int, float)):
             out[str(key).replace("/", "_")] = float(value)
     return out
+
+
+class RecordingSession:
+    """What the trainer callbacks share: their settings, opening the store at train start, closing it."""
+
+    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
+                 codec: str = "lossless", buffers: bool = False, record_initial: bool = True):
+        self.path, self.codec, self.buffers = str(path), codec, buffers
+        self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
+        self.store: TrajectoryStore | None = None
+        self.recorder: Recorder | None = None
+
+    def begin(self, model: torch.nn.Module, global_step: int, epoch: int | None) -> Recorder:
+        """Open (or create) the store and resume recording at ``global_step``."""
+        self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers)
+        self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
+        self.recorder.start(global_step, epoch=epoch)
+        return self.recorder
+
+    def end(self) -> None:
+        """Flush and close the store (idempotent)."""
+        if self.store is not None:
+            store, self.store, self.recorder = self.store, None, None
+            store.close()

@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Mapping, Sequence
-
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -21,10 +19,10 @@ import zarr
 from . import __version__
 from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
-from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreWriteError
-from .format import (ATTR, BUFFERS, DERIVED_LOCK_NAME, DEFAULT_CHUNK, DEFAULT_SHARD, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS,
-                     NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME, local_dir,
-                     normalize, open_root, zarr_store)
+from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError
+from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
+                     LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME,
+                     clear_except_lock, create_rows, local_dir, normalize, open_root, zarr_store)
 from .layout import ParamLayout, strip_prefixes
 from .lock import WriterLock
 from .reader import RowReader
@@ -87,18 +85,18 @@ class TrajectoryStore:
             local.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(path, LOCK_NAME).acquire()
         try:
-            _clear_except_lock(path)
+            clear_except_lock(path)
             group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
             dtype = layout.storage_dtype()
             n = layout.n
             chunk = min(chunk_size, n)
             shard = chunk * math.ceil(min(shard_size, n) / chunk)
-            _create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
+            create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
             if preset.transform == "delta":
-                _create_rows(group, REFERENCE, n, dtype, chunk, shard, get_preset("lossless"), rows=1)
+                create_rows(group, REFERENCE, n, dtype, chunk, shard, get_preset("lossless"), rows=1)
             if buffer_layout is not None and buffer_layout.n:
                 m = buffer_layout.n
-                _create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
+                create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
             for name in ROW_ARRAYS:
                 group.create_array(name, shape=(0,), chunks=(ROW_CHUNK,), dtype=_ROW_DTYPES[name],
                                    fill_value=_ROW_FILL[name])
@@ -232,7 +230,7 @@ class TrajectoryStore:
         """The committed snapshots as a dask array (t, n), decoded lazily block by block."""
         import dask.array as da
 
-        t, n = len(self), self.n_params
+        t = len(self)
         params = self._group[PARAMS]
         col_block = col_block or int(params.shards[1] if params.shards else params.chunks[1])
         if row_block is None:
@@ -427,41 +425,3 @@ class TrajectoryStore:
     def _commit_meta(self, meta: dict) -> None:
         self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically
         self._meta = meta
-
-
-def _create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: int, shard: int,
-                 preset: CodecPreset, rows: int = 0) -> zarr.Array:
-    """A (rows, n) array: one row per snapshot, inner chunks (1, chunk) in shards (1, shard)."""
-    fill = float("nan") if np.dtype(dtype).kind == "f" else 0
-    return group.create_array(name, shape=(rows, n), chunks=(1, chunk), shards=(1, shard), dtype=dtype,
-                              compressors=preset.zarr_compressors(chunk * np.dtype(dtype).itemsize), fill_value=fill,
-                              config={"write_empty_chunks": True})
-
-
-def _clear_except_lock(path: str) -> None:
-    """Empty the store's folder (``overwrite=True``) while keeping the lock we hold."""
-    import shutil
-
-    import fsspec
-
-    local = local_dir(path)
-    if local is not None:
-        for entry in local.iterdir():
-            if entry.name != LOCK_NAME:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        return
-    fs, root = fsspec.core.url_to_fs(path)
-    if fs.exists(root):
-        for entry in fs.ls(root, detail=False):
-            if not entry.rstrip("/").endswith(LOCK_NAME):
-                fs.rm(entry, recursive=True)
-
-
-def stored_bytes(path: str) -> int:
-    """Bytes the store takes on disk (or in the object store)."""
-    local = local_dir(path)
-    if local is not None:
-        return sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(path)
-    return int(fs.du(root))

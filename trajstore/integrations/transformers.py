@@ -5,7 +5,7 @@ import os
 
 from transformers import TrainerCallback
 
-from ..recorder import Recorder, open_for_recording
+from ..recorder import RecordingSession
 
 
 class TrajectoryCallback(TrainerCallback):
@@ -17,32 +17,24 @@ class TrajectoryCallback(TrainerCallback):
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True):
-        self.path, self.codec, self.buffers = str(path), codec, buffers
-        self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
-        self.store = None
-        self.recorder: Recorder | None = None
+        self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial)
         self._logs: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers)
-        self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
-        self.recorder.start(state.global_step, epoch=int(state.epoch or 0))
+        if state.is_world_process_zero:
+            self.session.begin(model, state.global_step, int(state.epoch or 0))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._logs.update(logs or {})
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.recorder is not None:
-            self.recorder.on_step(state.global_step, int(state.epoch or 0), self._logs)
+        if self.session.recorder is not None:
+            self.session.recorder.on_step(state.global_step, int(state.epoch or 0), self._logs)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.recorder is not None:
+        if self.session.recorder is not None:
             epoch = max(0, round(state.epoch or 0) - 1)
-            self.recorder.epoch_end(epoch, self._logs, step=state.global_step)
+            self.session.recorder.epoch_end(epoch, self._logs, step=state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.store is not None:
-            store, self.store, self.recorder = self.store, None, None
-            store.close()
+        self.session.end()
