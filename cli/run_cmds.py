@@ -25,6 +25,12 @@ def _progress(quiet: bool):
     return progress, update
 
 
+def _subspace_lrs(optimizer: str, lr: float | None) -> dict:
+    if lr is None:
+        return {}
+    return {"bfgs_lr": lr} if optimizer == "pbfgs" else {"subspace_lr": lr}
+
+
 def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | digits-mlp | module:function"),
           run: Path = typer.Option(..., "--run", help="run directory"),
           sample_epochs: int = typer.Option(15, "--sample-epochs"),
@@ -35,7 +41,8 @@ def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | di
           subspace_epochs: int = typer.Option(10, "--subspace-epochs"),
           optimizer: str = typer.Option("psgd", "--optimizer", help="psgd | pbfgs"),
           lr: float = typer.Option(0.05, "--lr", help="SGD learning rate of the sampling phase"),
-          subspace_lr: Optional[float] = typer.Option(None, "--subspace-lr"),
+          subspace_lr: Optional[float] = typer.Option(
+              None, "--subspace-lr", help="P-SGD learning rate (default 0.1) or P-BFGS initial step (default 1)"),
           batch_size: int = typer.Option(64, "--batch-size"),
           seed: int = typer.Option(0, "--seed"),
           label_noise: float = typer.Option(0.0, "--label-noise"),
@@ -50,7 +57,8 @@ def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | di
         config = RunConfig(recipe=recipe, sample_epochs=sample_epochs, sample_every=sample_every,
                            dim=dim if (dim is not None or variance is not None) else 15, variance=variance,
                            snapshots=snapshots, subspace_epochs=subspace_epochs, optimizer=optimizer, lr=lr,
-                           subspace_lr=subspace_lr, batch_size=batch_size, seed=seed, label_noise=label_noise,
+                           **_subspace_lrs(optimizer, subspace_lr), batch_size=batch_size, seed=seed,
+                           label_noise=label_noise,
                            device=device, baselines=list(baseline))
         progress, update = _progress(json)
         with progress:

@@ -33,7 +33,8 @@ def spectrum_plot(explained_variance_ratio: np.ndarray, path: "str | os.PathLike
     ax2.set_ylabel("cumulative")
     if dim:
         ax.axvline(dim + 0.5, color="gray", ls="--", lw=1)
-        ax2.annotate(f"d = {dim}: {cumulative[min(dim, len(cumulative)) - 1]:.1%}", (dim + 0.7, 0.05), color="gray")
+        ax2.annotate(f"d = {dim}: {cumulative[min(dim, len(cumulative)) - 1]:.1%}", (dim + 0.5, 0.05),
+                     xytext=(-4, 0), textcoords="offset points", ha="right", color="gray")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, ["per component", "cumulative"], loc="center right")
     ax.set_title(title)

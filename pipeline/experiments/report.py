@@ -9,6 +9,7 @@ import torch
 from ..plots import curves_plot, spectrum_plot, trajectory_plot
 from ..subspace import open_subspace
 
+_XLABEL = "epoch (subspace methods: epochs after the sampling phase)"
 LABELS = {"sample": "SGD (sampling)", "sgd": "SGD (full space)", "psgd": "DLDR P-SGD",
           "pbfgs": "DLDR P-BFGS", "random-subspace": "random subspace P-SGD"}
 
@@ -32,9 +33,9 @@ def write_report(run) -> dict:
     sub = open_subspace(run.store_path, "dldr")
     plots = {
         "accuracy": curves_plot(_curves(history, "test_acc"), run.dir / "accuracy.png", ylabel="test accuracy",
-                                title="Test accuracy per epoch"),
+                                title="Test accuracy per epoch", xlabel=_XLABEL),
         "loss": curves_plot(_curves(history, "train_loss"), run.dir / "loss.png", ylabel="train loss",
-                            title="Training loss per epoch"),
+                            title="Training loss per epoch", xlabel=_XLABEL),
         "spectrum": spectrum_plot(sub.explained_variance_ratio, run.dir / "spectrum.png", dim=sub.dim),
     }
     if sub.dim >= 2:

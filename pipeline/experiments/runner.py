@@ -45,7 +45,8 @@ class RunConfig:
     optimizer: str = "psgd"
     lr: float = 0.05
     momentum: float = 0.9
-    subspace_lr: float | None = None  # default 0.1 for P-SGD, 1.0 (initial step) for P-BFGS
+    subspace_lr: float = 0.1  # P-SGD (DLDR and random subspace)
+    bfgs_lr: float = 1.0  # P-BFGS initial line-search step (the paper's 1)
     batch_size: int = 64
     bfgs_batch_size: int = 128
     seed: int = 0
@@ -237,9 +238,9 @@ class Run:
             else:
                 basis = Basis.from_store(self.store_path, "dldr", device=c.device)
             if method == "pbfgs":
-                opt = SubspaceBFGS(model.parameters(), basis, lr=c.subspace_lr or 1.0, buffers=model.buffers())
+                opt = SubspaceBFGS(model.parameters(), basis, lr=c.bfgs_lr, buffers=model.buffers())
             else:
-                opt = SubspaceSGD(model.parameters(), basis, lr=c.subspace_lr or 0.1, momentum=c.momentum)
+                opt = SubspaceSGD(model.parameters(), basis, lr=c.subspace_lr, momentum=c.momentum)
             if state["epoch"] == 0 and "model" not in state:
                 torch.manual_seed(c.seed + 1 + SUBSPACE_METHODS.index(method))
                 recipe.train.generator.manual_seed(c.seed + 1 + SUBSPACE_METHODS.index(method))
