@@ -153,3 +153,29 @@ def test_peak_rss_stays_flat_when_n_grows_tenfold(tmp_path):
     raw_mib = 16 * 4_000_000 * 4 / 2**20
     assert peaks[1] <= 1.2 * peaks[0], peaks
     assert peaks[1] < raw_mib, (peaks, raw_mib)  # far below holding the trajectory
+
+
+@pytest.mark.slow
+def test_extraction_at_scale_20m_parameters(tmp_path):
+    """Scale test (skipped in CI): n = 20M, t = 12; exact against a float64 reference on a column sample."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trajstore.layout import ParamLayout, TensorSpec
+
+    n, t = 20_000_000, 12
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal(n, dtype=np.float32)
+    drift = rng.standard_normal((3, n), dtype=np.float32)
+    coeffs = rng.standard_normal((t, 3)).astype(np.float32)
+    store = TrajectoryStore.create(tmp_path / "big.zarr", ParamLayout([TensorSpec("w", (n,), "float32")]))
+    for i in range(t):
+        store.append(base + 0.01 * coeffs[i] @ drift, step=i)
+    store.close()
+    out = subprocess.run([sys.executable, "-m", "tests.rss_probe", str(tmp_path / "big.zarr"), "2"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    probe = json.loads(out.stdout)
+    assert probe["peak_rss_MiB"] < 0.25 * t * n * 4 / 2**20
+    assert probe["orthonormality_error"] < 1e-5
