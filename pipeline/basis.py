@@ -60,13 +60,18 @@ class Basis:
         ``mode``: ``"resident"``, ``"streamed"`` or ``"auto"`` (resident when P takes less than
         ``fraction`` of the device's free memory). Streamed P lives in ``host`` memory:
         ``"pinned"`` (RAM, page-locked when CUDA is present) or ``"mmap"`` (an uncompressed copy
-        written once under ``cache_dir``, default next to the store); ``"auto"`` picks pinned.
+        written once under ``cache_dir``, default next to the store); ``"auto"`` picks pinned when P
+        takes less than half the free RAM, else mmap.
         """
         sub = open_subspace(path, name)
         from trajstore import TrajectoryStore
 
         with TrajectoryStore.open(sub.path, "r") as store:
             layout = store.layout
+        if host == "auto":  # a P larger than half the free RAM is memory-mapped from disk instead
+            import psutil
+
+            host = "mmap" if sub.n_params * sub.dim * 4 > 0.5 * psutil.virtual_memory().available else "pinned"
         if host == "mmap":
             data = _mmap_copy(sub, cache_dir)
         else:

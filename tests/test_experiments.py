@@ -101,3 +101,18 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, un
     for name, weights in ref_ckpt.items():
         for key in weights:
             assert torch.equal(ckpt[name][key], weights[key]), (name, key)
+
+
+def test_label_noise_flips_the_requested_fraction_of_training_labels():
+    import numpy as np
+
+    from pipeline.experiments.data import loaders, mnist1d_arrays
+
+    arrays = mnist1d_arrays()
+    clean, _ = loaders(arrays, batch_size=4000, seed=0)
+    noisy, test = loaders(arrays, batch_size=4000, seed=0, label_noise=0.4)
+    y_clean = clean.dataset.tensors[1].numpy()
+    y_noisy = noisy.dataset.tensors[1].numpy()
+    changed = (y_clean != y_noisy).mean()
+    assert 0.3 < changed < 0.4  # 40 % resampled, a tenth of those land on the same label
+    assert np.array_equal(test.dataset.tensors[1].numpy(), arrays[3])  # the test set stays clean
