@@ -105,12 +105,15 @@ def _basis_task(reader: RowReader, path: str, storage_options, name: str, block:
     basis = np.empty((c1 - c0, weights.shape[1]), np.float32)
     mean = np.empty(c1 - c0, np.float32)
     buf = scratch("wide", (len(rows), SUB_BLOCK), np.float64)
-    weights_t = np.ascontiguousarray(weights.T)  # (d, t_S)
-    ptp = np.zeros((weights.shape[1],) * 2, np.float64)
+    dim = weights.shape[1]
+    # one GEMM gives P and the column means: the extra row of W is 1/t_S
+    weights_t = np.vstack([weights.T, np.full((1, len(rows)), 1.0 / len(rows))])  # (d + 1, t_S)
+    ptp = np.zeros((dim, dim), np.float64)
     for s0 in range(0, c1 - c0, SUB_BLOCK):
         d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf)  # (t_S, S) float64: rows minus the first
-        mean[s0:s0 + SUB_BLOCK] = d.mean(axis=0) + x[0, s0:s0 + SUB_BLOCK]
-        basis[s0:s0 + SUB_BLOCK] = (weights_t @ d).T  # (S, d)
+        both = weights_t @ d  # (d + 1, S)
+        basis[s0:s0 + SUB_BLOCK] = both[:dim].T
+        mean[s0:s0 + SUB_BLOCK] = both[dim] + x[0, s0:s0 + SUB_BLOCK]
         stored = basis[s0:s0 + SUB_BLOCK].astype(np.float64)  # PᵀP of the float32 values as stored
         ptp += stored.T @ stored
     from trajstore.format import zarr_store

@@ -90,15 +90,15 @@ def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.nda
     buf = scratch("wide", (t, SUB_BLOCK), np.float64)
     for s0 in range(0, x.shape[1], SUB_BLOCK):
         d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf)  # (t, S) float64
-        if not np.isfinite(d).all():
-            bad = int(np.argmax(~np.isfinite(d).all(axis=1)))
-            raise NonFiniteError(
-                f"snapshot {bad} of {reader.path} holds NaN or Inf (near column {c0 + s0}); extraction needs "
-                "finite snapshots: choose --snapshots that exclude it")
         if first_new == 0:
             out += d @ d.T  # numpy dispatches a @ a.T to syrk: half the flops
         else:
             out += d @ d[first_new:].T
+    if not np.isfinite(out).all():  # NaN/Inf in the data always reach the products (float32 cannot overflow them)
+        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
+        raise NonFiniteError(
+            f"snapshot {bad} of {reader.path} holds NaN or Inf (columns {c0}..{c1 - 1}); extraction needs "
+            "finite snapshots: choose --snapshots that exclude it")
     return out
 
 
