@@ -157,16 +157,13 @@ def test_bfgs_line_search_failure_is_defined_and_restores_weights_and_buffers():
         loss.backward()
         return loss
 
-    closure_first = None
     w_before = flat(model.parameters())
     opt.step(closure)
-    stats_after_grad = None
     assert calls["n"] == 1 + 3
     assert torch.equal(flat(model.parameters()), w_before)
     assert opt.subspace_state["ls_failures"] == 1
     assert torch.equal(opt.subspace_state["inverse_hessian"], torch.eye(3, dtype=torch.float64))
     assert model[1].num_batches_tracked.item() == 1  # the rejected trials' BN updates were undone
-    del closure_first, stats_after_grad
 
 
 @pytest.mark.parametrize("kind", ["sgd", "bfgs"])
@@ -174,8 +171,6 @@ def test_state_dict_round_trips_through_weights_only_load_and_resumes_bit_for_bi
     model, basis = recorded_basis(tmp_path)
     make = (lambda m: SubspaceSGD(m.parameters(), basis, lr=0.1, momentum=0.9)) if kind == "sgd" else \
         (lambda m: SubspaceBFGS(m.parameters(), basis, lr=1.0, buffers=m.buffers()))
-    twin = MixedNet()
-    twin.load_state_dict(model.state_dict())
     opt = make(model)
     run_steps(model, opt, 4, seed=5, bfgs=kind == "bfgs")
     buf = io.BytesIO()
@@ -194,7 +189,6 @@ def test_state_dict_round_trips_through_weights_only_load_and_resumes_bit_for_bi
     run_steps(model, opt, 3, seed=6, bfgs=kind == "bfgs")
     run_steps(resumed, opt2, 3, seed=6, bfgs=kind == "bfgs")
     assert torch.equal(flat(model.parameters()), flat(resumed.parameters()))
-    del twin
 
 
 def test_streamed_and_resident_agree(tmp_path):

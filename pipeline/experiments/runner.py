@@ -187,7 +187,7 @@ class Run:
         rec.start(int(state.get("global_step", 0)))
         try:
             for epoch in range(state["epoch"], c.sample_epochs):
-                self._epoch(model, recipe, lambda: opt, "sample", epoch, state, rec)
+                self._epoch(model, recipe, opt, "sample", epoch, state, rec)
                 rec.epoch_end(epoch, {"test_acc": state["history"]["sample"][-1]["test_acc"]})
                 store.flush()  # the snapshot is committed before the checkpoint that covers it
                 state["epoch"] = epoch + 1
@@ -203,15 +203,12 @@ class Run:
     def _extract(self, state: dict) -> None:
         c = self.config
         began = time.perf_counter()
-        from ..subspace import list_subspaces
-
         with TrajectoryStore.open(self.store_path) as store:
             t = len(store)
             if c.dim is not None and c.dim > t - 1:
                 raise InvalidArgumentError(
                     f"dim {c.dim} needs at least {c.dim + 1} snapshots; the sampling phase recorded {t}")
-            done = "dldr" in list_subspaces(store)
-        if not done or not _complete(self.store_path):
+        if not _complete(self.store_path):
             self.log(f"extracting a {c.dim or f'{c.variance:.0%}-variance'}-dimensional subspace from {t} snapshots")
             extract_subspace(self.store_path, dim=c.dim, variance=c.variance, snapshots=parse_snapshots(c.snapshots),
                              name="dldr", overwrite=False)
@@ -248,7 +245,7 @@ class Run:
         self._restore(state, model, opt, recipe, method)
         epochs = c.bfgs_epochs if method == "pbfgs" and c.bfgs_epochs is not None else c.subspace_epochs
         for epoch in range(state["epoch"], epochs):
-            self._epoch(model, recipe, lambda: opt, method, first_epoch + epoch, state, None)
+            self._epoch(model, recipe, opt, method, first_epoch + epoch, state, None)
             state["epoch"] = epoch + 1
             self._checkpoint(state, model, opt, recipe)
         _atomic_save(model.state_dict(), self.dir / f"final-{method}.pt")
@@ -259,8 +256,7 @@ class Run:
         return open_subspace(self.store_path, "dldr").dim
 
     # -- one epoch, checkpoints -------------------------------------------------------------
-    def _epoch(self, model, recipe: Recipe, get_opt, method: str, epoch: int, state: dict, rec) -> None:
-        opt = get_opt()
+    def _epoch(self, model, recipe: Recipe, opt, method: str, epoch: int, state: dict, rec) -> None:
         began = time.perf_counter()
         losses = []
         total = len(recipe.train)
