@@ -60,7 +60,7 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
         try:
             sub = extract_subspace(run, dim=dim, variance=variance, snapshots=parse_snapshots(snapshots), name=name,
                                    method=method, scheduler=scheduler, block_size=block_size, overwrite=overwrite,
-                                   progress=update, stop=stop)
+                                   progress=update, stop=stop, log=lambda message: err.print(f"[yellow]{message}[/]"))
         except Interrupted:
             raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
     summary = sub.summary()

@@ -109,6 +109,9 @@ def _run_distributed(client, tasks, progress, stop) -> list:
     return results
 
 
+_BLAS_LIMIT = threading.RLock()  # passes started from several threads take turns setting the limit
+
+
 def _run_threads(tasks, progress, stop, num_workers) -> list:
     counter = {"done": 0}
     lock = threading.Lock()
@@ -116,8 +119,7 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
     def guarded(task):
         if stop:
             raise Interrupted("stopped on request")
-        with threadpool_limits(1):  # one BLAS thread per dask thread: no oversubscription
-            return task()
+        return task()
 
     class _Progress(Callback):
         def _posttask(self, key, result, dsk, state, worker_id):
@@ -127,7 +129,11 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
                     progress(counter["done"], len(tasks))
 
     delayed = [dask.delayed(guarded, pure=False)(task, dask_key_name=f"block-{i}") for i, task in enumerate(tasks)]
-    with _Progress():
+    # One BLAS thread per dask thread, set once for the whole pass: threadpool limits are
+    # process-global, so entering them per task from several threads would race (a task's exit
+    # restores the limit under another task that is still running, and the last exit can leave
+    # the process at 1 thread for good).
+    with _BLAS_LIMIT, threadpool_limits(1), _Progress():
         return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import zarr
 
 from trajstore import TrajectoryStore
-from trajstore.errors import InvalidArgumentError, SubspaceExistsError
+from trajstore.errors import InvalidArgumentError, NonFiniteError, SubspaceExistsError
 from trajstore.reader import RowReader
 
 from .compute import Progress, StopFlag, run_tasks
@@ -46,6 +46,33 @@ def resolve_snapshots(snapshots: "slice | Sequence[int] | None", t: int) -> list
     if len(rows) < 2:
         raise InvalidArgumentError(f"DLDR needs at least two snapshots, got {len(rows)}")
     return rows
+
+
+def _spec_json(snapshots: "slice | Sequence[int] | None") -> object:
+    """The user's snapshot selection as JSON (to recognise the same request on a resume)."""
+    if snapshots is None:
+        return None
+    if isinstance(snapshots, slice):
+        return {"slice": [snapshots.start, snapshots.stop, snapshots.step]}
+    return [int(i) for i in snapshots]
+
+
+def _check_finite(store: TrajectoryStore, rows: list[int], default: bool) -> None:
+    """Refuse snapshots recorded with NaN or Inf, and say exactly which selection leaves them out."""
+    from .gram import nonfinite_rows
+
+    bad = sorted(set(nonfinite_rows(store)) & set(rows))
+    if not bad:
+        return
+    keep = [i for i in rows if i not in set(bad)]
+    if keep == list(range(keep[0], keep[-1] + 1)) if keep else False:
+        spec = f"{keep[0]}:{keep[-1] + 1}"
+    else:
+        spec = ",".join(map(str, keep))
+    raise NonFiniteError(
+        f"snapshots {bad} of {store.path} hold NaN or Inf (recorded with allow_nonfinite); extraction needs "
+        f"finite snapshots. Leave them out: --snapshots {spec} (snapshots=[...] in Python)"
+        + ("" if default else ", or choose another selection"))
 
 
 def parse_snapshots(text: str | None) -> "slice | list[int] | None":
@@ -130,14 +157,17 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                      variance: float | None = None, snapshots: "slice | Sequence[int] | None" = None,
                      name: str = "default", method: str = "gram", scheduler: object = None,
                      block_size: int | None = None, overwrite: bool = False,
-                     progress: Progress | None = None, stop: StopFlag | None = None) -> Subspace:
+                     progress: Progress | None = None, stop: StopFlag | None = None,
+                     log: Callable[[str], None] | None = None) -> Subspace:
     """Extract the top-d DLDR subspace of a store's trajectory and write it under ``subspaces/<name>/``.
 
     Give exactly one of ``dim`` and ``variance``. ``snapshots`` is a slice or a list of
     committed indices. ``method`` is ``"gram"`` (exact, cached, incremental) or
     ``"randomized"`` (dask ``svd_compressed``, for t in the thousands). ``scheduler`` is None
     (threads), a ``distributed.Client`` or a scheduler address. ``progress(done, total)`` is
-    called as column blocks finish. Rerunning an interrupted call resumes it.
+    called as column blocks finish. Rerunning an interrupted call resumes it, over the snapshots
+    it started with even if the store grew meanwhile (``log`` receives a message saying so).
+    Snapshots recorded with NaN or Inf must be left out through ``snapshots``; the error says which.
     """
     began = time.perf_counter()
     store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore.open(store_or_path, "r")
@@ -148,26 +178,35 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
     if (dim is None) == (variance is None):
         raise InvalidArgumentError("give exactly one of dim and variance")
     rows = resolve_snapshots(snapshots, len(store))
+    _check_finite(store, rows, snapshots is None)
     if dim is not None and not 1 <= dim <= len(rows) - 1:
         raise InvalidArgumentError(
             f"dim must be between 1 and t - 1 = {len(rows) - 1} for {len(rows)} snapshots, got {dim}")
-    settings = {"snapshots": rows, "method": method, "dim_requested": dim, "variance_requested": variance,
-                "committed": len(store)}
+    requested = {"snapshots_requested": _spec_json(snapshots), "method": method, "dim_requested": dim,
+                 "variance_requested": variance}
+    settings = {"snapshots": rows, **requested, "committed": len(store)}
     with store.derived() as root:
         subspaces = root.require_group(SUBSPACES)
         if name in subspaces:
             attrs = subspaces[name].attrs.asdict()
-            same = all(attrs.get(k) == v for k, v in settings.items())
             if attrs.get("complete") and not overwrite:
                 raise SubspaceExistsError(
                     f"subspace {name!r} already exists in {store.path}; pass overwrite=True (--overwrite) "
                     "or choose another --name")
-            if overwrite or not same:
-                if not overwrite:
-                    raise SubspaceExistsError(
-                        f"an unfinished extraction {name!r} with other settings is in {store.path}; pass "
-                        "overwrite=True to discard it, or rerun it with its own settings to finish it")
+            if overwrite:
                 del subspaces[name]
+            elif all(attrs.get(k) == v for k, v in requested.items()):
+                started = attrs["snapshots"]
+                if started != rows and log:  # the store grew while the extraction was interrupted
+                    log(f"resuming the interrupted extraction {name!r} over the {len(started)} snapshots it "
+                        f"started with (the store holds {len(store)} now); rerun with --overwrite afterwards "
+                        "to include the new ones")
+                rows, settings = started, {**settings, "snapshots": started, "committed": attrs.get("committed")}
+            else:
+                raise SubspaceExistsError(
+                    f"an unfinished extraction {name!r} with other settings is in {store.path} "
+                    f"({', '.join(f'{k}={attrs.get(k)!r}' for k in requested)}); pass overwrite=True "
+                    "(--overwrite) to discard it, or rerun it with its own settings to finish it")
         _extract(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop)
         group = root[f"{SUBSPACES}/{name}"]
         group.attrs.update({"seconds": time.perf_counter() - began})

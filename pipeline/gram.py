@@ -19,6 +19,7 @@ import zarr
 
 from trajstore import TrajectoryStore
 from trajstore.errors import NonFiniteError
+from trajstore.format import NONFINITE
 from trajstore.reader import RowReader
 
 from .compute import Progress, StopFlag, run_tasks
@@ -75,21 +76,42 @@ def read_rows(reader: RowReader, rows: list[int], c0: int, c1: int) -> np.ndarra
     return block[np.asarray(rows) - lo]
 
 
-def widen_shifted(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    """D = x − x[0] for a (t, S) float32 block, computed in float64 (exact) in one pass into ``buf``."""
+def widen_shifted(x: np.ndarray, buf: np.ndarray, shift: int = 0) -> np.ndarray:
+    """D = x − x[shift] for a (t, S) float32 block, computed in float64 (exact) in one pass into ``buf``."""
     out = buf[:, : x.shape[1]]
-    np.subtract(x, x[0], out=out, dtype=np.float64)
+    np.subtract(x, x[shift], out=out, dtype=np.float64)
     return out
 
 
-def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.ndarray:
-    """(t, t - first_new) float64: D[:, c0:c1] D[first_new:, c0:c1]ᵀ for one column block."""
-    x = read_rows(reader, list(range(reader.committed)), c0, c1)  # (t, C) float32
-    t = x.shape[0]
+def nonfinite_rows(store: TrajectoryStore, rows: int | None = None) -> list[int]:
+    """Snapshots among the first ``rows`` committed ones recorded with NaN or Inf
+    (``append(..., allow_nonfinite=True)``)."""
+    rows = len(store) if rows is None else rows
+    return [int(i) for i in np.flatnonzero(store.group[NONFINITE][:rows])]
+
+
+def shift_row(store: TrajectoryStore, rows: int | None = None) -> int:
+    """The row the Gram is shifted by: the first finite snapshot (``rows`` when there is none)."""
+    rows = len(store) if rows is None else rows
+    excluded = set(nonfinite_rows(store, rows))
+    return next(i for i in range(rows + 1) if i not in excluded)
+
+
+def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int, t: int, shift: int,
+                  excluded: tuple[int, ...] = ()) -> np.ndarray:
+    """(t, t - first_new) float64: D[:, c0:c1] D[first_new:, c0:c1]ᵀ for one column block.
+
+    D = X − X[shift]. Rows in ``excluded`` (recorded non-finite with ``allow_nonfinite``) are
+    replaced by the shift row, so they contribute zeros: their entries of G are marked NaN later
+    and every other entry stays exact, so those snapshots can simply be left out of an extraction.
+    """
+    x = read_rows(reader, list(range(t)), c0, c1)  # (t, C) float32
+    if excluded:
+        x[list(excluded)] = x[shift]
     out = np.zeros((t, t - first_new), np.float64)
     buf = scratch("wide", (t, SUB_BLOCK), np.float64)
     for s0 in range(0, x.shape[1], SUB_BLOCK):
-        d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf)  # (t, S) float64
+        d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf, shift)  # (t, S) float64
         if first_new == 0:
             out += d @ d.T  # numpy dispatches a @ a.T to syrk: half the flops
         else:
@@ -97,14 +119,14 @@ def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int) -> np.nda
     if not np.isfinite(out).all():  # NaN/Inf in the data always reach the products (float32 cannot overflow them)
         bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
         raise NonFiniteError(
-            f"snapshot {bad} of {reader.path} holds NaN or Inf (columns {c0}..{c1 - 1}); extraction needs "
-            "finite snapshots: choose --snapshots that exclude it")
+            f"snapshot {bad} of {reader.path} holds NaN or Inf in columns {c0}..{c1 - 1}, but it was not recorded "
+            f"as non-finite: its data is damaged. Run `trajstore verify {reader.path}`, then `trajstore repair`")
     return out
 
 
 def _gram_task(reader: RowReader, store_path: str, storage_options, block: int, c0: int, c1: int,
-               first_new: int) -> int:
-    partial = _partial_gram(reader, c0, c1, first_new)
+               first_new: int, t: int, shift: int, excluded: tuple[int, ...]) -> int:
+    partial = _partial_gram(reader, c0, c1, first_new, t, shift, excluded)
     group = zarr.open_group(_zstore(store_path, storage_options), mode="r+")
     group[f"{GRAM}/update/partial"][block] = partial
     group[f"{GRAM}/update/done"][block] = True
@@ -126,6 +148,8 @@ def cached_rows(store: TrajectoryStore, root: zarr.Group | None = None) -> int:
     rows = int(attrs.get("rows", 0))
     if attrs.get("store_created") != store.attrs.get("created"):
         return 0  # the store was recreated under the same path
+    if attrs.get("shift_row", 0) != shift_row(store, min(rows, len(store))):
+        return 0  # shifted by another row (the first snapshots were replaced)
     truncations = store.attrs.get("truncations", [])
     for length in truncations[int(attrs.get("truncations_seen", 0)):]:
         rows = min(rows, int(length))  # rows past a truncation were replaced
@@ -137,23 +161,41 @@ def update_gram(store: TrajectoryStore, root: zarr.Group, *, scheduler: object =
                 stop: StopFlag | None = None) -> tuple[np.ndarray, GramUpdateStats]:
     """Bring the cached shifted Gram up to the store's committed snapshots; return it (t, t) float64.
 
-    ``root`` is the writable root group from ``store.derived()``.
+    ``root`` is the writable root group from ``store.derived()``. An update interrupted while
+    the store kept growing is first finished over the rows it started with (its finished blocks
+    are kept), then extended to the rows committed now.
     """
     began = time.perf_counter()
     t = len(store)
     m = cached_rows(store, root)
     gram = root.require_group(GRAM)
+    width = block_columns(store, block_size)
+    blocks = column_blocks(store.n_params, width)
+    target = _unfinished_target(gram, m, t, width, len(blocks), store)
+    if target is not None and target < t:
+        _, first = _update_to(store, root, gram, m, target, blocks, width, scheduler, progress, stop, began)
+        _, second = _update_to(store, root, gram, target, t, blocks, width, scheduler, progress, stop, began)
+        return gram["value"][:t, :t], GramUpdateStats(
+            m, t - m, first.blocks_computed + second.blocks_computed, first.blocks_resumed,
+            first.products + second.products, time.perf_counter() - began)
+    return _update_to(store, root, gram, m, t, blocks, width, scheduler, progress, stop, began)
+
+
+def _update_to(store, root, gram, m, t, blocks, width, scheduler, progress, stop, began):
+    """Extend the cached Gram from ``m`` to ``t`` rows."""
     if m == t and "value" in gram:
         g = gram["value"][:t, :t]
         return g, GramUpdateStats(m, 0, 0, 0, 0, time.perf_counter() - began)
-    width = block_columns(store, block_size)
-    blocks = column_blocks(store.n_params, width)
-    update = _prepare_update(gram, m, t, width, len(blocks))
+    excluded = tuple(nonfinite_rows(store, t))
+    shift = shift_row(store, t)
+    if shift >= t:
+        raise NonFiniteError(f"every snapshot of {store.path} holds NaN or Inf: there is nothing to extract")
+    update = _prepare_update(gram, m, t, width, len(blocks), shift, excluded)
     done = update["done"][:]
     pending = [b for b in range(len(blocks)) if not done[b]]
     reader = store.reader()
-    tasks = [functools.partial(_gram_task, reader, store.path, store.storage_options, b, *blocks[b], m)
-             for b in pending]
+    tasks = [functools.partial(_gram_task, reader, store.path, store.storage_options, b, *blocks[b], m, t, shift,
+                               excluded) for b in pending]
     if progress:
         progress(len(blocks) - len(pending), len(blocks))
     offset = len(blocks) - len(pending)
@@ -168,16 +210,33 @@ def update_gram(store: TrajectoryStore, root: zarr.Group, *, scheduler: object =
         g[:m, :m] = gram["value"][:m, :m]
     g[:, m:] = cross
     g[m:, :] = cross.T
-    _write_value(gram, g, store)
+    g[list(excluded), :] = np.nan  # non-finite snapshots: never part of an extraction
+    g[:, list(excluded)] = np.nan
+    _write_value(gram, g, store, shift)
     del gram["update"]
     stats = GramUpdateStats(m, t - m, len(pending), len(blocks) - len(pending),
                             t * t - m * m, time.perf_counter() - began)
     return g, stats
 
 
-def _prepare_update(gram: zarr.Group, m: int, t: int, width: int, nblocks: int) -> zarr.Group:
+def _unfinished_target(gram: zarr.Group, m: int, t: int, width: int, nblocks: int,
+                       store: TrajectoryStore) -> int | None:
+    """The row count an interrupted update was computing, when it can still be finished."""
+    if "update" not in gram:
+        return None
+    attrs = gram["update"].attrs.asdict()
+    to_rows = int(attrs.get("to_rows", -1))
+    same = (attrs.get("from_rows") == m and m < to_rows <= t and attrs.get("block_columns") == width
+            and attrs.get("blocks") == nblocks and attrs.get("shift_row") == shift_row(store, to_rows)
+            and attrs.get("excluded") == nonfinite_rows(store, to_rows))
+    return to_rows if same else None
+
+
+def _prepare_update(gram: zarr.Group, m: int, t: int, width: int, nblocks: int, shift: int,
+                    excluded: tuple[int, ...]) -> zarr.Group:
     """The in-progress update group: reused when it matches (resume), else started afresh."""
-    want = {"from_rows": m, "to_rows": t, "block_columns": width, "blocks": nblocks}
+    want = {"from_rows": m, "to_rows": t, "block_columns": width, "blocks": nblocks, "shift_row": shift,
+            "excluded": list(excluded)}
     if "update" in gram:
         update = gram["update"]
         if {k: update.attrs.get(k) for k in want} == want:
@@ -191,7 +250,7 @@ def _prepare_update(gram: zarr.Group, m: int, t: int, width: int, nblocks: int) 
     return update
 
 
-def _write_value(gram: zarr.Group, g: np.ndarray, store: TrajectoryStore) -> None:
+def _write_value(gram: zarr.Group, g: np.ndarray, store: TrajectoryStore, shift: int) -> None:
     t = g.shape[0]
     if "value" in gram:
         value = gram["value"]
@@ -202,5 +261,6 @@ def _write_value(gram: zarr.Group, g: np.ndarray, store: TrajectoryStore) -> Non
         value = gram.create_array("value", shape=(cap, cap), chunks=(256, 256), dtype="float64", fill_value=0.0)
     value[:t, :t] = g
     gram.attrs.update({"rows": t, "truncations_seen": len(store.attrs.get("truncations", [])),
-                       "store_created": store.attrs.get("created"), "shift": "snapshot 0",
+                       "store_created": store.attrs.get("created"), "shift": f"snapshot {shift}",
+                       "shift_row": shift,
                        "dtype": "float64", "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -85,8 +85,103 @@ def test_nonfinite_snapshot_found_mid_pass_is_named(tmp_path, data):
     with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:
         store.append(bad[7], step=70, allow_nonfinite=True)
         store.append(bad[8], step=80)
-    with pytest.raises(NonFiniteError, match="snapshot 7 "):
+    with pytest.raises(NonFiniteError, match=r"snapshots \[7\].*--snapshots 0,1,2,3,4,5,6,8"):
         extract_subspace(tmp_path / "run.zarr", dim=2)
+    # the advice works: the Gram covers every row, yet leaving snapshot 7 out gives the exact subspace
+    keep = [0, 1, 2, 3, 4, 5, 6, 8]
+    sub = extract_subspace(tmp_path / "run.zarr", dim=2, snapshots=keep)
+    s_ref, p_ref, _ = dense_reference(data[keep], 2)
+    np.testing.assert_allclose(sub.singular_values, s_ref[:2], rtol=1e-8)
+    assert max_angle(sub.to_numpy(), p_ref) <= 1e-6
+
+
+def test_a_nonfinite_first_snapshot_can_be_left_out(tmp_path, data):
+    bad = data[:8].copy()
+    bad[0, 7] = np.inf
+    write_store(tmp_path / "run.zarr", bad[:0])
+    with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:
+        store.append(bad[0], step=0, allow_nonfinite=True)
+        for i in range(1, 8):
+            store.append(bad[i], step=10 * i)
+    with pytest.raises(NonFiniteError, match="--snapshots 1:8"):
+        extract_subspace(tmp_path / "run.zarr", dim=2)
+    sub = extract_subspace(tmp_path / "run.zarr", dim=2, snapshots=slice(1, 8))
+    s_ref, p_ref, _ = dense_reference(data[1:8], 2)
+    np.testing.assert_allclose(sub.singular_values, s_ref[:2], rtol=1e-8)
+    assert max_angle(sub.to_numpy(), p_ref) <= 1e-6
+
+
+def test_an_interrupted_extraction_resumes_after_the_store_grew(tmp_path, data):
+    from pipeline.compute import Interrupted, StopFlag
+
+    write_store(tmp_path / "run.zarr", data[:16])
+    path = tmp_path / "run.zarr"
+    stop = StopFlag()
+
+    def stop_in_basis_pass(done, total):
+        if done > total // 2 + 1:  # the Gram pass is the first half of the bar
+            stop.set()
+
+    with pytest.raises(Interrupted):
+        extract_subspace(path, dim=3, block_size=1 << 14, progress=stop_in_basis_pass, stop=stop)
+    with TrajectoryStore.open(path, "a") as store:  # training went on meanwhile
+        for i in range(16, T):
+            store.append(data[i], step=10 * i)
+    messages = []
+    sub = extract_subspace(path, dim=3, block_size=1 << 14, log=messages.append)
+    assert sub.snapshots == list(range(16)) and sub.attrs["basis_blocks_resumed"] > 0
+    assert "16 snapshots it started with" in messages[0] and f"holds {T}" in messages[0]
+    s_ref, p_ref, _ = dense_reference(data[:16], 3)
+    assert max_angle(sub.to_numpy(), p_ref) <= 1e-6
+    np.testing.assert_allclose(sub.singular_values, s_ref[:3], rtol=1e-8)
+    again = extract_subspace(path, dim=3, overwrite=True)  # and the new snapshots are there to take
+    assert again.snapshots == list(range(T))
+
+
+def test_an_interrupted_gram_update_is_finished_then_extended(tmp_path, data):
+    from pipeline.compute import Interrupted, StopFlag
+
+    write_store(tmp_path / "run.zarr", data[:12])
+    stop = StopFlag()
+    with TrajectoryStore.open(tmp_path / "run.zarr") as reader, reader.derived() as root:
+        with pytest.raises(Interrupted):
+            update_gram(reader, root, block_size=1 << 14, stop=stop,
+                        progress=lambda done, total: stop.set() if done >= 1 else None)
+    with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:
+        for i in range(12, T):
+            store.append(data[i], step=10 * i)
+    with TrajectoryStore.open(tmp_path / "run.zarr") as reader, reader.derived() as root:
+        g, stats = update_gram(reader, root, block_size=1 << 14)
+    assert stats.blocks_resumed > 0 and stats.old_rows == 0 and stats.new_rows == T
+    _, _, g_ref = dense_reference(data, D)
+    assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10
+
+
+def test_blas_thread_limit_is_set_once_per_pass_and_restored(tmp_path):
+    """Per-task limits raced across dask threads and could leave the process at 1 BLAS thread."""
+    import time
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from pipeline.compute import run_tasks
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    def task():
+        time.sleep(0.002)
+        return blas_threads()
+
+    limiter = threadpool_limits(limits=2, user_api="blas")  # a known starting point
+    try:
+        before = blas_threads()
+        assert before and all(k == 2 for k in before)
+        for _ in range(3):
+            inside = run_tasks([task] * 200, num_workers=2)
+            assert all(k == 1 for threads in inside for k in threads), "BLAS ran multithreaded inside a pass"
+            assert blas_threads() == before, "the pass left the process with another BLAS thread count"
+    finally:
+        limiter.restore_original_limits()
 
 
 def test_incremental_gram_computes_only_new_rows_and_columns(tmp_path, data):

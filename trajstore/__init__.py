@@ -11,6 +11,7 @@ from .errors import (  # noqa: E402
     NotAStoreError,
     StaleLockError,
     StoreLockedError,
+    StoreExistsError,
     StoreWriteError,
     TrajstoreError,
 )
@@ -20,7 +21,7 @@ from .store import TrajectoryStore  # noqa: E402
 __all__ = [
     "TrajectoryStore", "ParamLayout", "CodecPreset", "get_preset", "PRESET_NAMES",
     "TrajstoreError", "NotAStoreError", "FormatVersionError", "StoreLockedError", "StaleLockError",
-    "LayoutMismatchError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "InvalidArgumentError",
+    "LayoutMismatchError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "StoreExistsError", "InvalidArgumentError",
     "Recorder", "import_checkpoints",
 ]
 

@@ -30,6 +30,10 @@ class StaleLockError(StoreLockedError):
     """A lock left by a writer that is no longer running; pass ``break_lock=True`` to take it."""
 
 
+class StoreExistsError(TrajstoreError, FileExistsError):
+    """A store (or another run's snapshots) is already at that path; use a new path or ``overwrite=True``."""
+
+
 class LayoutMismatchError(TrajstoreError, ValueError):
     """A snapshot or model does not match the store's parameter layout (names, shapes, length)."""
 
@@ -63,3 +67,11 @@ class SubspaceNotFoundError(TrajstoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we do not want that
         return str(self.args[0]) if self.args else ""
+
+
+class RepairError(TrajstoreError):
+    """``trajstore repair`` could not bring the store to a consistent state; the store is unchanged."""
+
+
+class LocalPathRequiredError(TrajstoreError, ValueError):
+    """The operation needs a store on a local filesystem (it swaps directories); object stores cannot."""

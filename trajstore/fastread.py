@@ -1,12 +1,16 @@
-"""Fast column-block reads of local stores: the bytes zarr wrote, decoded without its per-chunk overhead.
+"""Checked column-block reads of the ``params`` array: the bytes zarr wrote, decoded without its per-chunk overhead.
 
 zarr-python spends about 2 ms of Python per chunk on a read, under the GIL, which caps a
 dask pass at ~0.5 GB/s whatever the cores. This reader handles exactly the layout trajstore
 writes (zarr v3 ``sharding_indexed`` with the index at the end, inner codecs
-``bytes -> blosc -> crc32c``, index codecs ``bytes -> crc32c``), reads with ``pread``, checks
-every crc32c, and blosc-decodes straight into the caller's buffer (numcodecs releases the GIL
-off the main thread). Anything else -- another layout, a remote store -- returns None from
-:func:`open_fast` and the caller uses zarr.
+``bytes -> blosc -> crc32c``, index codecs ``bytes -> crc32c``), reads byte ranges (``pread``
+locally, range GETs through fsspec on object stores), checks every crc32c, and blosc-decodes
+straight into the caller's buffer (numcodecs releases the GIL off the main thread).
+
+It is also stricter than zarr: a committed row's shard file is never missing and its shard
+index has no empty entry (trajstore writes every chunk), so where zarr would silently return
+the fill value (NaN, or 0 bits for xor rows) this reader raises CorruptSnapshotError naming
+the snapshot. Any other layout returns None from :func:`open_fast` and the caller uses zarr.
 """
 from __future__ import annotations
 
@@ -18,27 +22,61 @@ import crc32c
 import numcodecs
 import numpy as np
 
+from .errors import CorruptSnapshotError
+
 _EMPTY = 2**64 - 1
 
 
-class FastShardReader:
-    """Reader of one (rows, n) array stored as (1, S) shards of (1, C) chunks in a local folder."""
+class _LocalFile:
+    """A shard file on local disk, read with pread."""
 
-    def __init__(self, folder: Path, meta: dict):
-        self.folder = folder
+    def __init__(self, path: str):
+        self.name = path
+        self._fd = os.open(path, os.O_RDONLY)  # FileNotFoundError when missing
+        self.size = os.fstat(self._fd).st_size
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        return os.pread(self._fd, nbytes, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _RemoteFile:
+    """A shard object read with ranged GETs through fsspec (S3, GCS, ...)."""
+
+    def __init__(self, fs, path: str):
+        self.name, self._fs, self._path = path, fs, path
+        self.size = int(fs.info(path)["size"])  # FileNotFoundError when missing
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        return self._fs.cat_file(self._path, start=offset, end=offset + nbytes)
+
+    def close(self) -> None:
+        pass
+
+
+class FastShardReader:
+    """Reader of one (rows, n) array stored as (1, S) shards of (1, C) chunks."""
+
+    def __init__(self, root: str, meta: dict, fs=None):
+        self.root, self.fs = root.rstrip("/"), fs
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"])
         self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][1])
         sharding = meta["codecs"][0]["configuration"]
         self.chunk = int(sharding["chunk_shape"][1])
         self.per_shard = self.shard // self.chunk
-        self.fill = meta.get("fill_value")
         self.blosc = numcodecs.Blosc()
-        self.sep = "/" if meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/" else "."
+        self.sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
 
-    def _path(self, row: int, shard: int) -> str:
-        return str(self.folder / "c" / str(row) / str(shard)) if self.sep == "/" else \
-            str(self.folder / f"c.{row}.{shard}")
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def _open(self, row: int, shard: int):
+        key = f"c/{row}/{shard}" if self.sep == "/" else f"c.{row}.{shard}"
+        path = f"{self.root}/{key}"
+        return _LocalFile(path) if self.fs is None else _RemoteFile(self.fs, path)
 
     def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0) of the stored dtype (into ``out``)."""
@@ -53,50 +91,62 @@ class FastShardReader:
 
     def _read_shard_part(self, row, shard, first, last, c0, c1, dest) -> None:
         try:
-            fd = os.open(self._path(row, shard), os.O_RDONLY)
+            f = self._open(row, shard)
         except FileNotFoundError:
-            dest[max(c0, shard * self.shard) - c0: min(c1, (shard + 1) * self.shard) - c0] = self._fill()
-            return
+            raise _corrupt(row, f"its shard file {self.root}/c/{row}/{shard} is missing") from None
         try:
-            size = os.fstat(fd).st_size
             index_bytes = 16 * self.per_shard + 4
-            raw = os.pread(fd, index_bytes, size - index_bytes)
-            _check(raw, f"shard index of row {row}")
+            if f.size < index_bytes:
+                raise _corrupt(row, f"its shard file {f.name} is truncated ({f.size} bytes)")
+            raw = f.read(f.size - index_bytes, index_bytes)
+            _check(raw, row, f"the shard index of {f.name}")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2)
             for k in range(max(first, shard * self.per_shard), min(last, (shard + 1) * self.per_shard - 1) + 1):
                 lo, hi = k * self.chunk, (k + 1) * self.chunk  # columns of inner chunk k
                 a, b = max(lo, c0), min(hi, c1, self.shape[1])
-                offset, nbytes = index[k - shard * self.per_shard]
+                offset, nbytes = (int(v) for v in index[k - shard * self.per_shard])
                 if offset == _EMPTY:
-                    dest[a - c0:b - c0] = self._fill()
-                    continue
-                data = os.pread(fd, int(nbytes), int(offset))
-                _check(data, f"chunk {k} of row {row}")
-                if a == lo and b == hi:  # whole chunk: decode straight into the output
-                    self.blosc.decode(memoryview(data)[:-4], out=dest[a - c0:b - c0])
-                else:
-                    chunk = np.frombuffer(self.blosc.decode(memoryview(data)[:-4]), dtype=self.dtype)
-                    dest[a - c0:b - c0] = chunk[a - lo:b - lo]
+                    raise _corrupt(row, f"chunk {k} is missing from its shard {f.name}")
+                if nbytes < 5 or offset + nbytes > f.size - index_bytes:
+                    raise _corrupt(row, f"the index of shard {f.name} points outside the file (chunk {k})")
+                data = f.read(offset, nbytes)
+                _check(data, row, f"chunk {k} in {f.name}")
+                try:
+                    if a == lo and b == hi:  # whole chunk: decode straight into the output
+                        self.blosc.decode(memoryview(data)[:-4], out=dest[a - c0:b - c0])
+                    else:
+                        chunk = np.frombuffer(self.blosc.decode(memoryview(data)[:-4]), dtype=self.dtype)
+                        dest[a - c0:b - c0] = chunk[a - lo:b - lo]
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    raise _corrupt(row, f"chunk {k} in {f.name} does not decode ({exc})") from None
         finally:
-            os.close(fd)
-
-    def _fill(self):
-        return np.nan if self.fill in ("NaN", None) and self.dtype.kind == "f" else (self.fill or 0)
+            f.close()
 
 
-def _check(data: bytes, what: str) -> None:
+def _corrupt(row: int, what: str) -> CorruptSnapshotError:
+    return CorruptSnapshotError(f"snapshot {row} is corrupt: {what}", index=row)
+
+
+def _check(data: bytes, row: int, what: str) -> None:
     stored = data[-4:]
     computed = np.uint32(crc32c.crc32c(memoryview(data)[:-4])).tobytes()
-    if stored != computed:
-        raise ValueError(f"Stored and computed checksum do not match ({what})")
+    if len(data) < 4 or stored != computed:
+        raise _corrupt(row, f"{what} fails its crc32c checksum")
 
 
-def open_fast(folder: Path | None) -> FastShardReader | None:
-    """A fast reader for the array in ``folder`` if it has exactly trajstore's layout, else None."""
-    if folder is None:
-        return None
+def open_fast(path: str, storage_options: dict | None = None) -> FastShardReader | None:
+    """A checked reader for the array at ``path`` (a local folder or a URL) if it has exactly
+    trajstore's layout, else None."""
+    fs = None
     try:
-        meta = json.loads((folder / "zarr.json").read_text())
+        if "://" in path:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+            meta = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
+        else:
+            root = path
+            meta = json.loads((Path(path) / "zarr.json").read_text())
         (sharding,) = meta["codecs"]
         conf = sharding["configuration"]
         names = [c["name"] for c in conf["codecs"]]
@@ -107,6 +157,6 @@ def open_fast(folder: Path | None) -> FastShardReader | None:
               and len(meta["shape"]) == 2 and conf["chunk_shape"][0] == 1
               and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1
               and meta["chunk_key_encoding"]["name"] == "default")
-        return FastShardReader(folder, meta) if ok else None
-    except (OSError, KeyError, ValueError, TypeError):
+        return FastShardReader(root, meta, fs) if ok else None
+    except (OSError, KeyError, ValueError, TypeError, ImportError):
         return None

@@ -8,8 +8,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import CorruptSnapshotError
-from .format import NONFINITE, PARAMS, local_dir
-from .format import stored_bytes
+from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, stored_bytes
+from . import reader as _reader
 from .store import TrajectoryStore
 
 
@@ -64,47 +64,65 @@ class VerifyReport:
                 "store_problems": self.store_problems}
 
 
-def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Read every committed chunk: checksums, missing chunk files, finiteness and the committed count."""
-    with TrajectoryStore.open(path, "r") as store:
+def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | None = None,
+           storage_options: dict | None = None) -> VerifyReport:
+    """Read every committed chunk: checksums, missing shard files and chunks, finiteness, and
+    whether every per-snapshot array holds the committed rows.
+
+    Rows are read a group at a time and a column range at a time, so memory stays bounded
+    (``reader.CONTEXT_BYTES``) whatever n and the codec's keyframe interval are.
+    """
+    with TrajectoryStore.open(path, "r", storage_options=storage_options) as store:
         t = len(store)
         report = VerifyReport(store.path, t)
-        params = store.group[PARAMS]
-        if params.shape[0] < t:
-            report.store_problems.append(
-                f"committed count {t} exceeds the params array's {params.shape[0]} rows (metadata damaged)")
-            t = params.shape[0]
-        allowed_nonfinite = store.group[NONFINITE][:t]
-        missing = _missing_chunks(store, t)
-        reader = store.reader()
-        for i in range(t):
-            bad = report.problems.setdefault(i, [])
-            if i in missing:
-                bad.append(f"chunk files missing: {', '.join(missing[i])}")
+        for name in _row_arrays(store):
+            rows = store.group[name].shape[0]
+            if rows < t:
+                report.store_problems.append(
+                    f"the committed count {t} exceeds the {rows} rows of '{name}' (metadata damaged); "
+                    f"`trajstore repair {store.path}` truncates to the rows that exist")
+        t = min([t] + [store.group[name].shape[0] for name in (PARAMS, NONFINITE)])
+        if store.codec.transform == "delta" and t:
             try:
-                row = reader.read_block(i, i + 1)[0]
-                if not allowed_nonfinite[i] and not np.isfinite(row).all():
-                    bad.append(f"{int((~np.isfinite(row)).sum())} non-finite values")
-            except CorruptSnapshotError as exc:
-                bad.append(f"checksum or decode failure: {exc}")
-            if not bad:
-                del report.problems[i]
+                store.group[REFERENCE][0, :1]
+            except Exception as exc:  # noqa: BLE001 -- any failure here is a damaged reference
+                report.store_problems.append(f"the reference snapshot every row decodes from is unreadable: {exc}")
+        allowed_nonfinite = store.group[NONFINITE][:t]
+        reader = store.reader()
+        group = max(1, store.codec.keyframe_interval if store.codec.transform == "xor" else 8)
+        for g0 in range(0, t, group):
+            g1 = min(t, g0 + group)
+            try:
+                bad_values = _check_rows(reader, g0, g1, store.n_params)
+            except CorruptSnapshotError:
+                bad_values = {}
+                for i in range(g0, g1):  # find every bad row of the group, and what depends on it
+                    try:
+                        bad_values.update(_check_rows(reader, i, i + 1, store.n_params))
+                    except CorruptSnapshotError as exc:
+                        reason = (f"checksum or decode failure: {exc}" if exc.index in (None, i) else
+                                  f"cannot be decoded: it is stored relative to corrupt snapshot {exc.index}")
+                        report.problems.setdefault(i, []).append(reason)
+            for i, count in bad_values.items():
+                if count and not allowed_nonfinite[i]:
+                    report.problems.setdefault(i, []).append(f"{count} non-finite values")
             if progress:
-                progress(i + 1, t)
+                progress(g1, t)
         return report
 
 
-def _missing_chunks(store: TrajectoryStore, t: int) -> dict[int, list[str]]:
-    """Shard files that should exist for committed rows but do not (local stores)."""
-    root = local_dir(store.path)
-    if root is None:
-        return {}
-    params = store.group[PARAMS]
-    per_row = -(-params.shape[1] // (params.shards or params.chunks)[1])
-    missing: dict[int, list[str]] = {}
-    for i in range(t):
-        for j in range(per_row):
-            key = f"{PARAMS}/c/{i}/{j}"
-            if not (root / key).exists():
-                missing.setdefault(i, []).append(key)
-    return missing
+def _row_arrays(store: TrajectoryStore) -> list[str]:
+    names = [name for name in (PARAMS, BUFFERS, *ROW_ARRAYS) if name in store.group]
+    return names + [f"{METRICS}/{name}" for name in store.metric_names()]
+
+
+def _check_rows(reader, r0: int, r1: int, n: int) -> dict[int, int]:
+    """Non-finite counts of rows [r0, r1), read a column range at a time."""
+    width = max(1, _reader.CONTEXT_BYTES // ((r1 - r0) * reader.dtype.itemsize))
+    counts = dict.fromkeys(range(r0, r1), 0)
+    for c0 in range(0, n, width):
+        block = reader.read_block(r0, r1, c0, min(n, c0 + width))  # (r1 - r0, width)
+        bad = (~np.isfinite(block)).sum(axis=1)
+        for i, count in zip(range(r0, r1), bad):
+            counts[i] += int(count)
+    return counts

@@ -15,6 +15,7 @@ from .fastread import open_fast
 from .format import PARAMS, REFERENCE, local_dir, zarr_store
 
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError)
+CONTEXT_BYTES = 64 << 20  # memory for the decoding context of an xor-delta read (K rows x a column range)
 
 
 class RowReader:
@@ -77,14 +78,29 @@ class RowReader:
 
         ``out`` (optional, (r1 - r0, c1 - c0) of the store's dtype) is filled and returned when the
         rows need no decoding context (plain codec): callers reuse one buffer across blocks.
+        Rows that decode from earlier ones (xor-delta) are decoded a column range at a time, so
+        the context rows cost at most ``CONTEXT_BYTES`` of memory, never K full rows.
         """
         c1 = self.n if c1 is None else c1
+        start = self.preset.decode_start(r0)
+        rows = r1 - start
+        if start == r0 or rows * (c1 - c0) * self.dtype.itemsize <= CONTEXT_BYTES:
+            return self._read_decoded(r0, r1, c0, c1, out)
+        result = np.empty((r1 - r0, c1 - c0), self.dtype) if out is None else out
+        width = max(1, CONTEXT_BYTES // (rows * self.dtype.itemsize))
+        for s0 in range(c0, c1, width):
+            s1 = min(c1, s0 + width)
+            result[:, s0 - c0:s1 - c0] = self._read_decoded(r0, r1, s0, s1)
+        return result
+
+    def _read_decoded(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
         preset = self.preset
         start = preset.decode_start(r0)
         params, reference = self._open()
         if not self._fast_checked:
             folder = local_dir(self.path)
-            self._fast = open_fast(folder / PARAMS if folder is not None else None)
+            location = str(folder / PARAMS) if folder is not None else f"{self.path.rstrip('/')}/{PARAMS}"
+            self._fast = open_fast(location, self.storage_options if folder is None else None)
             self._fast_checked = True
         try:
             target = out if out is not None and start == r0 and preset.transform == "plain" else None
@@ -96,6 +112,10 @@ class RowReader:
                     target[...] = stored
                     stored = target
             ref = reference[0, c0:c1] if preset.transform == "delta" else None
+        except CorruptSnapshotError as exc:
+            raise CorruptSnapshotError(
+                f"{exc} (store {self.path}). The other snapshots are intact; run `trajstore verify "
+                f"{self.path}` to list every bad snapshot and `trajstore repair` to drop them", index=exc.index) from None
         except _DECODE_ERRORS as exc:
             raise self._locate_corruption(start, r1, c0, c1, exc) from None
         return preset.decode(stored, start, ref, self.dtype)[r0 - start:]

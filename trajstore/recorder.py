@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, StoreExistsError
 from .format import local_dir, normalize
 from .layout import ParamLayout
 from .store import TrajectoryStore
@@ -19,15 +19,19 @@ from .store import TrajectoryStore
 
 def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch.nn.Module, *,
                        codec: str = "lossless", buffers: bool = False, metadata: dict | None = None,
-                       break_lock: bool = False) -> TrajectoryStore:
-    """Open ``path`` for appending, creating the store when it does not exist yet."""
+                       break_lock: bool = False, overwrite: bool = False) -> TrajectoryStore:
+    """Open ``path`` for appending, creating the store when it does not exist yet.
+
+    ``overwrite=True`` replaces an existing store with a new, empty one (a fresh run).
+    """
     if isinstance(path, TrajectoryStore):
         return path
     path = normalize(path)
     local = local_dir(path)
     exists = (local / "zarr.json").exists() if local is not None else _remote_exists(path)
-    if not exists:
-        return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata)
+    if not exists or overwrite:
+        return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata,
+                                      overwrite=overwrite)
     store = TrajectoryStore.open(path, "a", break_lock=break_lock)
     try:
         store.layout.check_same(ParamLayout.from_module(model), "model")
@@ -74,6 +78,14 @@ class Recorder:
     def start(self, global_step: int = 0, epoch: int | None = None) -> None:
         """Begin or resume at ``global_step``: drop snapshots taken after it, record the initial weights."""
         self.global_step = int(global_step)
+        t = len(self.store)
+        if self.global_step == 0 and t:
+            steps = self.store.steps
+            raise StoreExistsError(
+                f"{self.store.path} already holds {t} snapshots (steps {int(steps[0])}..{int(steps[-1])}) of "
+                "another run, and this run starts fresh at step 0: recording into it would mix the two runs. "
+                "Record to a new path, pass overwrite=True to replace the old run, or, if this is the same run "
+                "restarted, resume it from the trainer's checkpoint (which starts at its step > 0)")
         self.store.truncate_after_step(self.global_step)
         steps = self.store.steps
         self._last_step = int(steps[-1]) if len(steps) else None
@@ -115,14 +127,15 @@ class Recorder:
 
 
 def _scalars(metrics: Mapping | None) -> dict[str, float]:
+    """The one-number entries of a trainer's metrics (callbacks pass everything they log)."""
     out = {}
     for key, value in (metrics or {}).items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 continue
             value = value.item()
-        if isinstance(value, (int, float)):
-            out[str(key).replace("/", "_")] = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(key)] = float(value)
     return out
 
 
@@ -130,17 +143,29 @@ class RecordingSession:
     """What the trainer callbacks share: their settings, opening the store at train start, closing it."""
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
-                 codec: str = "lossless", buffers: bool = False, record_initial: bool = True):
-        self.path, self.codec, self.buffers = str(path), codec, buffers
+                 codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
+                 overwrite: bool = False):
+        self.path, self.codec, self.buffers, self.overwrite = str(path), codec, buffers, overwrite
         self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
         self.store: TrajectoryStore | None = None
         self.recorder: Recorder | None = None
 
     def begin(self, model: torch.nn.Module, global_step: int, epoch: int | None) -> Recorder:
-        """Open (or create) the store and resume recording at ``global_step``."""
-        self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers)
+        """Open (or create) the store and resume recording at ``global_step``.
+
+        A fresh start (step 0) on a store that holds snapshots raises StoreExistsError unless the
+        session was made with ``overwrite=True``; a resume (step > 0) never overwrites.
+        """
+        self.end()  # a trainer restarted in the same process (a notebook) after a failure
+        fresh = int(global_step) == 0
+        self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers,
+                                        overwrite=self.overwrite and fresh)
         self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
-        self.recorder.start(global_step, epoch=epoch)
+        try:
+            self.recorder.start(global_step, epoch=epoch)
+        except BaseException:
+            self.end()
+            raise
         return self.recorder
 
     def end(self) -> None:

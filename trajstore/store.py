@@ -7,9 +7,14 @@ arrays run ahead of ``committed`` overwrites from ``committed``.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import operator
 import os
+import sys
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -19,7 +24,7 @@ import zarr
 from . import __version__
 from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
-from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError
+from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
                      LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME,
                      clear_except_lock, create_rows, local_dir, normalize, open_root, zarr_store)
@@ -30,6 +35,24 @@ from .writer import BackgroundWriter, Job
 
 if TYPE_CHECKING:
     import torch
+
+_OPEN_WRITERS: "weakref.WeakSet[TrajectoryStore]" = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """Commit what ``append()`` acknowledged when a script ends (normally or by an uncaught
+    exception) without ``close()``: the writer thread is a daemon and would die with the interpreter."""
+    for store in list(_OPEN_WRITERS):
+        try:
+            store.close()
+        except Exception as exc:  # noqa: BLE001 -- report, keep closing the others
+            sys.stderr.write(f"trajstore: closing {store.path} at exit failed: {exc}\n")
+
+
+# Run before the interpreter shuts down thread pools (which zarr's I/O needs): the hook that
+# concurrent.futures itself uses. Plain atexit runs too late for that; it stays as the fallback.
+getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+
 
 _ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}
 _ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
@@ -52,7 +75,9 @@ class TrajectoryStore:
             self._prev: np.ndarray | None = None  # decoded last row (xor transform)
             self._reference: np.ndarray | None = None  # decoded row 0 (delta transform)
             self._load_encoder_state()
+            self._ensure_capacity(len(self))  # heal arrays left at different sizes by a kill mid-resize
             self._writer = BackgroundWriter(self.n_params, self.dtype, self._write_row, depth=queue_depth)
+            _OPEN_WRITERS.add(self)  # flushed at interpreter exit if the script never closes it
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -79,12 +104,14 @@ class TrajectoryStore:
             else:
                 raise InvalidArgumentError("buffers=True needs an nn.Module or a state_dict as source")
         local = local_dir(path)
-        if local is not None and local.exists() and any(local.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or open it with mode='a'")
         if local is not None:
             local.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(path, LOCK_NAME).acquire()
-        try:
+        try:  # the existence check runs under the lock: two creators never clear each other's store
+            if not overwrite and _holds_data(path, storage_options):
+                raise StoreExistsError(
+                    f"{path} already exists; pass overwrite=True to replace it, open it with mode='a' to "
+                    "append, or choose a new path")
             clear_except_lock(path)
             group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
             dtype = layout.storage_dtype()
@@ -182,9 +209,10 @@ class TrajectoryStore:
 
     def metrics(self, name: str) -> np.ndarray:
         """Values of metric ``name`` per committed snapshot, NaN where a snapshot had none."""
-        if name not in self.metric_names():
+        key = name if name in self.metric_names() else metric_key(name)
+        if key not in self.metric_names():
             raise KeyError(f"no metric {name!r}; recorded metrics: {self.metric_names()}")
-        return self._group[f"{METRICS}/{name}"][: len(self)]
+        return self._group[f"{METRICS}/{key}"][: len(self)]
 
     def refresh(self) -> "TrajectoryStore":
         """Re-read the committed count and array shapes (a reader following a live writer)."""
@@ -277,6 +305,9 @@ class TrajectoryStore:
         any error of an earlier background write.
         """
         self._check_writable()
+        # everything is validated before a row index or a staging buffer is taken: a refused
+        # append leaves the store exactly as it was
+        step, epoch, metrics = _check_step(step, "step"), _check_epoch(epoch), _check_metrics(metrics)
         if is_module(source):
             self.layout.check_same(ParamLayout.from_module(source), "model")
         buf = self._writer.acquire()
@@ -293,8 +324,7 @@ class TrajectoryStore:
             raise
         index = self._next_index
         self._next_index += 1
-        self._writer.submit(Job(index, buf, int(step), -1 if epoch is None else int(epoch), time.time(),
-                                {k: float(v) for k, v in (metrics or {}).items()}, buffers, nonfinite))
+        self._writer.submit(Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite))
         return index
 
     def flush(self) -> None:
@@ -307,6 +337,7 @@ class TrajectoryStore:
         if self._closed:
             return
         self._closed = True
+        _OPEN_WRITERS.discard(self)
         try:
             if self._writer is not None:
                 self._writer.close()
@@ -378,19 +409,20 @@ class TrajectoryStore:
         if self.codec.transform == "delta" and t > 0:
             self._reference = self._group[REFERENCE][0, :]
 
+    def _row_array_names(self) -> list[str]:
+        """Every array with one row per snapshot (params, reference excluded: it has one row)."""
+        names = [name for name in (PARAMS, BUFFERS, *ROW_ARRAYS) if name in self._group]
+        return names + [f"{METRICS}/{name}" for name in self.metric_names()]
+
     def _ensure_capacity(self, rows: int) -> None:
-        params = self._group[PARAMS]
-        if params.shape[0] >= rows:
-            return
-        capacity = max(rows, 2 * params.shape[0], 16)
-        for name in (PARAMS, BUFFERS, *ROW_ARRAYS):
-            if name in self._group and self._group[name].shape[0] < capacity:
-                arr = self._group[name]
-                arr.resize((capacity, *arr.shape[1:]))
-        for name in self.metric_names():
-            arr = self._group[f"{METRICS}/{name}"]
+        """Grow every per-snapshot array to hold ``rows`` rows. Each array is checked on its own: a
+        writer killed between two resizes leaves them at different sizes, and that must heal."""
+        arrays = [self._group[name] for name in self._row_array_names()]
+        largest = max(arr.shape[0] for arr in arrays)
+        capacity = largest if largest >= rows else max(rows, 2 * largest, 16)
+        for arr in arrays:
             if arr.shape[0] < capacity:
-                arr.resize((capacity,))
+                arr.resize((capacity, *arr.shape[1:]))
 
     def _write_row(self, job: Job) -> None:
         """Runs on the writer thread: data rows first, the commit last."""
@@ -425,3 +457,62 @@ class TrajectoryStore:
     def _commit_meta(self, meta: dict) -> None:
         self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically
         self._meta = meta
+
+
+def _holds_data(path: str, storage_options: dict | None) -> bool:
+    """Whether ``path`` holds anything besides our lock file (a store, or files of some other kind)."""
+    local = local_dir(path)
+    if local is not None:
+        return local.exists() and any(entry.name != LOCK_NAME for entry in local.iterdir())
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    try:
+        entries = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return False
+    return any(not str(entry).rstrip("/").endswith(LOCK_NAME) for entry in entries)
+
+
+def metric_key(name: object) -> str:
+    """The array name a metric is stored under: ``/`` (a zarr group separator) becomes ``_``."""
+    key = str(name).replace("/", "_").strip()
+    if not key or key in (".", "..") or key.startswith("__"):
+        raise InvalidArgumentError(f"metric name {name!r} cannot be stored; use letters, digits, '_', '-', '.'")
+    return key
+
+
+def _check_step(value: object, what: str) -> int:
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        return operator.index(value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _check_epoch(value: object) -> int:
+    return -1 if value is None else _check_step(value, "epoch")
+
+
+def _check_metrics(metrics: Mapping | None) -> dict[str, float]:
+    """Metric values as floats under their stored names; a list, a multi-element tensor or a
+    non-number raises InvalidArgumentError naming the metric."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise InvalidArgumentError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        key = metric_key(name)
+        if key in out:
+            raise InvalidArgumentError(f"metric names {sorted(k for k in metrics if metric_key(k) == key)} "
+                                       f"would both be stored as {key!r}")
+        try:
+            if hasattr(value, "numel") and value.numel() != 1 or np.ndim(value) != 0 and np.size(value) != 1:
+                raise TypeError
+            out[key] = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                f"metric {name!r} must be one number, got {type(value).__name__} {value!r:.60}") from None
+    return out

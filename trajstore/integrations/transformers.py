@@ -12,12 +12,17 @@ class TrajectoryCallback(TrainerCallback):
     """Record the model's parameters every N steps and/or epochs into a store.
 
     ``trainer.train(resume_from_checkpoint=...)`` truncates the snapshots taken after the
-    checkpoint's global step and continues without duplicates or gaps.
+    checkpoint's global step and continues without duplicates or gaps. A fresh ``train()`` into
+    a path that already holds another run raises StoreExistsError, unless ``overwrite=True``.
+    The Trainer has no exception hook: if training fails, snapshots already handed to the store
+    are still written by its background thread and committed at interpreter exit at the latest.
     """
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
-                 codec: str = "lossless", buffers: bool = False, record_initial: bool = True):
-        self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial)
+                 codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
+                 overwrite: bool = False):
+        self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
+                                        overwrite)
         self._logs: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -1,0 +1,196 @@
+"""Issue 8's holes in the store and recorder: each test here failed on the main it was written against."""
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trajstore import InvalidArgumentError, StoreExistsError, TrajectoryStore
+from trajstore.format import METRICS, PARAMS, ROW_ARRAYS
+from trajstore.layout import ParamLayout, TensorSpec
+from trajstore.recorder import Recorder, RecordingSession, open_for_recording
+
+from .helpers import flat, sgd_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_run(path, seed, steps=3, overwrite=False):
+    """A fresh run: initial weights, then one snapshot per SGD step. Returns the weights recorded."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    store = open_for_recording(path, model, overwrite=overwrite)
+    try:
+        rec = Recorder(store, model, every_n_steps=1)
+        rec.start()
+        weights = [flat(model)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step()
+            weights.append(flat(model))
+    finally:
+        store.close()
+    return np.stack(weights)
+
+
+# -- hole 1: a fresh run into an existing path must not mix with the old one -----------------
+def test_fresh_run_into_existing_store_raises_instead_of_mixing_runs(tmp_path):
+    path = tmp_path / "run.zarr"
+    run_a = small_run(path, seed=0)
+    with pytest.raises(StoreExistsError, match=r"(?s)run.zarr.*new path.*overwrite=True.*checkpoint"):
+        small_run(path, seed=1)
+    with TrajectoryStore.open(path) as store:  # run A untouched
+        assert np.array_equal(store.read(slice(None)), run_a)
+    run_b = small_run(path, seed=1, overwrite=True)  # an explicit overwrite replaces run A entirely
+    with TrajectoryStore.open(path) as store:
+        assert np.array_equal(store.read(slice(None)), run_b)
+        assert store.steps.tolist() == [0, 1, 2, 3]
+
+
+def test_session_overwrite_never_deletes_on_a_resume(tmp_path):
+    path = tmp_path / "run.zarr"
+    run_a = small_run(path, seed=0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    session = RecordingSession(path, every_n_steps=1, overwrite=True)
+    session.begin(model, global_step=2, epoch=None)  # a resume: truncate after step 2, keep the rest
+    session.end()
+    with TrajectoryStore.open(path) as store:
+        assert np.array_equal(store.read(slice(None)), run_a[:3])
+
+
+def test_lightning_fit_twice_into_one_path_raises(tmp_path):
+    from .test_recorder import lightning_fit
+
+    lightning_fit(tmp_path / "a", tmp_path / "a.zarr", 1)
+    with TrajectoryStore.open(tmp_path / "a.zarr") as store:
+        before = store.read(slice(None))
+    with pytest.raises(StoreExistsError, match="a.zarr"):
+        lightning_fit(tmp_path / "b", tmp_path / "a.zarr", 1)
+    with TrajectoryStore.open(tmp_path / "a.zarr", "a") as store:  # unlocked again, and intact
+        assert np.array_equal(store.read(slice(None)), before)
+
+
+# -- hole 2: a kill between two array resizes must not brick the store -------------------------
+def layout(n=1000):
+    return ParamLayout([TensorSpec("w", (n,), "float32")])
+
+
+def test_arrays_left_at_different_sizes_heal_on_open(tmp_path):
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout()) as store:
+        for i in range(16):  # exactly the first capacity: the next append resizes every array
+            store.append(np.full(1000, i, np.float32), step=i, metrics={"loss": float(i)})
+    with TrajectoryStore.open(path, "a") as store:  # simulate a kill after params grew, before the rest
+        store.group[PARAMS].resize((32, 1000))
+    with TrajectoryStore.open(path, "a") as store:
+        for i in range(16, 40):
+            store.append(np.full(1000, i, np.float32), step=i, metrics={"loss": float(i)})
+    with TrajectoryStore.open(path) as store:
+        assert len(store) == 40 and store.steps.tolist() == list(range(40))
+        assert store.metrics("loss").tolist() == [float(i) for i in range(40)]
+        sizes = {name: store.group[name].shape[0] for name in (PARAMS, *ROW_ARRAYS, f"{METRICS}/loss")}
+        assert len(set(sizes.values())) == 1, sizes
+
+
+# -- hole 5: two creators racing on one path ----------------------------------------------
+def test_create_never_clears_a_store_created_meanwhile(tmp_path):
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout()) as store:
+        store.append(np.ones(1000, np.float32), step=0)
+    for _ in range(2):
+        with pytest.raises(StoreExistsError, match="overwrite=True"):
+            TrajectoryStore.create(path, layout())
+    with TrajectoryStore.open(path) as store:
+        assert len(store) == 1
+
+
+def test_concurrent_creators_one_wins_and_nothing_is_cleared(tmp_path):
+    from trajstore import StoreLockedError
+
+    for trial in range(10):
+        path = tmp_path / f"run{trial}.zarr"
+        barrier = threading.Barrier(2)
+        outcome = []
+
+        def creator(value):
+            barrier.wait()
+            try:
+                store = TrajectoryStore.create(path, layout())
+            except (StoreExistsError, StoreLockedError) as exc:
+                outcome.append(type(exc).__name__)
+                return
+            store.append(np.full(1000, value, np.float32), step=0)
+            store.close()
+            outcome.append("created")
+
+        threads = [threading.Thread(target=creator, args=(v,)) for v in (1.0, 2.0)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert outcome.count("created") == 1, outcome
+        with TrajectoryStore.open(path) as store:
+            assert len(store) == 1 and store.read(0)[0] in (1.0, 2.0)
+
+
+# -- hole 6: snapshots acknowledged by append() survive a script that never calls close() -----
+SCRIPT = """
+import sys
+import numpy as np
+from trajstore import TrajectoryStore
+from trajstore.layout import ParamLayout, TensorSpec
+store = TrajectoryStore.create(sys.argv[1], ParamLayout([TensorSpec("w", (1_500_000,), "float32")]),
+                               queue_depth=10)
+for i in range(10):
+    store.append(np.random.default_rng(i).standard_normal(1_500_000).astype(np.float32), step=i)
+print("appended", flush=True)
+if sys.argv[2] == "raise":
+    raise RuntimeError("training crashed")
+"""
+
+
+@pytest.mark.parametrize("ending", ["normal", "raise"])
+def test_acknowledged_snapshots_are_committed_at_interpreter_exit(tmp_path, ending):
+    path = tmp_path / "run.zarr"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), ending], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert "appended" in proc.stdout
+    assert (proc.returncode != 0) == (ending == "raise"), proc.stderr
+    with TrajectoryStore.open(path, "a") as store:  # committed, and the lock was released
+        assert len(store) == 10
+        for i in (0, 9):
+            assert np.array_equal(store.read(i), np.random.default_rng(i).standard_normal(1_500_000).astype(np.float32))
+
+
+# -- issue 12's first two holes, which live in the same append path --------------------------
+@pytest.mark.parametrize("bad", [dict(step=None), dict(step=1, metrics={"lr": [0.1]}),
+                                 dict(step=1, metrics={"g": torch.ones(3)}), dict(step=1.5),
+                                 dict(step=1, epoch="x")])
+def test_a_refused_append_leaves_the_store_exactly_as_it_was(tmp_path, bad):
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout(), queue_depth=1) as store:
+        store.append(np.zeros(1000, np.float32), step=0)
+        for _ in range(3):  # repeated failures must neither leak the staging buffer nor skip a row
+            with pytest.raises(InvalidArgumentError):
+                store.append(np.ones(1000, np.float32), **bad)
+        store.append(np.full(1000, 2, np.float32), step=2)
+    with TrajectoryStore.open(path) as store:
+        assert store.steps.tolist() == [0, 2]
+        assert np.array_equal(store.read(1), np.full(1000, 2, np.float32))
+
+
+def test_metric_names_with_slashes_are_stored_flat_and_survive_resizes(tmp_path):
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout()) as store:
+        for i in range(40):  # past two resizes
+            store.append(np.full(1000, i, np.float32), step=i, metrics={"train/loss": i / 2, "val/acc": 1.0})
+    with TrajectoryStore.open(path) as store:
+        assert store.metric_names() == ["train_loss", "val_acc"]
+        assert store.metrics("train/loss").tolist() == [i / 2 for i in range(40)]
