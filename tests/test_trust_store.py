@@ -194,3 +194,53 @@ def test_metric_names_with_slashes_are_stored_flat_and_survive_resizes(tmp_path)
     with TrajectoryStore.open(path) as store:
         assert store.metric_names() == ["train_loss", "val_acc"]
         assert store.metrics("train/loss").tolist() == [i / 2 for i in range(40)]
+
+
+# -- hole 12: durable mode orders data, commit and directory on disk ---------------------------
+DURABLE_SCRIPT = """
+import sys
+import numpy as np
+from trajstore import TrajectoryStore
+from trajstore.layout import ParamLayout, TensorSpec
+with TrajectoryStore.create(sys.argv[1], ParamLayout([TensorSpec("w", (50_000,), "float32")]),
+                            durable=sys.argv[2] == "1", chunk_size=8192, shard_size=16384) as store:
+    for i in range(3):
+        store.append(np.full(50_000, i, np.float32), step=i, metrics={"loss": 1.0})
+"""
+
+
+def traced_events(tmp_path, durable: bool) -> tuple[list[tuple[str, str]], Path]:
+    """fsync and rename system calls of a real writer process, in order, as (call, path)."""
+    import re
+    import shutil
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    path = tmp_path / f"run{int(durable)}.zarr"
+    trace = tmp_path / "trace.txt"
+    subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace),
+                    sys.executable, "-c", DURABLE_SCRIPT, str(path), str(int(durable))], cwd=ROOT, check=True,
+                   timeout=120)
+    events = []
+    for line in trace.read_text().splitlines():
+        if m := re.search(r"fsync\(\d+<([^>]*)>\)", line):
+            events.append(("fsync", m.group(1)))
+        elif m := re.search(r"rename\w*\(.*\"([^\"]+)\",? ?\w*\) = 0", line):
+            events.append(("rename", m.group(1)))
+    return events, path
+
+
+def test_durable_mode_fsyncs_each_snapshot_before_its_commit_and_the_commit_after(tmp_path):
+    events, root = traced_events(tmp_path, durable=True)
+    commit = ("rename", str(root / "zarr.json"))
+    for i in range(3):
+        written = events.index(("rename", str(root / "params" / "c" / str(i) / "0")))
+        committed = events.index(commit, written)
+        between = events[written:committed]
+        for needed in (f"params/c/{i}/0", f"params/c/{i}/3", f"params/c/{i}", "params/c", "step/c/0",
+                       "metrics/loss/c/0"):
+            assert ("fsync", str(root / needed)) in between, f"{needed} not synced before snapshot {i}'s commit"
+        after = events[committed + 1:committed + 3]
+        assert after == [("fsync", str(root / "zarr.json")), ("fsync", str(root))], after
+    plain, root = traced_events(tmp_path, durable=False)
+    assert not [e for e in plain if e[0] == "fsync" and "/params/" in e[1]], "the default mode should not fsync"

@@ -19,10 +19,11 @@ from .store import TrajectoryStore
 
 def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch.nn.Module, *,
                        codec: str = "lossless", buffers: bool = False, metadata: dict | None = None,
-                       break_lock: bool = False, overwrite: bool = False) -> TrajectoryStore:
+                       break_lock: bool = False, overwrite: bool = False, durable: bool = False) -> TrajectoryStore:
     """Open ``path`` for appending, creating the store when it does not exist yet.
 
-    ``overwrite=True`` replaces an existing store with a new, empty one (a fresh run).
+    ``overwrite=True`` replaces an existing store with a new, empty one (a fresh run);
+    ``durable=True`` fsyncs every snapshot before its commit (survives power loss).
     """
     if isinstance(path, TrajectoryStore):
         return path
@@ -31,8 +32,8 @@ def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch
     exists = (local / "zarr.json").exists() if local is not None else _remote_exists(path)
     if not exists or overwrite:
         return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata,
-                                      overwrite=overwrite)
-    store = TrajectoryStore.open(path, "a", break_lock=break_lock)
+                                      overwrite=overwrite, durable=durable)
+    store = TrajectoryStore.open(path, "a", break_lock=break_lock, durable=durable)
     try:
         store.layout.check_same(ParamLayout.from_module(model), "model")
     except BaseException:
@@ -144,8 +145,9 @@ class RecordingSession:
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
-                 overwrite: bool = False):
+                 overwrite: bool = False, durable: bool = False):
         self.path, self.codec, self.buffers, self.overwrite = str(path), codec, buffers, overwrite
+        self.durable = durable
         self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
         self.store: TrajectoryStore | None = None
         self.recorder: Recorder | None = None
@@ -159,7 +161,7 @@ class RecordingSession:
         self.end()  # a trainer restarted in the same process (a notebook) after a failure
         fresh = int(global_step) == 0
         self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers,
-                                        overwrite=self.overwrite and fresh)
+                                        overwrite=self.overwrite and fresh, durable=self.durable)
         self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
         try:
             self.recorder.start(global_step, epoch=epoch)

@@ -24,6 +24,7 @@ import zarr
 from . import __version__
 from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
+from .durability import commit_files, fsync_paths, row_files
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
                      LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME,
@@ -62,8 +63,10 @@ class TrajectoryStore:
     """A trajectory of parameter snapshots on disk. Create with :meth:`create`, open with :meth:`open`."""
 
     def __init__(self, path: str, group: zarr.Group, meta: dict, mode: str, lock: WriterLock | None,
-                 storage_options: dict | None, queue_depth: int = 2):
+                 storage_options: dict | None, queue_depth: int = 2, durable: bool = False):
         self.path, self.mode, self.storage_options = path, mode, storage_options
+        self.durable = durable  # fsync each snapshot before its commit, the commit after (local stores)
+        self._local_root = local_dir(path)
         self._group, self._meta, self._lock = group, meta, lock
         self.layout = ParamLayout.from_json(meta["layout"])
         self.buffer_layout = ParamLayout.from_json(meta["buffer_layout"]) if meta.get("buffer_layout") else None
@@ -84,11 +87,13 @@ class TrajectoryStore:
     def create(cls, path: "str | os.PathLike", source: object, *, codec: "str | CodecPreset" = "lossless",
                metadata: dict | None = None, overwrite: bool = False, buffers: bool = False,
                chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD, queue_depth: int = 2,
-               storage_options: dict | None = None) -> "TrajectoryStore":
+               storage_options: dict | None = None, durable: bool = False) -> "TrajectoryStore":
         """Create a store for the parameters of ``source`` (nn.Module, state_dict or ParamLayout).
 
         ``buffers=True`` also records the module's buffers (BN running statistics) in a separate
-        array. Returns the store open for appending (mode ``"a"``).
+        array. ``durable=True`` fsyncs each snapshot before its commit and the commit after, so
+        committed snapshots survive a power loss, not only a killed process (see durability.py).
+        Returns the store open for appending (mode ``"a"``).
         """
         path = normalize(path)
         preset = get_preset(codec)
@@ -144,12 +149,17 @@ class TrajectoryStore:
         except BaseException:
             lock.release()
             raise
-        return cls(path, group, meta, "a", lock, storage_options, queue_depth)
+        if durable and local is not None:
+            fsync_paths([*sorted(local.rglob("*"), reverse=True), local, local.parent])  # the new tree
+        return cls(path, group, meta, "a", lock, storage_options, queue_depth, durable)
 
     @classmethod
     def open(cls, path: "str | os.PathLike", mode: str = "r", *, break_lock: bool = False,
-             queue_depth: int = 2, storage_options: dict | None = None) -> "TrajectoryStore":
-        """Open an existing store: ``mode="r"`` to read, ``"a"`` to append (takes the writer lock)."""
+             queue_depth: int = 2, storage_options: dict | None = None, durable: bool = False) -> "TrajectoryStore":
+        """Open an existing store: ``mode="r"`` to read, ``"a"`` to append (takes the writer lock).
+
+        ``durable=True`` (append only) fsyncs every snapshot before its commit, as in :meth:`create`.
+        """
         if mode not in ("r", "a"):
             raise InvalidArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
         path = normalize(path)
@@ -157,7 +167,7 @@ class TrajectoryStore:
         lock = WriterLock(path, LOCK_NAME, break_lock=break_lock).acquire() if mode == "a" else None
         if lock is not None:  # re-read under the lock: the previous writer may have committed since
             group, meta = open_root(path, mode, storage_options)
-        return cls(path, group, meta, mode, lock, storage_options, queue_depth)
+        return cls(path, group, meta, mode, lock, storage_options, queue_depth, durable)
 
     def __enter__(self) -> "TrajectoryStore":
         return self
@@ -450,6 +460,8 @@ class TrajectoryStore:
             if self._prev is None:
                 self._prev = np.empty_like(row)
             self._prev[:] = row
+        if self.durable and self._local_root is not None:
+            fsync_paths(row_files(self._local_root, i, self.metric_names()))  # data on disk before the commit
         meta = dict(self._meta)
         meta["committed"] = i + 1
         self._commit_meta(meta)
@@ -457,6 +469,8 @@ class TrajectoryStore:
     def _commit_meta(self, meta: dict) -> None:
         self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically
         self._meta = meta
+        if self.durable and self._local_root is not None:
+            fsync_paths(commit_files(self._local_root))
 
 
 def _holds_data(path: str, storage_options: dict | None) -> bool:

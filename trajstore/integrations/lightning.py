@@ -18,9 +18,9 @@ class TrajectoryCallback(pl.Callback):
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
-                 overwrite: bool = False):
+                 overwrite: bool = False, durable: bool = False):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
-                                        overwrite)
+                                        overwrite, durable)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -20,9 +20,9 @@ class TrajectoryCallback(TrainerCallback):
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
-                 overwrite: bool = False):
+                 overwrite: bool = False, durable: bool = False):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
-                                        overwrite)
+                                        overwrite, durable)
         self._logs: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
