@@ -81,13 +81,21 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
                 report.store_problems.append(
                     f"the committed count {t} exceeds the {rows} rows of '{name}' (metadata damaged); "
                     f"`trajstore repair {store.path}` truncates to the rows that exist")
+            elif name != PARAMS and name != BUFFERS:
+                try:
+                    store._row_values(name)  # checksums and missing chunk files of the small arrays
+                except CorruptSnapshotError as exc:
+                    report.store_problems.append(str(exc))
         t = min([t] + [store.group[name].shape[0] for name in (PARAMS, NONFINITE)])
         if store.codec.transform == "delta" and t:
             try:
                 store.group[REFERENCE][0, :1]
             except Exception as exc:  # noqa: BLE001 -- any failure here is a damaged reference
                 report.store_problems.append(f"the reference snapshot every row decodes from is unreadable: {exc}")
-        allowed_nonfinite = store.group[NONFINITE][:t]
+        try:
+            allowed_nonfinite = store.group[NONFINITE][:t]
+        except (ValueError, RuntimeError, OSError):  # reported above as a store problem
+            allowed_nonfinite = np.zeros(t, bool)
         reader = store.reader()
         group = max(1, store.codec.keyframe_interval if store.codec.transform == "xor" else 8)
         for g0 in range(0, t, group):

@@ -25,7 +25,7 @@ from . import __version__
 from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
 from .durability import commit_files, fsync_paths, row_files
-from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
+from .errors import CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
                      LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME,
                      clear_except_lock, create_rows, local_dir, normalize, open_root, zarr_store)
@@ -130,8 +130,7 @@ class TrajectoryStore:
                 m = buffer_layout.n
                 create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
             for name in ROW_ARRAYS:
-                group.create_array(name, shape=(0,), chunks=(ROW_CHUNK,), dtype=_ROW_DTYPES[name],
-                                   fill_value=_ROW_FILL[name])
+                _create_row_array(group, name, 0, _ROW_DTYPES[name], _ROW_FILL[name])
             group.create_group(METRICS)
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -144,6 +143,7 @@ class TrajectoryStore:
                 "metadata": dict(metadata or {}),
                 "committed": 0,
                 "truncations": [],
+                "row_chunks_checked": True,  # per-snapshot arrays carry crc32c and every chunk is written
             }
             group.attrs[ATTR] = meta
         except BaseException:
@@ -222,7 +222,7 @@ class TrajectoryStore:
         key = name if name in self.metric_names() else metric_key(name)
         if key not in self.metric_names():
             raise KeyError(f"no metric {name!r}; recorded metrics: {self.metric_names()}")
-        return self._group[f"{METRICS}/{key}"][: len(self)]
+        return self._row_values(f"{METRICS}/{key}")
 
     def refresh(self) -> "TrajectoryStore":
         """Re-read the committed count and array shapes (a reader following a live writer)."""
@@ -394,7 +394,22 @@ class TrajectoryStore:
         return j
 
     def _row_values(self, name: str) -> np.ndarray:
-        return self._group[name][: len(self)]
+        """Committed rows of a per-snapshot array; damage is a typed error, never wrong values."""
+        t = len(self)
+        try:
+            arr = self._group[name]
+            values = arr[:t]
+        except (ValueError, RuntimeError, OSError, KeyError, TypeError) as exc:
+            raise CorruptSnapshotError(
+                f"the per-snapshot array '{name}' of store {self.path} is damaged ({exc}); run "
+                f"`trajstore verify {self.path}` and `trajstore repair {self.path}`") from None
+        if self._meta.get("row_chunks_checked") and self._local_root is not None:
+            for c in range(-(-t // ROW_CHUNK)):
+                if not (self._local_root / name / "c" / str(c)).exists():
+                    raise CorruptSnapshotError(
+                        f"the chunk file {name}/c/{c} of store {self.path} is missing (snapshots "
+                        f"{c * ROW_CHUNK}..{min(t, (c + 1) * ROW_CHUNK) - 1}); run `trajstore verify {self.path}`")
+        return values
 
     def _first_nonfinite(self, buf: np.ndarray) -> str:
         for spec, lo, hi in zip(self.layout.specs, self.layout.offsets, self.layout.offsets[1:]):
@@ -453,8 +468,9 @@ class TrajectoryStore:
         metrics_group = self._group[METRICS]
         for name in set(job.metrics) | set(metrics_group.array_keys()):
             if name not in metrics_group:
-                metrics_group.create_array(name, shape=(capacity,), chunks=(ROW_CHUNK,), dtype="float64",
-                                           fill_value=float("nan"))
+                arr = _create_row_array(metrics_group, name, capacity, "float64", float("nan"))
+                if i:
+                    arr[:i] = np.nan  # a metric first logged now: earlier chunks exist too (checked on read)
             metrics_group[name][i] = job.metrics.get(name, float("nan"))
         if self.codec.transform == "xor":
             if self._prev is None:
@@ -530,3 +546,12 @@ def _check_metrics(metrics: Mapping | None) -> dict[str, float]:
             raise InvalidArgumentError(
                 f"metric {name!r} must be one number, got {type(value).__name__} {value!r:.60}") from None
     return out
+
+
+def _create_row_array(group: zarr.Group, name: str, rows: int, dtype: str, fill: object) -> zarr.Array:
+    """A (rows,) per-snapshot array: zstd + crc32c, every chunk written (a missing one is damage)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return group.create_array(name, shape=(rows,), chunks=(ROW_CHUNK,), dtype=dtype, fill_value=fill,
+                              compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                              config={"write_empty_chunks": True})
