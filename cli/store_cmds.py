@@ -66,10 +66,11 @@ def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, hel
             pattern: str = typer.Option("*.pt", "--pattern", help="glob of checkpoint files, e.g. '*.safetensors'"),
             codec: str = typer.Option("lossless", "--codec"),
             overwrite: bool = typer.Option(False, "--overwrite"),
+            resume: bool = typer.Option(False, "--resume", help="continue an interrupted import into RUN"),
             json: bool = typer.Option(False, "--json")) -> None:
     """Convert a folder of per-epoch state_dicts (natural order) into a store."""
     with errors_to_exit(), progress_bar("importing", quiet=json) as update:
-        import_checkpoints(folder, run, pattern, codec=codec, overwrite=overwrite, progress=update)
+        import_checkpoints(folder, run, pattern, codec=codec, overwrite=overwrite, resume=resume, progress=update)
     with errors_to_exit():
         data = inspect.info(run)
     if json:

@@ -88,3 +88,21 @@ def test_reopening_and_verifying_an_xor_store_holds_no_k_full_rows(tmp_path, mon
     # the decoded last row and one staging buffer are n each; K rows of context would be 16 n or more
     assert opened < 4 * row_bytes, opened / row_bytes
     assert verified < 2 * row_bytes, verified / row_bytes
+
+
+@pytest.mark.parametrize("codec", ["xor-delta:4", "lossless"])
+def test_chunks_equal_to_the_fill_value_are_written_and_read_back(tmp_path, codec):
+    """A frozen layer's xor chunk is all zero bits (the fill value); an all-NaN chunk equals a float
+    fill. Both must be written, so that a missing chunk can be reported as damage."""
+    path = tmp_path / "run.zarr"
+    rows = np.random.default_rng(0).standard_normal((6, N)).astype(np.float32)
+    rows[:, :8192] = rows[0, :8192]  # frozen: identical in every snapshot
+    rows[3, 8192:12288] = np.nan  # one whole chunk of NaN, recorded on purpose
+    with TrajectoryStore.create(path, ParamLayout([TensorSpec("w", (N,), "float32")]), codec=codec,
+                                chunk_size=4096, shard_size=16384) as store:
+        for i, row in enumerate(rows):
+            store.append(row, step=i, allow_nonfinite=(i == 3))
+    for store in [TrajectoryStore.open(path), TrajectoryStore.open(path, "a")]:  # reopened: same config
+        with store:
+            assert np.array_equal(store.read(slice(None)), rows, equal_nan=True)
+    assert verify(path).ok

@@ -59,8 +59,9 @@ class _RemoteFile:
 class FastShardReader:
     """Reader of one (rows, n) array stored as (1, S) shards of (1, C) chunks."""
 
-    def __init__(self, root: str, meta: dict, fs=None):
-        self.root, self.fs = root.rstrip("/"), fs
+    def __init__(self, root: str, meta: dict, fs=None, strict: bool = True):
+        self.root, self.fs, self.strict = root.rstrip("/"), fs, strict
+        self.fill = meta.get("fill_value")
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"])
         self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][1])
@@ -93,6 +94,9 @@ class FastShardReader:
         try:
             f = self._open(row, shard)
         except FileNotFoundError:
+            if not self.strict:  # stores of trajstore <= 0.1 skipped chunks equal to the fill value
+                dest[max(c0, shard * self.shard) - c0: min(c1, (shard + 1) * self.shard) - c0] = self._fill()
+                return
             raise _corrupt(row, f"its shard file {self.root}/c/{row}/{shard} is missing") from None
         try:
             index_bytes = 16 * self.per_shard + 4
@@ -106,6 +110,9 @@ class FastShardReader:
                 a, b = max(lo, c0), min(hi, c1, self.shape[1])
                 offset, nbytes = (int(v) for v in index[k - shard * self.per_shard])
                 if offset == _EMPTY:
+                    if not self.strict:
+                        dest[a - c0:b - c0] = self._fill()
+                        continue
                     raise _corrupt(row, f"chunk {k} is missing from its shard {f.name}")
                 if nbytes < 5 or offset + nbytes > f.size - index_bytes:
                     raise _corrupt(row, f"the index of shard {f.name} points outside the file (chunk {k})")
@@ -123,6 +130,10 @@ class FastShardReader:
             f.close()
 
 
+    def _fill(self):
+        return np.nan if self.fill in ("NaN", None) and self.dtype.kind == "f" else (self.fill or 0)
+
+
 def _corrupt(row: int, what: str) -> CorruptSnapshotError:
     return CorruptSnapshotError(f"snapshot {row} is corrupt: {what}", index=row)
 
@@ -134,7 +145,7 @@ def _check(data: bytes, row: int, what: str) -> None:
         raise _corrupt(row, f"{what} fails its crc32c checksum")
 
 
-def open_fast(path: str, storage_options: dict | None = None) -> FastShardReader | None:
+def open_fast(path: str, storage_options: dict | None = None, strict: bool = True) -> FastShardReader | None:
     """A checked reader for the array at ``path`` (a local folder or a URL) if it has exactly
     trajstore's layout, else None."""
     fs = None
@@ -157,6 +168,6 @@ def open_fast(path: str, storage_options: dict | None = None) -> FastShardReader
               and len(meta["shape"]) == 2 and conf["chunk_shape"][0] == 1
               and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1
               and meta["chunk_key_encoding"]["name"] == "default")
-        return FastShardReader(root, meta, fs) if ok else None
+        return FastShardReader(root, meta, fs, strict) if ok else None
     except (OSError, KeyError, ValueError, TypeError, ImportError):
         return None

@@ -42,23 +42,36 @@ def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
 
 def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", pattern: str = "*.pt", *,
                        codec: str = "lossless", param_names: Iterable[str] | None = None,
-                       overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> TrajectoryStore:
+                       overwrite: bool = False, resume: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> TrajectoryStore:
     """Convert every file matching ``pattern`` in ``folder`` (natural order) into a new store at ``path``.
 
     Parameters are told from buffers by ``param_names`` when given, else by name (BN
     running statistics and integer tensors are buffers). The number in each file name is
-    recorded as the snapshot's epoch and step. Returns the store, closed.
+    recorded as the snapshot's epoch and step. ``resume=True`` continues an interrupted import
+    of the same folder and pattern after its last committed snapshot. Returns the store, closed.
     """
     files = sorted((p for p in Path(folder).glob(pattern) if p.is_file()), key=natural_key)
     if not files:
         raise InvalidArgumentError(f"no files match {pattern!r} in {folder}")
     first = load_state_dict(files[0])
     layout, buffer_layout = ParamLayout.from_state_dict(first, param_names)
-    store = TrajectoryStore.create(path, first if buffer_layout.n else layout, codec=codec,
-                                   overwrite=overwrite, buffers=bool(buffer_layout.n),
-                                   metadata={"imported_from": str(Path(folder).absolute()), "pattern": pattern})
+    source = {"imported_from": str(Path(folder).absolute()), "pattern": pattern}
+    if resume:
+        store = TrajectoryStore.open(path, "a")
+        if {k: store.metadata.get(k) for k in source} != source or len(store) > len(files):
+            store.close()
+            raise InvalidArgumentError(
+                f"{path} was not imported from {pattern!r} in {folder} (or holds more snapshots than there are "
+                "files); resume only continues the same import. Use --overwrite to start again")
+    else:
+        store = TrajectoryStore.create(path, first if buffer_layout.n else layout, codec=codec,
+                                       overwrite=overwrite, buffers=bool(buffer_layout.n), metadata=source)
+    done = len(store)  # committed by an interrupted import
     try:
         for i, file in enumerate(files):
+            if i < done:
+                continue
             sd = first if i == 0 else load_state_dict(file)
             numbers = re.findall(r"\d+", file.stem)
             index = int(numbers[-1]) if numbers else i

@@ -10,11 +10,11 @@ import numpy as np
 import zarr
 
 from .codecs import CodecPreset
-from .errors import CorruptSnapshotError
+from .errors import CorruptMetadataError, CorruptSnapshotError
 from .fastread import open_fast
 from .format import PARAMS, REFERENCE, local_dir, zarr_store
 
-_DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError)
+_DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError)
 CONTEXT_BYTES = 64 << 20  # memory for the decoding context of an xor-delta read (K rows x a column range)
 
 
@@ -22,12 +22,13 @@ class RowReader:
     """Array-like view (committed, n) of a store's decoded snapshots."""
 
     def __init__(self, path: str, committed: int, n: int, dtype: str, codec: dict,
-                 storage_options: dict | None = None, token: str = ""):
+                 storage_options: dict | None = None, token: str = "", strict: bool = True):
         self.path, self.committed, self.n = path, committed, n
         self.dtype = np.dtype(dtype)
         self.codec_json = codec
         self.storage_options = storage_options
         self.token = token
+        self.strict = strict  # a missing chunk is damage (stores that write every chunk)
         self._arrays: tuple | None = None
         self._fast = None
         self._fast_checked = False
@@ -51,16 +52,55 @@ class RowReader:
         return state
 
     def _open(self):
+        """The ``params`` (and ``reference``) zarr arrays, checked against the store's attributes:
+        damaged or inconsistent array metadata raises CorruptMetadataError naming the file."""
         if self._arrays is None:
-            group = zarr.open_group(zarr_store(self.path, True, self.storage_options), mode="r")
-            params = group[PARAMS]
-            reference = group[REFERENCE] if REFERENCE in group else None
+            preset = self.preset
+            try:
+                group = zarr.open_group(zarr_store(self.path, True, self.storage_options), mode="r", zarr_format=3)
+            except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+                raise CorruptMetadataError(f"the group metadata {self._file('zarr.json')} is damaged ({exc})") from None
+            params = self._array(group, PARAMS, preset.stored_dtype(self.dtype), self.committed)
+            reference = self._array(group, REFERENCE, self.dtype, 1) if preset.transform == "delta" else None
             self._arrays = (params, reference)
         return self._arrays
 
+    def _file(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def _array(self, group, name: str, dtype: np.dtype, rows: int):
+        """Array ``name`` of ``group`` if its metadata match what the attributes promise, else raise."""
+        where = self._file(f"{name}/zarr.json")
+        try:
+            arr = group[name]
+            if not isinstance(arr, zarr.Array):
+                raise ValueError("it is a group, not an array")
+        except KeyError:
+            raise CorruptMetadataError(f"the '{name}' array of store {self.path} is missing ({where}); "
+                                       "restore it from a copy of the store") from None
+        except (ValueError, TypeError, AttributeError, OSError) as exc:
+            raise CorruptMetadataError(f"the metadata of the '{name}' array ({where}) are damaged "
+                                       f"({type(exc).__name__}: {exc}); restore the file from a copy") from None
+        problem = (f"shape {arr.shape}, not (>= {rows}, {self.n})" if len(arr.shape) != 2 or arr.shape[0] < rows
+                   or arr.shape[1] != self.n else
+                   f"dtype {arr.dtype}, not {np.dtype(dtype)}" if arr.dtype != np.dtype(dtype) else None)
+        if problem:
+            what = f"the store commits {rows} snapshots of {self.n} parameters" if name == PARAMS else \
+                f"the store holds {self.n} parameters"
+            raise CorruptMetadataError(f"the '{name}' array ({where}) has {problem}, but {what} "
+                                       "(metadata damaged or mismatched); run `trajstore verify`", index=None)
+        return arr
+
     @property
     def preset(self) -> CodecPreset:
-        return CodecPreset.from_json(self.codec_json)
+        """The store's codec preset (parsed once)."""
+        preset = self.__dict__.get("_preset")
+        if preset is None:
+            try:
+                preset = self._preset = CodecPreset.from_json(self.codec_json)
+            except ValueError as exc:
+                raise CorruptMetadataError(f"the codec in {self._file('zarr.json')} is damaged: {exc}") from None
+        return preset
 
     def __getitem__(self, key) -> np.ndarray:
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
@@ -100,7 +140,7 @@ class RowReader:
         if not self._fast_checked:
             folder = local_dir(self.path)
             location = str(folder / PARAMS) if folder is not None else f"{self.path.rstrip('/')}/{PARAMS}"
-            self._fast = open_fast(location, self.storage_options if folder is None else None)
+            self._fast = open_fast(location, self.storage_options if folder is None else None, self.strict)
             self._fast_checked = True
         try:
             target = out if out is not None and start == r0 and preset.transform == "plain" else None
@@ -128,8 +168,9 @@ class RowReader:
                 reference[0, c0:c1]
             except _DECODE_ERRORS as inner:
                 return CorruptSnapshotError(
-                    f"the reference snapshot of store {self.path} is corrupt ({inner}); every snapshot "
-                    "decodes from it, so restore the store from a copy", index=0)
+                    f"the reference snapshot (the 'reference' array, {self._file('reference')}) of store "
+                    f"{self.path} is corrupt ({inner}); every snapshot decodes from it, so restore the store "
+                    "from a copy", index=0)
         for i in range(r0, r1):
             try:
                 params[i, c0:c1]

@@ -143,7 +143,7 @@ class TrajectoryStore:
                 "metadata": dict(metadata or {}),
                 "committed": 0,
                 "truncations": [],
-                "row_chunks_checked": True,  # per-snapshot arrays carry crc32c and every chunk is written
+                "all_chunks_written": True,  # every chunk of a committed row exists; row arrays carry crc32c
             }
             group.attrs[ATTR] = meta
         except BaseException:
@@ -246,7 +246,7 @@ class TrajectoryStore:
         """A picklable decoding view (t, n) of the committed snapshots."""
         token = f"{len(self)}-{len(self._meta.get('truncations', []))}-{self._meta.get('created')}"
         return RowReader(self.path, len(self), self.n_params, self.dtype.name, self._meta["codec"],
-                         self.storage_options, token)
+                         self.storage_options, token, strict=bool(self._meta.get("all_chunks_written")))
 
     def read(self, index: "int | slice | Sequence[int]") -> np.ndarray:
         """Snapshot ``index`` as (n,), or several as (k, n), decoded to the store's float dtype."""
@@ -403,7 +403,7 @@ class TrajectoryStore:
             raise CorruptSnapshotError(
                 f"the per-snapshot array '{name}' of store {self.path} is damaged ({exc}); run "
                 f"`trajstore verify {self.path}` and `trajstore repair {self.path}`") from None
-        if self._meta.get("row_chunks_checked") and self._local_root is not None:
+        if self._meta.get("all_chunks_written") and self._local_root is not None:
             for c in range(-(-t // ROW_CHUNK)):
                 if not (self._local_root / name / "c" / str(c)).exists():
                     raise CorruptSnapshotError(
@@ -454,24 +454,24 @@ class TrajectoryStore:
         i, row = job.index, job.row
         self._ensure_capacity(i + 1)
         if self.codec.transform == "delta" and i == 0:
-            self._group[REFERENCE][0, :] = row
+            self._writable(REFERENCE)[0, :] = row
             self._reference = row.copy()
         stored = self.codec.encode(row, i, self._prev, self._reference)
-        self._group[PARAMS][i, :] = stored
+        self._writable(PARAMS)[i, :] = stored
         if job.buffers is not None:
-            self._group[BUFFERS][i, :] = job.buffers
-        self._group[STEP][i] = job.step
-        self._group[EPOCH][i] = job.epoch
-        self._group[WALL_TIME][i] = job.wall_time
-        self._group[NONFINITE][i] = job.nonfinite
+            self._writable(BUFFERS)[i, :] = job.buffers
+        self._writable(STEP)[i] = job.step
+        self._writable(EPOCH)[i] = job.epoch
+        self._writable(WALL_TIME)[i] = job.wall_time
+        self._writable(NONFINITE)[i] = job.nonfinite
         capacity = self._group[PARAMS].shape[0]
         metrics_group = self._group[METRICS]
         for name in set(job.metrics) | set(metrics_group.array_keys()):
             if name not in metrics_group:
                 arr = _create_row_array(metrics_group, name, capacity, "float64", float("nan"))
                 if i:
-                    arr[:i] = np.nan  # a metric first logged now: earlier chunks exist too (checked on read)
-            metrics_group[name][i] = job.metrics.get(name, float("nan"))
+                    arr.with_config({"write_empty_chunks": True})[:i] = np.nan  # earlier chunks exist too
+            self._writable(f"{METRICS}/{name}")[i] = job.metrics.get(name, float("nan"))
         if self.codec.transform == "xor":
             if self._prev is None:
                 self._prev = np.empty_like(row)
@@ -481,6 +481,11 @@ class TrajectoryStore:
         meta = dict(self._meta)
         meta["committed"] = i + 1
         self._commit_meta(meta)
+
+    def _writable(self, name: str) -> zarr.Array:
+        """Array ``name`` writing every chunk, even one equal to the fill value (a frozen layer's
+        xor chunk is all zero bits): on read, a missing chunk of a committed row is damage."""
+        return self._group[name].with_config({"write_empty_chunks": True})
 
     def _commit_meta(self, meta: dict) -> None:
         self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically
