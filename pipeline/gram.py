@@ -190,7 +190,7 @@ def _update_to(store, root, gram, m, t, blocks, width, scheduler, progress, stop
     shift = shift_row(store, t)
     if shift >= t:
         raise NonFiniteError(f"every snapshot of {store.path} holds NaN or Inf: there is nothing to extract")
-    update = _prepare_update(gram, m, t, width, len(blocks), shift, excluded)
+    update = _prepare_update(gram, m, t, width, len(blocks), shift, excluded, _store_state(store))
     done = update["done"][:]
     pending = [b for b in range(len(blocks)) if not done[b]]
     reader = store.reader()
@@ -228,15 +228,22 @@ def _unfinished_target(gram: zarr.Group, m: int, t: int, width: int, nblocks: in
     to_rows = int(attrs.get("to_rows", -1))
     same = (attrs.get("from_rows") == m and m < to_rows <= t and attrs.get("block_columns") == width
             and attrs.get("blocks") == nblocks and attrs.get("shift_row") == shift_row(store, to_rows)
-            and attrs.get("excluded") == nonfinite_rows(store, to_rows))
+            and attrs.get("excluded") == nonfinite_rows(store, to_rows)
+            and attrs.get("store_state") == _store_state(store))
     return to_rows if same else None
 
 
+def _store_state(store: TrajectoryStore) -> list:
+    """Which incarnation of the rows an update summed: a truncation or a re-creation replaces rows,
+    and partial sums over replaced rows must never be resumed."""
+    return [store.attrs.get("created"), len(store.attrs.get("truncations", []))]
+
+
 def _prepare_update(gram: zarr.Group, m: int, t: int, width: int, nblocks: int, shift: int,
-                    excluded: tuple[int, ...]) -> zarr.Group:
+                    excluded: tuple[int, ...], store_state: list) -> zarr.Group:
     """The in-progress update group: reused when it matches (resume), else started afresh."""
     want = {"from_rows": m, "to_rows": t, "block_columns": width, "blocks": nblocks, "shift_row": shift,
-            "excluded": list(excluded)}
+            "excluded": list(excluded), "store_state": store_state}
     if "update" in gram:
         update = gram["update"]
         if {k: update.attrs.get(k) for k in want} == want:

@@ -274,3 +274,24 @@ def test_extraction_at_scale_20m_parameters(tmp_path):
     probe = json.loads(out.stdout)
     assert probe["peak_rss_MiB"] < 0.25 * t * n * 4 / 2**20
     assert probe["orthonormality_error"] < 1e-5
+
+
+def test_an_interrupted_gram_update_is_not_resumed_over_replaced_rows(tmp_path, data):
+    from pipeline.compute import Interrupted, StopFlag
+
+    write_store(tmp_path / "run.zarr", data[:12])
+    stop = StopFlag()
+    with TrajectoryStore.open(tmp_path / "run.zarr") as reader, reader.derived() as root:
+        with pytest.raises(Interrupted):
+            update_gram(reader, root, block_size=1 << 14, stop=stop,
+                        progress=lambda done, total: stop.set() if done >= 1 else None)
+    with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:  # rows 6.. replaced by other ones
+        store.truncate(6)
+        for i in range(6, 12):
+            store.append(data[i + 12], step=10 * i)
+    replaced = np.concatenate([data[:6], data[18:24]])
+    with TrajectoryStore.open(tmp_path / "run.zarr") as reader, reader.derived() as root:
+        g, stats = update_gram(reader, root, block_size=1 << 14)
+    assert stats.blocks_resumed == 0
+    _, _, g_ref = dense_reference(replaced, D)
+    assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10

@@ -50,6 +50,11 @@ class CorruptSnapshotError(TrajstoreError):
         self.index = index
 
 
+class CorruptMetadataError(CorruptSnapshotError, ValueError):
+    """A metadata document of the store (a ``zarr.json``, or the ``trajstore`` attributes in the root
+    one) is unreadable or inconsistent with the rest of the store; the message names the file."""
+
+
 class StoreWriteError(TrajstoreError, OSError):
     """The background writer failed (disk full, permission, ...); committed data is intact."""
 

@@ -1,0 +1,228 @@
+"""The integrity scan behind ``trajstore repair``, and the locked handles and file listings that
+``repair`` and ``gc`` share (see :mod:`trajstore.maintenance`)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import fsspec
+import numpy as np
+
+from .errors import CorruptSnapshotError, InvalidArgumentError
+from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir
+from .store import TrajectoryStore
+
+READ_ERRORS = (CorruptSnapshotError, ValueError, RuntimeError, OSError, TypeError, KeyError)
+TRASH = ".trajstore-trash"  # a node is renamed here (atomically) before it is deleted
+BLOCK_BYTES = 64 << 20  # decoded bytes held at once while scanning (a keyframe group x a column range)
+
+
+class Handle(TrajectoryStore):
+    """The store opened with the writer lock for maintenance. Nothing is ever appended through it:
+    opening decodes no row and resizes no array, so a damaged last row or a short array can be
+    inspected and truncated (``TrajectoryStore.open`` decodes the last row and grows short arrays)."""
+
+    def _load_encoder_state(self) -> None:
+        self._next_index = len(self)
+
+    def _ensure_capacity(self, rows: int) -> None:
+        pass
+
+    def append(self, *args, **kwargs) -> int:
+        raise InvalidArgumentError("a maintenance handle cannot append")
+
+
+def open_locked(path: str, storage_options: dict | None, break_lock: bool = False) -> tuple[Handle, list[str]]:
+    """The store under its writer lock, and the lock warnings (a broken stale lock) as notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock)
+    return store, [str(w.message) for w in caught]
+
+
+@contextlib.contextmanager
+def derived_locked(store: TrajectoryStore, notes: list[str]) -> Iterator:
+    """``store.derived()`` (the derived-data lock), its lock warnings added to ``notes``."""
+    manager = store.derived()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        root = manager.__enter__()
+    notes.extend(str(w.message) for w in caught)
+    try:
+        yield root
+    finally:
+        manager.__exit__(None, None, None)
+
+
+class Files:
+    """Keys and sizes under a store root, local or remote, through fsspec."""
+
+    def __init__(self, path: str, storage_options: dict | None):
+        self.local = local_dir(path)
+        self.fs, root = fsspec.core.url_to_fs(str(self.local) if self.local else path, **(storage_options or {}))
+        self.root = root.rstrip("/")
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        base = f"{self.root}/{prefix}".rstrip("/")
+        if not self.fs.exists(base):
+            return {}
+        found = self.fs.find(base, detail=True)
+        return {key[len(self.root) + 1:]: int(info.get("size") or 0) for key, info in found.items()
+                if info.get("type") != "directory"}
+
+    def remove_file(self, key: str) -> None:
+        self.fs.rm_file(f"{self.root}/{key}")
+
+    def remove_tree(self, key: str, first: tuple[str, ...] = ("_done", "done")) -> None:
+        """Delete a node so that a crash part-way never leaves it looking resumable: locally it is
+        renamed into the trash first (atomic); remotely its completion flags go first."""
+        if self.local is not None:
+            (self.local / TRASH).mkdir(exist_ok=True)
+            target = self.local / TRASH / uuid.uuid4().hex
+            os.rename(self.local / key, target)
+            shutil.rmtree(target)
+            return
+        for sub in first:
+            if self.fs.exists(f"{self.root}/{key}/{sub}"):
+                self.fs.rm(f"{self.root}/{key}/{sub}", recursive=True)
+        self.fs.rm(f"{self.root}/{key}", recursive=True)
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def row_arrays(group) -> list[str]:
+    """The small per-snapshot arrays: step, epoch, wall_time, nonfinite, metrics/*."""
+    metrics = sorted(group[METRICS].array_keys()) if METRICS in group else []
+    return list(ROW_ARRAYS) + [f"{METRICS}/{m}" for m in metrics]
+
+
+def digest(row: np.ndarray) -> bytes:
+    """Fingerprint of a decoded row's bytes (equal to hashing its column blocks in order)."""
+    return hashlib.blake2b(np.ascontiguousarray(row).view(np.uint8), digest_size=16).digest()
+
+
+@dataclass
+class Scan:
+    """What :func:`scan` found: bad snapshots with reasons, store-level problems, steps, digests."""
+
+    committed: int
+    problems: dict[int, list[str]] = field(default_factory=dict)
+    store_problems: list[str] = field(default_factory=list)
+    steps: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # -1 where unreadable
+    digests: dict[int, bytes] = field(default_factory=dict)  # of every good row
+
+    @property
+    def first_bad(self) -> int:
+        return min(self.problems) if self.problems else self.committed
+
+    def flag(self, i: int, why: str) -> None:
+        self.problems.setdefault(i, []).append(why)
+
+
+def scan(store: TrajectoryStore, files: Files, progress: Callable[[int, int], None] | None = None) -> Scan:
+    """verify's checks -- checksums, missing shard files and chunk files (stores that write every
+    chunk), non-finite rows not recorded with allow_nonfinite, committed beyond the arrays -- per
+    snapshot: every per-snapshot array (step, epoch, wall_time, nonfinite, metrics/*, buffers) long
+    enough and readable, the reference row (delta codecs), and with xor-delta every row after a bad
+    one in its keyframe group. Rows are decoded a keyframe group and a column range at a time
+    (``BLOCK_BYTES``), so memory stays bounded whatever n is."""
+    g, t = store.group, len(store)
+    found = Scan(t, steps=np.full(t, -1, np.int64))
+    rows_of = {name: (g[name].shape[0] if name in g else 0)
+               for name in [PARAMS] + [BUFFERS] * (BUFFERS in g) + row_arrays(g)}
+    for name, rows in rows_of.items():
+        if rows < t:
+            found.store_problems.append(
+                f"committed count {t} exceeds the {name} array's {rows} rows (metadata damaged)")
+            for i in range(rows, t):
+                found.flag(i, f"beyond the end of {name} ({rows} rows)")
+    allowed = np.zeros(t, bool)
+    every_chunk = bool(store.attrs.get("all_chunks_written"))  # else fill-valued chunks were never written
+    for name in row_arrays(g):
+        n = min(t, rows_of[name])
+        size = g[name].chunks[0] if n else 1
+        present = set(files.sizes(f"{name}/c")) if n and every_chunk else set()
+        for c0 in range(0, n, size):
+            c1 = min(n, c0 + size)
+            try:
+                if every_chunk and f"{name}/c/{c0 // size}" not in present:
+                    raise FileNotFoundError(f"its chunk file {name}/c/{c0 // size} is missing")
+                values = g[name][c0:c1]
+            except READ_ERRORS as exc:
+                for i in range(c0, c1):
+                    found.flag(i, f"{name} unreadable: {exc}")
+                continue
+            if name == STEP:
+                found.steps[c0:c1] = values
+            elif name == NONFINITE:
+                allowed[c0:c1] = values
+    data = [(name, min(t, rows_of[name])) for name in (PARAMS, BUFFERS) if name in rows_of]
+    if store.codec.transform == "delta" and t:
+        data.append((REFERENCE, 1))
+    for name, rows in data * every_chunk:
+        present, arr = set(files.sizes(f"{name}/c")), g[name]
+        per_row = -(-arr.shape[1] // (arr.shards or arr.chunks)[1])
+        for i in range(rows):
+            gone = [f"{name}/c/{i}/{j}" for j in range(per_row) if f"{name}/c/{i}/{j}" not in present]
+            for k in (range(t) if gone and name == REFERENCE else [i] if gone else []):
+                found.flag(k, f"{name} shard files missing: {', '.join(gone)}")
+    for i in range(min(t, rows_of.get(BUFFERS, 0))):
+        try:
+            g[BUFFERS][i, :]
+        except READ_ERRORS as exc:
+            found.flag(i, f"buffers unreadable: {exc}")
+    _scan_params(store, found, allowed, min(t, rows_of[PARAMS]), progress)
+    return found
+
+
+def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows: int,
+                 progress: Callable[[int, int], None] | None) -> None:
+    """Decode every params row: checksums, finiteness, and a digest of each good row."""
+    preset, reader, n = store.codec, store.reader(), store.n_params
+    reader.committed = rows  # the rows that exist: a reader refuses a params array shorter than committed
+    k = preset.keyframe_interval if preset.transform == "xor" else 1
+    for g0 in range(0, rows, k):
+        g1 = min(rows, g0 + k)
+        width = max(1, BLOCK_BYTES // ((g1 - g0) * store.dtype.itemsize))
+        bad = [i for i in range(g0, g1) if any(p.startswith(PARAMS) for p in found.problems.get(i, ()))]
+        hashers, nonfinite = {}, {}
+        for r0, r1 in [(g0, g1)] + [(i, i + 1) for i in range(g0, g1)]:  # the group, then row by row
+            if r0 in hashers:
+                continue  # decoded with the group
+            try:
+                part = {i: hashlib.blake2b(digest_size=16) for i in range(r0, r1)}
+                counts = dict.fromkeys(range(r0, r1), 0)
+                for c0 in range(0, n, width):
+                    block = reader.read_block(r0, r1, c0, min(n, c0 + width))  # (r1 - r0, width)
+                    for i, values in zip(range(r0, r1), block):
+                        counts[i] += int((~np.isfinite(values)).sum())
+                        part[i].update(np.ascontiguousarray(values).view(np.uint8))
+                hashers.update(part)
+                nonfinite.update(counts)
+            except READ_ERRORS as exc:
+                if r1 - r0 == 1:
+                    source = getattr(exc, "index", None)
+                    found.flag(r0, f"checksum or decode failure: {exc}" if source in (None, r0) else
+                               f"cannot be decoded: it is stored relative to corrupt snapshot {source}")
+                    bad.append(r0)
+        for i, count in nonfinite.items():
+            if count and not allowed[i]:
+                found.flag(i, f"{count} non-finite values (not recorded with allow_nonfinite)")
+                bad.append(i)
+        for i in range(min(bad) + 1 if k > 1 and bad else g1, g1):
+            if i not in bad:
+                found.flag(i, f"decodes through bad snapshot {min(bad)} (xor-delta keyframe group {g0}..{g1 - 1})")
+        for i, hasher in hashers.items():
+            if i not in found.problems:
+                found.digests[i] = hasher.digest()
+        if progress:
+            progress(g1, rows)

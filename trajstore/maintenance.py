@@ -1,0 +1,421 @@
+"""Store maintenance: ``repair`` (back to a consistent committed prefix) and ``gc`` (orphans, stale caches).
+
+Both hold the writer lock (mode ``"a"``) for their whole run, so they never race a live writer,
+and never touch a row below ``committed`` except by the store's own truncate path. ``gc`` deletes
+only what no reader can see (rows at or beyond ``committed``, temp files, leftovers) and, under
+the derived-data lock, derived nodes: renamed into a trash folder first, so a kill part-way never
+leaves a half-deleted node that looks resumable.
+
+``repair --drop-bad-only`` builds the compacted store at ``RUN.repair-tmp`` through the public
+API, checks it (every check of the scan, plus each row's decoded bytes against the original's),
+marks it with ``.trajstore.repair-new`` and swaps it in with one atomic ``renameat2(RENAME_EXCHANGE)``.
+At every instant ``RUN`` is a whole store, old or new; a leftover is told apart by the marker:
+
+* ``RUN.repair-tmp`` holding the marker, or with no marker anywhere: never swapped in (junk);
+* ``RUN`` holding the marker (``RUN.repair-tmp`` / ``RUN.repair-old``: the pre-repair store): swapped.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ._scan import (TRASH, Files, Scan, derived_locked, digest, open_locked, row_arrays, scan, tree_bytes)
+from .errors import LocalPathRequiredError, RepairError, StoreLockedError, SubspaceNotFoundError
+from .format import (BUFFERS, EPOCH, GRAM, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, SUBSPACES,
+                     WALL_TIME, local_dir, normalize)
+from .store import TrajectoryStore
+
+__all__ = ["repair", "gc", "RepairReport", "GcReport", "GcItem", "SnapshotNote"]
+
+TMP_SUFFIX, OLD_SUFFIX = ".repair-tmp", ".repair-old"
+MARKER = ".trajstore.repair-new"  # inside the compacted store until the swap is finished
+# zarr 3.1.6 LocalStore writes each key to path.with_suffix(f".{uuid4().hex}.partial"), then renames it
+ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")
+CACHE_PARTIAL = "basis.f32.npy.partial"  # pipeline.basis memory-map copy in progress (written without a lock)
+CACHE_PARTIAL_AGE_S = 3600.0  # ... so gc removes one only once it has been idle this long
+
+
+# -- repair ---------------------------------------------------------------------------------
+@dataclass
+class SnapshotNote:
+    """One snapshot in a repair plan: dropped (``bad`` or good-after-bad) or moved to ``new_index``."""
+
+    index: int
+    step: int | None
+    bad: bool
+    reasons: list[str] = field(default_factory=list)
+    new_index: int | None = None
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair` found and did (or, with ``dry_run``, would do)."""
+
+    path: str
+    action: str  # "none" | "truncate" | "compact"
+    dry_run: bool
+    committed_before: int = 0
+    committed_after: int = 0
+    ok: bool = False  # the store is consistent now (dry run: already was)
+    dropped: list[SnapshotNote] = field(default_factory=list)
+    moved: list[SnapshotNote] = field(default_factory=list)
+    store_problems: list[str] = field(default_factory=list)
+    derived_discarded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    leftovers: list["GcItem"] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def repair(path: "str | os.PathLike", *, dry_run: bool = False, drop_bad_only: bool = False,
+           storage_options: dict | None = None, break_lock: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> RepairReport:
+    """Bring a store to its largest consistent committed prefix: ``committed = k``, k the first bad
+    snapshot, through :meth:`TrajectoryStore.truncate` (recorded in ``truncations``). Every dropped
+    snapshot is reported with its step and why, good ones after k included. ``drop_bad_only``
+    instead removes only the bad snapshots, moving the later good ones down (local stores only;
+    subspaces and the Gram cache are not carried over). ``dry_run`` changes nothing. ``break_lock``
+    takes over an object store's lock left by a killed writer."""
+    path = normalize(path)
+    store, notes = open_locked(path, storage_options, break_lock)
+    report = RepairReport(path, "none", dry_run, notes=notes)
+    try:
+        report.leftovers = _repair_leftovers(path, remove=not dry_run)
+        found = scan(store, Files(path, storage_options), progress)
+        t, k = found.committed, found.first_bad
+        report.committed_before, report.committed_after, report.store_problems = t, t, found.store_problems
+        if k == t:
+            report.ok = True
+            return report
+        step = (lambda i: int(found.steps[i]) if found.steps[i] >= 0 else None)
+        keep = [i for i in range(t) if i not in found.problems]
+        position = {i: j for j, i in enumerate(keep)}
+        compact = bool(drop_bad_only and keep and keep[-1] > k)
+        report.action = "compact" if compact else "truncate"
+        for i in range(k, t):
+            if i in found.problems:
+                report.dropped.append(SnapshotNote(i, step(i), True, found.problems[i]))
+            elif compact:
+                report.moved.append(SnapshotNote(i, step(i), False, [], position[i]))
+            else:
+                report.dropped.append(SnapshotNote(i, step(i), False, [
+                    f"good, but after the first bad snapshot {k}: dropped to keep a dense prefix "
+                    "(--drop-bad-only keeps it; its files stay on disk until gc or the next append)"]))
+        report.committed_after = len(keep) if compact else k
+        subspaces = sorted(store.group[SUBSPACES].group_keys()) if SUBSPACES in store.group else []
+        if compact:
+            if local_dir(path) is None:
+                raise LocalPathRequiredError(
+                    f"--drop-bad-only rebuilds {path} next to itself and swaps directories, which needs a local "
+                    "path; rerun without it to truncate to the first bad snapshot, or copy the store to local disk")
+            report.derived_discarded = [f"{SUBSPACES}/{s}" for s in subspaces] + [GRAM] * (GRAM in store.group)
+        else:
+            for s in subspaces:
+                used = store.group[f"{SUBSPACES}/{s}"].attrs.get("snapshots") or []
+                if used and max(used) >= k:
+                    report.notes.append(f"subspace {s!r} was extracted from dropped snapshots; it no longer matches "
+                                        f"the store (remove it with `trajstore gc {path} --subspace {s}`)")
+        if not dry_run:
+            if compact:
+                with derived_locked(store, report.notes):
+                    _compact(store, keep, found)
+            else:
+                store.truncate(k)
+            report.ok = True
+        return report
+    finally:
+        store.close()
+
+
+def _create_like(store: TrajectoryStore, target: Path) -> TrajectoryStore:
+    """An empty store with the same layout, buffers, codec, chunks, shards and metadata."""
+    params = store.group[PARAMS]
+    source: object = store.layout
+    if store.buffer_layout is not None:
+        import torch
+
+        source = {s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta")
+                  for s in (*store.layout.specs, *store.buffer_layout.specs)}
+    new = TrajectoryStore.create(target, source, codec=store.codec, metadata=store.metadata,
+                                 buffers=store.buffer_layout is not None, chunk_size=int(params.chunks[1]),
+                                 shard_size=int((params.shards or params.chunks)[1]))
+    if new.layout != store.layout or new.buffer_layout != store.buffer_layout or new.dtype != store.dtype:
+        new.close()
+        raise RepairError(f"cannot rebuild {store.path} with the same parameter/buffer layout; it is unchanged")
+    return new
+
+
+def _good_rows(store: TrajectoryStore, keep: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """The decoded rows ``keep``, in order, one at a time (memory O(n)): an xor-delta row that follows
+    the previous one is its stored bits XOR that row's; any other row decodes on its own."""
+    reader, preset, params = store.reader(), store.codec, store.group[PARAMS]
+    last, prev = -2, np.empty(0)
+    for i in keep:
+        if preset.transform == "xor" and not preset.is_keyframe(i) and last == i - 1:
+            stored = params[i, :]
+            row = np.bitwise_xor(stored, prev.view(stored.dtype)).view(store.dtype)
+        else:
+            row = reader.read_block(i, i + 1)[0]
+        last, prev = i, row
+        yield i, row
+
+
+def _compact(store: TrajectoryStore, keep: list[int], found: Scan) -> None:
+    """Rebuild the good rows ``keep`` at RUN.repair-tmp, check them, swap the directories atomically."""
+    src = local_dir(store.path)
+    tmp, old = src.with_name(src.name + TMP_SUFFIX), src.with_name(src.name + OLD_SUFFIX)
+    g = store.group
+    metrics = [m.removeprefix(f"{METRICS}/") for m in row_arrays(g)[len(ROW_ARRAYS):]]
+    columns = {name: g[name][: len(store)][keep] for name in row_arrays(g)}  # (len(keep),) each
+    new = None
+    try:
+        new = _create_like(store, tmp)
+        for j, (i, row) in enumerate(_good_rows(store, keep)):
+            if digest(row) != found.digests[i]:
+                raise RepairError(f"snapshot {i} decoded differently on a second read; {store.path} is unchanged")
+            source: object = row
+            if store.buffer_layout is not None:
+                source = {**store.layout.unflatten(row), **store.buffer_layout.unflatten(g[BUFFERS][i, :])}
+            new.append(source, step=int(columns[STEP][j]), epoch=int(columns[EPOCH][j]),
+                       metrics={m: float(columns[f"{METRICS}/{m}"][j]) for m in metrics},
+                       allow_nonfinite=bool(columns[NONFINITE][j]))
+        new.flush()
+        times = new.group[WALL_TIME].with_config({"write_empty_chunks": True})
+        times[: len(keep)] = columns[WALL_TIME]  # append stamped the time of the copy
+        new.close()
+        check, _ = open_locked(str(tmp), None)  # held through the swap: RUN's next writer waits for us
+        try:
+            _check_rebuilt(check, store, keep, found, columns)
+            (tmp / MARKER).write_text(json.dumps({"source": str(src), "snapshots": len(keep),
+                                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            _exchange(src, tmp)  # the commit point: RUN is the new store, RUN.repair-tmp the old one
+            os.rename(tmp, old)
+            (src / MARKER).unlink()
+            shutil.rmtree(old, ignore_errors=True)  # still under the new store's lock: no gc races this
+        finally:
+            check.close()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            new.close() if new is not None else None  # idempotent
+        if tmp.exists() and not (src / MARKER).exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # never swapped in: the original is untouched
+        raise
+
+
+def _check_rebuilt(new: TrajectoryStore, store: TrajectoryStore, keep: list[int], found: Scan,
+                   columns: dict[str, np.ndarray]) -> None:
+    """The rebuilt store passes every scan check and holds exactly the kept rows, bit for bit."""
+    again = scan(new, Files(new.path, None))
+    if len(new) != len(keep) or again.problems or again.store_problems:
+        raise RepairError(f"the rebuilt store failed its checks ({again.store_problems or again.problems}); "
+                          f"{store.path} is unchanged")
+    for j, i in enumerate(keep):
+        if again.digests.get(j) != found.digests[i]:
+            raise RepairError(f"snapshot {i} differs after the rebuild (codec not idempotent?); {store.path} is "
+                              "unchanged. Rerun without --drop-bad-only to truncate instead")
+        if store.buffer_layout is not None and not np.array_equal(
+                new.group[BUFFERS][j, :], store.group[BUFFERS][i, :], equal_nan=True):
+            raise RepairError(f"the buffers of snapshot {i} differ after the rebuild; {store.path} is unchanged")
+    for name, want in columns.items():
+        have = new.group[name][: len(keep)]
+        if have.tobytes() != np.asarray(want, have.dtype).tobytes():
+            raise RepairError(f"{name} differs after the rebuild; {store.path} is unchanged")
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        raise LocalPathRequiredError("--drop-bad-only needs renameat2 (Linux) to swap directories atomically; "
+                                     "the store is unchanged: rerun without it to truncate") from None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+        err = ctypes.get_errno()
+        raise LocalPathRequiredError(f"cannot swap {a} and {b} atomically ({os.strerror(err)}): the filesystem "
+                                     "lacks RENAME_EXCHANGE. The store is unchanged; rerun without --drop-bad-only")
+
+
+def _repair_leftovers(path: str, remove: bool) -> list["GcItem"]:
+    """Directories left by an interrupted ``repair --drop-bad-only``, told apart by the marker (see top)."""
+    src = local_dir(path)
+    if src is None:
+        return []
+    tmp, old = src.with_name(src.name + TMP_SUFFIX), src.with_name(src.name + OLD_SUFFIX)
+    swapped = (src / MARKER).exists()
+    items = []
+    if old.exists():
+        items.append(GcItem(str(old), tree_bytes(old), "the pre-repair store, left by a repair interrupted "
+                                                           "after its swap", "repair-leftover"))
+    if tmp.exists():
+        why = ("the pre-repair store, left by a repair interrupted after its swap" if swapped and
+               not (tmp / MARKER).exists() else "an unfinished rebuild of a repair interrupted before its swap "
+               "(the store was never replaced)")
+        items.append(GcItem(str(tmp), tree_bytes(tmp), why, "repair-leftover"))
+    if remove:
+        for item in items:
+            shutil.rmtree(item.path, ignore_errors=True)  # another gc may be removing it too
+            if Path(item.path).exists():
+                raise RepairError(f"could not remove {item.path} ({item.reason}); remove it by hand")
+        if swapped:
+            (src / MARKER).unlink(missing_ok=True)
+    return items
+
+
+# -- gc -------------------------------------------------------------------------------------
+@dataclass
+class GcItem:
+    """One file or directory gc removed (or, dry run, would remove)."""
+
+    path: str  # relative to the store, or absolute outside it
+    bytes: int
+    reason: str
+    kind: str
+
+
+@dataclass
+class GcReport:
+    """What :func:`gc` removed (or would), what it kept on purpose, and notes."""
+
+    path: str
+    dry_run: bool
+    removed: list[GcItem] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(item.bytes for item in self.removed)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "bytes_freed": self.bytes_freed}
+
+
+def gc(path: "str | os.PathLike", *, subspace: str | None = None, incomplete: bool = False, dry_run: bool = False,
+       storage_options: dict | None = None, break_lock: bool = False) -> GcReport:
+    """Remove files beyond ``committed`` (a killed writer's rows), zarr temp files, leftovers of an
+    interrupted repair or gc, a Gram update that no longer matches the store, and, when asked,
+    subspace ``subspace`` or every unfinished subspace (``incomplete``). Holds the writer lock, and the
+    derived-data lock for ``gram/`` and ``subspaces/`` (skipped with a note when an extraction runs).
+    Nothing under a committed row is ever removed."""
+    path = normalize(path)
+    store, notes = open_locked(path, storage_options, break_lock)
+    report = GcReport(path, dry_run, notes=notes)
+    try:
+        files = Files(path, storage_options)
+        report.removed += _repair_leftovers(path, remove=not dry_run)
+        drop = lambda key, size, why, kind: _drop(files, report, key, size, why, kind)  # noqa: E731
+        sizes = files.sizes()
+        if files.local is not None and (files.local / TRASH).exists():
+            report.removed.append(GcItem(TRASH, tree_bytes(files.local / TRASH), "left by an interrupted gc", "trash"))
+            shutil.rmtree(files.local / TRASH) if not dry_run else None
+        for key, size in sizes.items():
+            if key.split("/", 1)[0] not in (GRAM, SUBSPACES, TRASH) and ZARR_TEMP.search(key):
+                drop(key, size, "zarr temporary file of a write killed part-way", "temp")
+        t, g = len(store), store.group
+        for name in [PARAMS, BUFFERS, REFERENCE] + row_arrays(g):
+            if name not in g:
+                continue
+            per_key = int((g[name].shards or g[name].chunks)[0])
+            for key, size in sizes.items():
+                parts = key[len(name) + 1:].split("/")
+                if key.startswith(f"{name}/c/") and parts[1].isdigit() and not ZARR_TEMP.search(key) \
+                        and int(parts[1]) * per_key >= t:
+                    drop(key, size, f"{name} rows from {int(parts[1]) * per_key}, at or beyond committed = {t}",
+                         "orphan")
+        if dry_run:
+            report.notes.append("dry run: nothing was removed (derived data listed without its lock)")
+            _gc_derived(store, g, files, sizes, report, subspace, incomplete)
+            return report
+        try:
+            with derived_locked(store, report.notes) as root:
+                _gc_derived(store, root, files, sizes, report, subspace, incomplete)
+        except StoreLockedError as exc:  # only the derived lock is taken in there
+            if subspace or incomplete:
+                raise
+            report.kept.append(f"gram/ and subspaces/ left alone: {exc}")
+        if files.local is not None:
+            _remove_empty_dirs(files.local)
+        return report
+    finally:
+        store.close()
+
+
+def _drop(files: Files, report: GcReport, key: str, size: int, why: str, kind: str, tree: bool = False) -> None:
+    report.removed.append(GcItem(key, size, why, kind))
+    if not report.dry_run:
+        files.remove_tree(key) if tree else files.remove_file(key)
+
+
+def _gc_derived(store: TrajectoryStore, root, files: Files, sizes: dict[str, int], report: GcReport,
+                subspace: str | None, incomplete: bool) -> None:
+    """gram/: a stale update or a cache that covers no current row; subspaces/: asked-for ones, temps."""
+    subtree = (lambda prefix: sum(s for k, s in sizes.items() if k.startswith(prefix + "/")))
+    for key, size in sizes.items():
+        if key.split("/", 1)[0] in (GRAM, SUBSPACES) and ZARR_TEMP.search(key):
+            _drop(files, report, key, size, "zarr temporary file of a write killed part-way", "temp")
+    t = len(store)
+    if GRAM in root and "update" in root[GRAM]:  # gram/value itself is never stale: update_gram reuses its prefix
+        gram = root[GRAM]
+        attrs = gram["update"].attrs.asdict()
+        frm, to = int(attrs.get("from_rows", -1)), int(attrs.get("to_rows", -1))
+        truncations = store.attrs.get("truncations", [])[int(gram.attrs.get("truncations_seen", 0)):]
+        why = (f"it covers {to} snapshots but only {t} are committed" if to > t else
+               f"the store was truncated to {min(truncations)} after the cached Gram was written, so its partial "
+               "sums may hold replaced rows" if any(int(x) < to for x in truncations) else
+               f"the store has grown to {t} snapshots since (it covers {to}): update_gram restarts it" if to < t
+               else None)
+        if why:
+            _drop(files, report, f"{GRAM}/update", subtree(f"{GRAM}/update"), f"unfinished Gram update: {why}",
+                  "stale-cache", tree=True)
+        else:
+            report.kept.append(f"{GRAM}/update: an unfinished Gram update of rows {frm}..{to - 1} that still "
+                               "matches the store: resumable, kept (rerun the extraction to finish it)")
+    names = sorted(root[SUBSPACES].group_keys()) if SUBSPACES in root else []
+    if subspace is not None and subspace not in names:
+        raise SubspaceNotFoundError(f"no subspace {subspace!r} in {store.path}; available: {names or 'none'}")
+    for name in names:
+        key, complete = f"{SUBSPACES}/{name}", bool(root[f"{SUBSPACES}/{name}"].attrs.get("complete"))
+        if name == subspace or (incomplete and not complete):
+            why = "asked for (--subspace)" if name == subspace else "unfinished extraction (--incomplete)"
+            _drop(files, report, key, subtree(key), f"subspace {name!r}: {why}", "subspace", tree=True)
+            continue
+        if not complete:
+            report.kept.append(f"{key}: unfinished extraction, resumable: kept (rerun the same extract to finish "
+                               f"it, or gc --incomplete / --subspace {name} to remove it)")
+        partial = f"{key}/{CACHE_PARTIAL}"
+        if partial in sizes and files.local is not None:
+            idle = time.time() - (files.local / partial).stat().st_mtime
+            if idle >= CACHE_PARTIAL_AGE_S:
+                _drop(files, report, partial, sizes[partial], "memory-map copy of the basis abandoned part-way",
+                      "stale-cache")
+            else:
+                report.kept.append(f"{partial}: a basis copy written {idle:.0f} s ago, maybe still in progress: kept")
+    if files.local is not None and (files.local / SUBSPACES).is_dir():
+        for entry in sorted((files.local / SUBSPACES).iterdir()):
+            if entry.is_dir() and not (entry / "zarr.json").exists():
+                key = f"{SUBSPACES}/{entry.name}"
+                _drop(files, report, key, subtree(key), "cache folder of a subspace that no longer exists",
+                      "stale-cache", tree=True)
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """The row folders (params/c/<row>) emptied by gc."""
+    for name in (PARAMS, BUFFERS, REFERENCE):
+        if (root / name / "c").is_dir():
+            for entry in (root / name / "c").iterdir():
+                if entry.is_dir() and not any(entry.iterdir()):
+                    entry.rmdir()
+    if (root / TRASH).is_dir() and not any((root / TRASH).iterdir()):
+        (root / TRASH).rmdir()
