@@ -46,6 +46,7 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
             scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address"),
             block_size: Optional[int] = typer.Option(None, "--block-size", help="columns per task"),
             overwrite: bool = typer.Option(False, "--overwrite"),
+            break_lock: bool = typer.Option(False, "--break-lock", help="take over the lock of a dead extraction"),
             follow: bool = typer.Option(False, "--follow", help="keep extracting while RUN is being recorded"),
             every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
             poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
@@ -60,7 +61,7 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
         try:
             sub = extract_subspace(run, dim=dim, variance=variance, snapshots=parse_snapshots(snapshots), name=name,
                                    method=method, scheduler=scheduler, block_size=block_size, overwrite=overwrite,
-                                   progress=update, stop=stop, log=lambda message: err.print(f"[yellow]{message}[/]"))
+                                   progress=update, stop=stop, break_lock=break_lock, log=lambda message: err.print(f"[yellow]{message}[/]"))
         except Interrupted:
             raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
     summary = sub.summary()

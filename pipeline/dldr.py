@@ -158,7 +158,7 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                      name: str = "default", method: str = "gram", scheduler: object = None,
                      block_size: int | None = None, overwrite: bool = False,
                      progress: Progress | None = None, stop: StopFlag | None = None,
-                     log: Callable[[str], None] | None = None) -> Subspace:
+                     log: Callable[[str], None] | None = None, break_lock: bool = False) -> Subspace:
     """Extract the top-d DLDR subspace of a store's trajectory and write it under ``subspaces/<name>/``.
 
     Give exactly one of ``dim`` and ``variance``. ``snapshots`` is a slice or a list of
@@ -168,6 +168,7 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
     called as column blocks finish. Rerunning an interrupted call resumes it, over the snapshots
     it started with even if the store grew meanwhile (``log`` receives a message saying so).
     Snapshots recorded with NaN or Inf must be left out through ``snapshots``; the error says which.
+    ``break_lock=True`` takes over the derived-data lock of an extraction that died.
     """
     began = time.perf_counter()
     store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore.open(store_or_path, "r")
@@ -185,7 +186,7 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
     requested = {"snapshots_requested": _spec_json(snapshots), "method": method, "dim_requested": dim,
                  "variance_requested": variance}
     settings = {"snapshots": rows, **requested, "committed": len(store)}
-    with store.derived() as root:
+    with store.derived(break_lock=break_lock) as root:
         subspaces = root.require_group(SUBSPACES)
         if name in subspaces:
             attrs = subspaces[name].attrs.asdict()

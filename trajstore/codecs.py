@@ -14,10 +14,20 @@ Presets by name (``"name"`` or ``"name:parameter"``):
 ``xor-delta[:K]``  lossless   float bits XOR the previous snapshot; keyframe every K rows
                               (default 16), so any row decodes from at most K reads.
 ``bitround-delta`` lossy      w_i - w_0 with its mantissa rounded to ``keepbits`` bits
-``[:keepbits]``               (default 8): relative error <= 2^-(keepbits+1) of the delta.
-``float16-delta``  lossy      w_i - w_0 stored as float16: relative error <= 2^-11 of the
-                              delta (absolute 2^-25 below float16's normal range).
+``[:keepbits]``               (default 8): |error| <= (2^-keepbits + 2^-22) |w_i - w_0|
+                              + 2^-(keepbits+126).
+``float16-delta``  lossy      w_i - w_0 stored as float16: |error| <= (2^-10 + 2^-22)
+                              |w_i - w_0| + 2^-24.
 =================  =========  ==========================================================
+
+The lossy bounds hold elementwise for float32 stores (float64 ones do better) and are tight:
+rounding the difference costs 2^-(keepbits+1) (float16: 2^-11, or 2^-25 absolute below
+float16's normal range 6.1e-5), and the float32 rounding of the difference and of the decoded
+sum w_0 + delta can at most double that (it does, where |w_0| >> |w_i - w_0|: a decoded value
+is the float32 nearest w_0 + delta, and w_i is a float32 candidate too). Both presets refuse a
+snapshot whose decoded value would leave float32 range (or whose difference leaves float16's),
+and a snapshot 0 holding NaN or Inf, which every later snapshot is stored relative to. NaN and
+Inf in later snapshots (``allow_nonfinite``) are stored as they are and decode as they were.
 """
 from __future__ import annotations
 
@@ -61,8 +71,13 @@ class CodecPreset:
         if self.lossless:
             return "exact (bit for bit)"
         if self.keepbits is not None:
-            return f"|error| <= 2^-{self.keepbits + 1} * |w_i - w_0| elementwise (plus float32 rounding of the sum)"
-        return "|error| <= 2^-11 * |w_i - w_0| elementwise, or 2^-25 absolute where |w_i - w_0| < 6.1e-5"
+            k = self.keepbits
+            return (f"|error| <= (2^-{k} + 2^-22) * |w_i - w_0| + 2^-{k + 126} elementwise (float32; rounding to "
+                    f"{k} bits costs 2^-{k + 1}, float32 rounding of the difference and of w_0 + delta at most "
+                    "doubles it)")
+        return ("|error| <= (2^-10 + 2^-22) * |w_i - w_0| + 2^-24 elementwise (float32; float16 costs 2^-11, "
+                "or 2^-25 absolute below 6.1e-5; float32 rounding of the difference and of w_0 + delta at most "
+                "doubles it)")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -72,8 +87,49 @@ class CodecPreset:
 
     @classmethod
     def from_json(cls, d: dict) -> "CodecPreset":
+        """The preset a store's attributes describe. A description that is not self-consistent (a
+        damaged or hand-edited file: an unknown transform, a keyframe interval or keepbits that
+        disagree with the recorded ``spec``) raises InvalidArgumentError rather than decoding wrongly."""
+        if not isinstance(d, dict):
+            raise InvalidArgumentError(f"codec description must be a mapping, got {d!r:.80}")
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
+        try:
+            preset = cls(**fields)
+        except TypeError as exc:  # a required field is missing
+            raise InvalidArgumentError(f"codec description {d!r:.200} is incomplete ({exc})") from None
+        problem = preset._inconsistency()
+        if problem is None and "spec" in d and d["spec"] != preset.spec:
+            problem = f"its fields describe {preset.spec!r} but it records spec {d['spec']!r}"
+        if problem:
+            raise InvalidArgumentError(f"codec description {d!r:.200} is inconsistent: {problem}")
+        return preset
+
+    def _inconsistency(self) -> str | None:
+        """What makes this preset impossible to decode faithfully, or None."""
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.transform not in ("plain", "xor", "delta"):
+            return f"unknown transform {self.transform!r}"
+        if not isinstance(self.name, str) or not isinstance(self.lossless, bool):
+            return "name must be a string and lossless a boolean"
+        if self.lossless != (self.transform != "delta"):
+            return f"transform {self.transform!r} with lossless={self.lossless}"
+        if not is_int(self.keyframe_interval) or self.keyframe_interval < 1 or (
+                self.transform != "xor" and self.keyframe_interval != 1):
+            return f"keyframe_interval {self.keyframe_interval!r} with transform {self.transform!r}"
+        if self.transform != "delta" and (self.keepbits is not None or self.delta_dtype is not None):
+            return f"keepbits/delta_dtype set for transform {self.transform!r}"
+        if self.transform == "delta":
+            if (self.keepbits is None) == (self.delta_dtype is None):
+                return "a delta transform needs exactly one of keepbits and delta_dtype"
+            if self.keepbits is not None and not (is_int(self.keepbits) and 1 <= self.keepbits <= 52):
+                return f"keepbits {self.keepbits!r}"
+            if self.delta_dtype is not None and self.delta_dtype not in ("float16", "float32"):
+                return f"delta_dtype {self.delta_dtype!r}"
+        if not (isinstance(self.cname, str) and is_int(self.clevel) and isinstance(self.shuffle, str)):
+            return "cname, clevel and shuffle must be a string, an integer and a string"
+        return None
 
     # -- zarr side ----------------------------------------------------------------------
     def stored_dtype(self, dtype: np.dtype) -> np.dtype:
@@ -115,17 +171,17 @@ class CodecPreset:
             if self.is_keyframe(index):
                 return bits
             return np.bitwise_xor(bits, prev.view(bits.dtype))
-        diff = row - reference  # (n,) in the row's float dtype
-        if self.delta_dtype:
-            out = diff.astype(self.delta_dtype)
-            bad = ~np.isfinite(out)
-            if bad.any():
-                raise InvalidArgumentError(
-                    f"snapshot {index} differs from snapshot 0 by up to {np.abs(diff).max():.3g}, beyond "
-                    f"{self.delta_dtype}'s range; use codec='bitround-delta' for this trajectory"
-                )
-            return out
-        return _bitround(diff, self.keepbits)
+        if index == 0 and not np.isfinite(reference).all():
+            raise InvalidArgumentError(
+                f"snapshot 0 holds NaN or Inf; with codec {self.spec!r} every later snapshot is stored as its "
+                "difference from snapshot 0, which NaN/Inf there would wipe out: record a finite first snapshot, "
+                "or use a lossless codec")
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            diff = row - reference  # (n,) in the row's float dtype
+            out = diff.astype(self.delta_dtype) if self.delta_dtype else _bitround(diff, self.keepbits)
+        _check_decodable(row, reference, out, index, self.delta_dtype or row.dtype.name,
+                         "codec='bitround-delta'" if self.delta_dtype else "a lossless codec")
+        return out
 
     def decode(self, stored: np.ndarray, first_index: int, reference: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
         """Undo the transform on a block of stored rows (k, m) starting at row ``first_index``.
@@ -147,8 +203,26 @@ class CodecPreset:
         return (stored.astype(dtype, copy=False) + reference[None, :]).astype(dtype, copy=False)
 
 
+def _check_decodable(row: np.ndarray, reference: np.ndarray, stored: np.ndarray, index: int, what: str,
+                     instead: str, block: int = 1 << 20) -> None:
+    """Raise InvalidArgumentError where a finite element of ``row`` would not decode finite (its
+    difference, or the rounded one added back to the reference, leaves the float range)."""
+    for s in range(0, row.shape[0], block):
+        part = slice(s, s + block)
+        with np.errstate(over="ignore", invalid="ignore"):
+            back = stored[part].astype(row.dtype) + reference[part]
+        bad = np.isfinite(row[part]) & ~np.isfinite(back)
+        if bad.any():
+            j = s + int(np.argmax(bad))
+            raise InvalidArgumentError(
+                f"snapshot {index} differs from snapshot 0 by {float(row[j]) - float(reference[j]):.3g} at element "
+                f"{j} (values {row[j]:.3g} and {reference[j]:.3g}): stored as {what}, beyond its range, it would "
+                f"not decode to a finite value; use {instead} for this trajectory")
+
+
 def _bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
-    """Round the mantissa of ``x`` to ``keepbits`` bits, ties to even (as numcodecs.BitRound)."""
+    """Round the mantissa of ``x`` to ``keepbits`` bits, ties to even (as numcodecs.BitRound).
+    NaN and Inf are returned as they are (rounding their bits could turn a NaN into a number)."""
     mbits = _MANTISSA_BITS[x.dtype]
     if keepbits >= mbits:
         return x
@@ -158,7 +232,7 @@ def _bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
     half = bits.dtype.type((1 << (drop - 1)) - 1)
     mask = ~bits.dtype.type((1 << drop) - 1)
     rounded = (bits + half + ((bits >> bits.dtype.type(drop)) & one)) & mask
-    return rounded.view(x.dtype)
+    return np.where(np.isfinite(x), rounded.view(x.dtype), x)
 
 
 def get_preset(spec: "str | CodecPreset") -> CodecPreset:

@@ -22,7 +22,7 @@ import crc32c
 import numcodecs
 import numpy as np
 
-from .errors import CorruptSnapshotError
+from .errors import CorruptMetadataError, CorruptSnapshotError
 
 _EMPTY = 2**64 - 1
 
@@ -145,10 +145,17 @@ def _check(data: bytes, row: int, what: str) -> None:
         raise _corrupt(row, f"{what} fails its crc32c checksum")
 
 
-def open_fast(path: str, storage_options: dict | None = None, strict: bool = True) -> FastShardReader | None:
+def open_fast(path: str, storage_options: dict | None = None, strict: bool = True,
+              layout_required: bool = False) -> FastShardReader | None:
     """A checked reader for the array at ``path`` (a local folder or a URL) if it has exactly
-    trajstore's layout, else None."""
+    trajstore's layout, else None (metadata that cannot be fetched give None as well).
+
+    ``layout_required``: metadata that were read but describe any other layout raise
+    CorruptMetadataError instead: every store of format 1 has this layout, so a difference is
+    damage, and zarr would decode it silently wrong (a flipped ``endian``, other chunk keys).
+    """
     fs = None
+    meta = None
     try:
         if "://" in path:
             import fsspec
@@ -165,9 +172,44 @@ def open_fast(path: str, storage_options: dict | None = None, strict: bool = Tru
               and names == ["bytes", "blosc", "crc32c"]
               and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
               and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+              and conf["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
               and len(meta["shape"]) == 2 and conf["chunk_shape"][0] == 1
               and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1
               and meta["chunk_key_encoding"]["name"] == "default")
-        return FastShardReader(root, meta, fs, strict) if ok else None
-    except (OSError, KeyError, ValueError, TypeError, ImportError):
+        reader = FastShardReader(root, meta, fs, strict) if ok else None
+        if reader is not None and reader.per_shard * reader.chunk == reader.shard and reader.chunk > 0:
+            return reader
+        problem = "it describes another layout"
+    except (OSError, ImportError):
         return None
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, ArithmeticError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if layout_required:
+        raise CorruptMetadataError(
+            f"the array metadata {path.rstrip('/')}/zarr.json do not describe the layout trajstore writes "
+            f"((1, S) shards of bytes -> blosc -> crc32c chunks, index at the end, little-endian): {problem}. "
+            "The file is damaged; restore it from a copy of the store")
+    return None
+
+
+def row_layout_problem(meta: dict, dtype: str, checksummed: bool = True) -> str | None:
+    """What makes a per-snapshot (t,) array's metadata (``zarr.Array.metadata.to_dict()``) differ from
+    the layout trajstore writes (little-endian bytes -> zstd [-> crc32c], default ``/`` chunk keys,
+    ``dtype``), else None. zarr would decode any other layout without complaint, silently wrong
+    (a flipped ``endian``, ``v2`` chunk keys reading the fill value). ``checksummed=False`` also
+    accepts the unchecked bytes -> zstd of stores written before the row arrays had crc32c."""
+    try:
+        names = [c["name"] for c in meta["codecs"]]
+        allowed = [["bytes", "zstd", "crc32c"]] + ([] if checksummed else [["bytes", "zstd"]])
+        if names not in allowed:
+            return f"codecs {names}"
+        if (meta["codecs"][0].get("configuration") or {}).get("endian", "little") != "little":
+            return "big-endian values"
+        keys = meta["chunk_key_encoding"]
+        if keys["name"] != "default" or (keys.get("configuration") or {}).get("separator", "/") != "/":
+            return f"chunk keys {keys}"
+        if len(meta["shape"]) != 1 or np.dtype(meta["data_type"]) != np.dtype(dtype):
+            return f"shape {meta['shape']} of {meta['data_type']}, not (t,) of {np.dtype(dtype)}"
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        return f"unreadable fields ({type(exc).__name__}: {exc})"
+    return None

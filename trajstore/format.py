@@ -13,7 +13,7 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from .codecs import CodecPreset
-from .errors import FormatVersionError, NotAStoreError
+from .errors import CorruptMetadataError, FormatVersionError, NotAStoreError
 
 FORMAT_VERSION = 1
 ATTR = "trajstore"
@@ -32,32 +32,61 @@ ROW_CHUNK = 4096  # rows per chunk of the (t,) per-snapshot arrays
 
 
 def is_url(path: str) -> bool:
+    """True for an fsspec URL (``s3://...``, ``memory://...``); ``file://`` URLs count as URLs too."""
     return "://" in str(path)
 
 
-def normalize(path: "str | os.PathLike") -> str:
-    """A local path made absolute, or a URL as given."""
+_LOCAL_SCHEMES = ("file://", "local://")
+
+
+def file_url_path(path: str) -> str | None:
+    """The local path behind a ``file://`` (or fsspec ``local://``) URL, else None.
+
+    ``file:///abs/x`` and ``file://localhost/abs/x`` give ``/abs/x``; ``file://rel/x`` gives
+    ``rel/x`` (relative to the working directory, as fsspec reads it).
+    """
     path = str(path)
+    for scheme in _LOCAL_SCHEMES:
+        if path.startswith(scheme):
+            rest = path[len(scheme):]
+            return rest[len("localhost"):] if rest.startswith("localhost/") else rest
+    return None
+
+
+def normalize(path: "str | os.PathLike") -> str:
+    """A local path (or ``file://`` URL) made an absolute local path, or any other URL as given.
+
+    ``file://`` URLs become plain paths so that they get everything local stores get: atomic
+    writes (LocalStore), the ``flock`` writer lock and the fast reader.
+    """
+    path = str(path)
+    local = file_url_path(path)
+    if local is not None:
+        path = local
     return path if is_url(path) else str(Path(path).expanduser().absolute())
 
 
 def local_dir(path: str) -> Path | None:
-    """The local directory behind ``path`` (also for ``file://`` URLs), else None."""
+    """The local directory behind ``path`` (a plain path or a ``file://`` URL), else None."""
     if not is_url(path):
         return Path(path)
-    if path.startswith("file://"):
-        return Path(path.removeprefix("file://"))
-    return None
+    local = file_url_path(path)
+    return Path(normalize(local)) if local is not None else None
 
 
 def zarr_store(path: str, read_only: bool, storage_options: dict | None = None):
-    """A zarr store for a local path (LocalStore, atomic writes) or an fsspec URL."""
-    if is_url(path):
-        opts = dict(storage_options or {})
-        if path.startswith("file://"):
-            opts.setdefault("auto_mkdir", True)
-        return FsspecStore.from_url(path, read_only=read_only, storage_options=opts)
-    return LocalStore(path, read_only=read_only)
+    """A zarr store: LocalStore (atomic temp-file + rename writes) for a local path or ``file://``
+    URL, FsspecStore for any other fsspec URL (``s3://...``: every PUT is atomic).
+
+    ``storage_options`` apply to remote URLs only; local stores take none. Directory listings are
+    not cached (``use_listings_cache=False`` unless given): another process (the writer, an
+    extraction) adds arrays while this one reads, and a cached listing would hide them.
+    """
+    local = local_dir(path)
+    if local is not None:
+        return LocalStore(local, read_only=read_only)
+    opts = {"use_listings_cache": False, **(storage_options or {})}
+    return FsspecStore.from_url(path, read_only=read_only, storage_options=opts)
 
 
 def open_root(path: str, mode: str, storage_options: dict | None = None) -> tuple[zarr.Group, dict]:
@@ -66,24 +95,59 @@ def open_root(path: str, mode: str, storage_options: dict | None = None) -> tupl
     if local is not None and not local.exists():
         raise NotAStoreError(f"no trajstore store at {path}: the path does not exist")
     try:
-        group = zarr.open_group(zarr_store(path, read_only=(mode == "r"), storage_options=storage_options), mode="r" if mode == "r" else "r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as exc:
+        group = zarr.open_group(zarr_store(path, read_only=(mode == "r"), storage_options=storage_options),
+                                mode="r" if mode == "r" else "r+", zarr_format=3)  # no v2 probes: 3 requests less on S3
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as exc:
         raise NotAStoreError(f"{path} is not a trajstore store (no zarr group there: {exc})") from None
+    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # a zarr.json that does not parse
+        raise CorruptMetadataError(
+            f"the group metadata {path.rstrip('/')}/zarr.json is damaged ({type(exc).__name__}: {exc}); it holds "
+            "the committed count, layout and codec: restore it from a copy of the store") from None
     meta = group.attrs.get(ATTR)
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise NotAStoreError(f"{path} is a zarr group but not a trajstore store (no '{ATTR}' attributes)")
     check_version(meta, path)
+    check_meta(meta, path)
     return group, meta
 
 
 def check_version(meta: dict, path: str) -> None:
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        versions = meta.get("versions")
         raise FormatVersionError(
-            f"{path} was written in store format version {version} by trajstore "
-            f"{meta.get('versions', {}).get('trajstore', '?')}; this trajstore reads format "
+            f"{path} was written in store format version {version!r} by trajstore "
+            f"{versions.get('trajstore', '?') if isinstance(versions, dict) else '?'}; this trajstore reads format "
             f"<= {FORMAT_VERSION}. Upgrade: pip install -U trajstore"
         )
+
+
+def check_meta(meta: dict, path: str) -> None:
+    """Raise CorruptMetadataError, naming ``zarr.json`` and the key, unless the ``trajstore``
+    attributes hold a well-formed committed count, layout(s), dtype and codec that agree."""
+    from .layout import ParamLayout
+
+    where = f"the '{ATTR}' attributes in {path.rstrip('/')}/zarr.json"
+    committed = meta.get("committed")
+    if not isinstance(committed, int) or isinstance(committed, bool) or committed < 0:
+        raise CorruptMetadataError(f"{where} hold committed = {committed!r}, not a snapshot count: the file is "
+                                   f"damaged; `trajstore repair {path}` rebuilds it from the rows on disk")
+    try:
+        layout = ParamLayout.from_json(meta["layout"])
+        for spec in layout.specs:
+            if not (isinstance(spec.name, str) and all(type(d) is int and d >= 0 for d in spec.shape)
+                    and np.dtype(spec.dtype).kind == "f"):
+                raise ValueError(f"tensor entry {spec}")
+        if layout.n == 0 or np.dtype(meta["dtype"]) != layout.storage_dtype():
+            raise ValueError(f"dtype {meta['dtype']!r} for a layout of {layout.n} elements")
+        if meta.get("buffer_layout") is not None:
+            ParamLayout.from_json(meta["buffer_layout"])
+        CodecPreset.from_json(meta["codec"])
+        if not isinstance(meta.get("metadata", {}), dict):
+            raise ValueError("metadata is not a mapping")
+    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # TrajstoreError subclasses ValueError here
+        raise CorruptMetadataError(f"{where} are damaged ({type(exc).__name__}: {exc}); restore the file from a "
+                                   "copy of the store") from None
 
 
 def create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: int, shard: int,
@@ -95,7 +159,7 @@ def create_rows(group: zarr.Group, name: str, n: int, dtype: np.dtype, chunk: in
                               config={"write_empty_chunks": True})
 
 
-def clear_except_lock(path: str) -> None:
+def clear_except_lock(path: str, storage_options: dict | None = None) -> None:
     """Empty the store's folder (``overwrite=True``) while keeping the lock we hold."""
     import shutil
 
@@ -107,18 +171,18 @@ def clear_except_lock(path: str) -> None:
             if entry.name != LOCK_NAME:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         return
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **{"use_listings_cache": False, **(storage_options or {})})
     if fs.exists(root):
         for entry in fs.ls(root, detail=False):
             if not entry.rstrip("/").endswith(LOCK_NAME):
                 fs.rm(entry, recursive=True)
 
 
-def stored_bytes(path: str) -> int:
+def stored_bytes(path: str, storage_options: dict | None = None) -> int:
     """Bytes the store takes on disk (or in the object store)."""
     local = local_dir(path)
     if local is not None:
         return sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
     import fsspec
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **{"use_listings_cache": False, **(storage_options or {})})
     return int(fs.du(root))

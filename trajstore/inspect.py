@@ -7,10 +7,15 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CorruptSnapshotError
-from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, stored_bytes
+from .errors import CorruptMetadataError, CorruptSnapshotError
+from .format import (BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, SUBSPACES, WALL_TIME,
+                     local_dir, stored_bytes)
 from . import reader as _reader
+from .fastread import row_layout_problem
 from .store import TrajectoryStore
+
+
+_ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}  # metrics: float64
 
 
 def info(path: "str | os.PathLike") -> dict:
@@ -26,23 +31,30 @@ def info(path: "str | os.PathLike") -> dict:
             "snapshots": t,
             "parameters": n,
             "tensors": len(store.layout),
-            "first_step": int(steps[0]) if t else None,
-            "last_step": int(steps[-1]) if t else None,
+            "first_step": int(steps[0]) if len(steps) else None,
+            "last_step": int(steps[-1]) if len(steps) else None,
             "steps": steps.tolist(),
             "stored_bytes": size,
             "raw_bytes": raw,
             "compression_ratio": raw / size if size and raw else None,
-            "codec": meta["codec"]["spec"],
-            "lossless": meta["codec"]["lossless"],
-            "error_bound": meta["codec"]["error_bound"],
+            "codec": store.codec.spec,
+            "lossless": store.codec.lossless,
+            "error_bound": store.codec.error_bound(),  # this version's statement of the bound
             "dtype": meta["dtype"],
             "format_version": meta["format_version"],
             "created": meta.get("created"),
             "buffers": store.buffer_layout.n if store.buffer_layout else 0,
-            "metrics": store.metric_names(),
-            "subspaces": sorted(store.group["subspaces"].group_keys()) if "subspaces" in store.group else [],
+            "metrics": [name.split("/", 1)[1] for name in _row_arrays(store) if name.startswith(f"{METRICS}/")],
+            "subspaces": _subspaces(store),
             "metadata": meta.get("metadata", {}),
         }
+
+
+def _subspaces(store: TrajectoryStore) -> list[str]:
+    try:
+        return sorted(store.group[SUBSPACES].group_keys()) if SUBSPACES in store.group else []
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ArithmeticError, OSError) as exc:
+        raise _damaged(store, SUBSPACES, exc) from None
 
 
 @dataclass
@@ -75,28 +87,50 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
     with TrajectoryStore.open(path, "r", storage_options=storage_options) as store:
         t = len(store)
         report = VerifyReport(store.path, t)
-        for name in _row_arrays(store):
-            rows = store.group[name].shape[0]
+        shapes: dict[str, int] = {}
+        checksummed = bool(store.attrs.get("all_chunks_written"))
+        for name in _row_arrays(store, report):
+            try:
+                arr = _array(store, name)
+                rows = shapes[name] = arr.shape[0]
+            except CorruptSnapshotError as exc:
+                report.store_problems.append(str(exc))
+                continue
             if rows < t:
                 report.store_problems.append(
                     f"the committed count {t} exceeds the {rows} rows of '{name}' (metadata damaged); "
                     f"`trajstore repair {store.path}` truncates to the rows that exist")
             elif name != PARAMS and name != BUFFERS:
+                problem = row_layout_problem(arr.metadata.to_dict(), _ROW_DTYPES.get(name, "float64"), checksummed)
+                if problem:
+                    shapes.pop(name)
+                    report.store_problems.append(
+                        f"the metadata of '{name}' ({store.path}/{name}/zarr.json) describe {problem}, not the "
+                        "layout trajstore writes: the file is damaged and its values would read wrong; restore "
+                        "it from a copy of the store")
+                    continue
                 try:
                     store._row_values(name)  # checksums and missing chunk files of the small arrays
                 except CorruptSnapshotError as exc:
                     report.store_problems.append(str(exc))
-        t = min([t] + [store.group[name].shape[0] for name in (PARAMS, NONFINITE)])
+        t = min([t] + [shapes.get(name, t) for name in (PARAMS, NONFINITE)])
         if store.codec.transform == "delta" and t:
             try:
                 store.group[REFERENCE][0, :1]
             except Exception as exc:  # noqa: BLE001 -- any failure here is a damaged reference
                 report.store_problems.append(f"the reference snapshot every row decodes from is unreadable: {exc}")
         try:
+            if NONFINITE not in shapes:
+                raise KeyError(NONFINITE)  # its metadata are damaged: reported above
             allowed_nonfinite = store.group[NONFINITE][:t]
-        except (ValueError, RuntimeError, OSError):  # reported above as a store problem
+        except (ValueError, RuntimeError, OSError, KeyError, TypeError, IndexError):  # a store problem above
             allowed_nonfinite = np.zeros(t, bool)
         reader = store.reader()
+        try:
+            reader._open()  # the params/reference metadata agree with the attributes
+        except CorruptSnapshotError as exc:  # no snapshot can be read
+            report.store_problems.append(str(exc))
+            return report
         group = max(1, store.codec.keyframe_interval if store.codec.transform == "xor" else 8)
         for g0 in range(0, t, group):
             g1 = min(t, g0 + group)
@@ -119,9 +153,39 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
         return report
 
 
-def _row_arrays(store: TrajectoryStore) -> list[str]:
-    names = [name for name in (PARAMS, BUFFERS, *ROW_ARRAYS) if name in store.group]
-    return names + [f"{METRICS}/{name}" for name in store.metric_names()]
+def _row_arrays(store: TrajectoryStore, report: VerifyReport | None = None) -> list[str]:
+    """Every per-snapshot array the store must hold (a missing one is reported when opened)."""
+    names = [PARAMS, *([BUFFERS] if store.buffer_layout is not None else []), *ROW_ARRAYS]
+    local = local_dir(store.path)
+    folder = local / METRICS if local is not None else None
+    # a metric folder whose zarr.json is gone is damage too (zarr lists only arrays it can open)
+    orphans = {d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")} \
+        if folder is not None and folder.is_dir() else set()
+    try:
+        return names + [f"{METRICS}/{name}" for name in sorted(orphans | set(store.metric_names()))]
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ArithmeticError, OSError) as exc:
+        problem = _damaged(store, METRICS, exc)
+        if report is None:
+            raise problem from None
+        report.store_problems.append(str(problem))
+        return names
+
+
+def _array(store: TrajectoryStore, name: str):
+    """The zarr array ``name``; missing or damaged metadata raises CorruptMetadataError naming the file."""
+    try:
+        arr = store.group[name]
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ArithmeticError, OSError) as exc:
+        raise _damaged(store, name, exc) from None
+    if not hasattr(arr, "shape") or not arr.shape:
+        raise _damaged(store, name, ValueError("it is not a 1-d or 2-d array"))
+    return arr
+
+
+def _damaged(store: TrajectoryStore, name: str, exc: Exception) -> CorruptMetadataError:
+    what = "is missing" if isinstance(exc, KeyError) else f"is damaged ({type(exc).__name__}: {exc})"
+    return CorruptMetadataError(f"the metadata of '{name}' ({store.path}/{name}/zarr.json) {what}; restore it "
+                                f"from a copy of the store, or `trajstore repair {store.path}`")
 
 
 def _check_rows(reader, r0: int, r1: int, n: int) -> dict[int, int]:

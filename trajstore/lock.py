@@ -1,9 +1,17 @@
-"""One writer per store: an advisory lock file holding the holder's pid and host.
+"""One writer per store: an advisory lock holding the holder's pid and host.
 
-Local stores use ``fcntl.flock``: the kernel drops the lock when its holder dies, so a
-lock file naming a dead pid is *stale*, reported with a warning and taken over. Remote
-(fsspec) stores cannot flock: a lock object naming a dead pid on this host raises
-StaleLockError unless ``break_lock=True``.
+Local stores (plain paths and ``file://`` URLs) use ``fcntl.flock``: the kernel drops the
+lock when its holder dies, so a lock file naming a dead pid is *stale*, reported with a
+warning and taken over.
+
+Object stores cannot flock. There the lock is an object created with an atomic conditional
+create (S3 ``PutObject`` with ``If-None-Match: *``): of two writers racing for it, the
+object store lets exactly one create it and answers the other ``412 Precondition Failed``.
+The object outlives a killed holder, so a lock naming a dead pid on this host raises
+StaleLockError and any other holder StoreLockedError, until the caller passes
+``break_lock=True`` (delete the object, then conditionally create our own). Filesystems
+with no conditional create (any fsspec filesystem that is neither local nor S3) fall back to
+check-then-put, with a :class:`NonAtomicLockWarning`.
 """
 from __future__ import annotations
 
@@ -12,26 +20,50 @@ import json
 import os
 import socket
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import fsspec
 
 from .errors import StaleLockError, StoreLockedError
+from .format import DERIVED_LOCK_NAME, LOCK_NAME, local_dir
+
+_ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a"}
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), telling a reused pid apart; None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "start": _proc_start(pid), "token": uuid.uuid4().hex}
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether ``pid`` runs on this host (and, given its recorded ``start``, is the same process)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
+
+
+def _pid_of(holder: dict) -> int:
+    pid = holder.get("pid")
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else -1
 
 
 def _describe(holder: dict) -> str:
@@ -42,29 +74,75 @@ class StaleLockWarning(UserWarning):
     """A previous writer died without releasing its lock; the lock was taken over."""
 
 
-class WriterLock:
-    """Exclusive writer lock for the store at ``root`` (a local path or an fsspec URL)."""
+class NonAtomicLockWarning(UserWarning):
+    """The filesystem has no atomic conditional create: the lock is check-then-put, so two writers
+    starting at the same instant could both take it."""
 
-    def __init__(self, root: str, name: str = ".trajstore.lock", break_lock: bool = False):
+
+def atomic_create_supported(fs: fsspec.AbstractFileSystem) -> bool:
+    """True where ``fs`` creates an object only if absent, atomically (S3 ``If-None-Match: *``,
+    which botocore sends from 1.35.20 on)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if not _ATOMIC_CREATE_PROTOCOLS.intersection(protocols):
+        return False
+    try:
+        import botocore
+
+        return tuple(int(x) for x in botocore.__version__.split(".")[:3]) >= (1, 35, 20)
+    except (ImportError, ValueError):
+        return False
+
+
+class WriterLock:
+    """Exclusive lock ``name`` of the store at ``root`` (a local path, ``file://`` or fsspec URL).
+
+    ``name`` is the writer lock (``.trajstore.lock``, appends) or the derived-data lock
+    (``.trajstore.derived.lock``, extraction). ``break_lock=True`` takes over a lock left
+    behind on an object store (by a killed writer or extraction); ``storage_options`` are the
+    fsspec options of a remote store (endpoint, credentials).
+    """
+
+    def __init__(self, root: str, name: str = LOCK_NAME, break_lock: bool = False,
+                 storage_options: dict | None = None):
         self.root, self.name, self.break_lock = root, name, break_lock
+        self.storage_options = dict(storage_options or {})
         self._fd: int | None = None
-        self._remote = "://" in root and not root.startswith("file://")
-        self._fs, self._path = (None, None)
+        self._local = local_dir(root)
+        self._remote = self._local is None
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._path: str | None = None
+        self._token: str | None = None
 
     def acquire(self) -> "WriterLock":
-        """Take the lock or raise StoreLockedError / StaleLockError naming the holder."""
+        """Take the lock or raise StoreLockedError / StaleLockError naming the holder and what to do."""
         if self._remote:
             self._acquire_remote()
         else:
             self._acquire_local()
         return self
 
-    def _local_path(self) -> Path:
-        root = self.root.removeprefix("file://")
-        return Path(root) / self.name
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
 
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    @property
+    def _what(self) -> str:
+        if self.name == DERIVED_LOCK_NAME:
+            return f"derived data (gram/, subspaces/) of store {self.root}"
+        return f"store {self.root}"
+
+    @property
+    def _how_to_break(self) -> str:
+        if self.name == DERIVED_LOCK_NAME:
+            return "rerun the extraction with break_lock=True (`trajstore extract --break-lock`)"
+        return ("open it with break_lock=True (TrajectoryStore.open(path, 'a', break_lock=True) or "
+                "open_for_recording(path, model, break_lock=True))")
+
+    # -- local: flock ------------------------------------------------------------------------
     def _acquire_local(self) -> None:
-        path = self._local_path()
+        path = Path(self._local) / self.name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,16 +150,16 @@ class WriterLock:
             holder = _read_json(os.pread(fd, 4096, 0))
             os.close(fd)
             raise StoreLockedError(
-                f"store {self.root} is being written by {_describe(holder)}; one writer per store. "
+                f"{self._what} is being written by {_describe(holder)}; one writer at a time. "
                 "Stop that process, or open the store with mode='r' to read it",
                 holder,
             ) from None
         previous = _read_json(os.pread(fd, 4096, 0))
-        if previous.get("pid") and previous != {} and not (
+        if previous.get("pid") and not (
             previous.get("pid") == os.getpid() and previous.get("host") == socket.gethostname()
         ):
             warnings.warn(
-                f"store {self.root}: broke a stale lock left by {_describe(previous)}, which is no longer "
+                f"{self._what}: broke a stale lock left by {_describe(previous)}, which is no longer "
                 "running (it was killed or crashed); resuming after its last committed snapshot",
                 StaleLockWarning,
                 stacklevel=4,
@@ -91,28 +169,72 @@ class WriterLock:
         os.fsync(fd)
         self._fd = fd
 
+    # -- object stores: conditional create ---------------------------------------------------
     def _acquire_remote(self) -> None:
-        fs, path = fsspec.core.url_to_fs(self.root)
-        self._fs, self._path = fs, f"{path.rstrip('/')}/{self.name}"
-        if fs.exists(self._path):
-            holder = _read_json(fs.cat_file(self._path))
-            same_host = holder.get("host") == socket.gethostname()
-            if not self.break_lock:
-                if same_host and not _pid_alive(int(holder.get("pid", -1))):
-                    raise StaleLockError(
-                        f"store {self.root} has a stale lock from {_describe(holder)}, which is no longer "
-                        "running; open with break_lock=True to take it over",
-                        holder,
-                    )
-                raise StoreLockedError(
-                    f"store {self.root} is locked by {_describe(holder)}; if that writer is gone, "
-                    "open with break_lock=True",
-                    holder,
-                )
-        fs.pipe_file(self._path, json.dumps(_holder()).encode())
+        fs, path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        lock_path = f"{path.rstrip('/')}/{self.name}"
+        atomic = atomic_create_supported(fs)
+        if not atomic:
+            warnings.warn(
+                f"{self._what}: the {type(fs).__name__} filesystem has no atomic conditional create (S3 needs "
+                "botocore >= 1.35.20), so its lock is check-then-put: two writers starting at the same instant "
+                "could both take it. Start one writer per store", NonAtomicLockWarning, stacklevel=4)
+        if self.break_lock:
+            previous = self._read_holder(fs, lock_path)
+            if previous is not None:
+                alive = previous.get("host") == socket.gethostname() and _pid_alive(
+                    _pid_of(previous), previous.get("start"))
+                warnings.warn(f"{self._what}: break_lock=True removed the lock of {_describe(previous)}"
+                              f"{', which is still running' if alive else ''}", StaleLockWarning, stacklevel=4)
+                try:
+                    fs.rm_file(lock_path)
+                except FileNotFoundError:
+                    pass
+        holder = _holder()
+        body = json.dumps(holder).encode()
+        for _ in range(3):
+            try:
+                _create(fs, lock_path, body, atomic)
+                break
+            except OSError as exc:  # FileExistsError: the 412; others: maybe a retried PUT that had succeeded
+                current = self._read_holder(fs, lock_path)
+                if current is not None and current.get("token") == holder["token"]:
+                    break  # our own PUT, retried after a lost response
+                if current is None:
+                    if not isinstance(exc, FileExistsError):
+                        raise
+                    continue  # released between our PUT and our read: try again
+                self._raise_held(current, atomic)
+        else:
+            raise StoreLockedError(f"{self._what}: other writers took and released the lock three times while "
+                                   "this one tried; try again")
+        self._fs, self._path, self._token = fs, lock_path, holder["token"]
+
+    @staticmethod
+    def _read_holder(fs: fsspec.AbstractFileSystem, lock_path: str) -> dict | None:
+        try:
+            return _read_json(fs.cat_file(lock_path))
+        except FileNotFoundError:
+            return None
+
+    def _raise_held(self, holder: dict, atomic: bool) -> None:
+        """Raise StaleLockError (a dead process on this host) or StoreLockedError, naming ``holder``."""
+        racy = "" if atomic else " (this filesystem's lock is check-then-put, not atomic)"
+        if holder.get("host") == socket.gethostname() and not _pid_alive(_pid_of(holder), holder.get("start")):
+            raise StaleLockError(
+                f"{self._what} has a stale lock from {_describe(holder)}, which is no longer running (it was "
+                f"killed or crashed; its lock object stays behind on the object store){racy}. Committed data "
+                f"is intact: to take the lock over, {self._how_to_break}",
+                holder,
+            )
+        raise StoreLockedError(
+            f"{self._what} is locked by {_describe(holder)}{racy}; one writer at a time. If that process is "
+            f"gone, {self._how_to_break}",
+            holder,
+        )
 
     def release(self) -> None:
-        """Release the lock (idempotent)."""
+        """Release the lock (idempotent). A remote lock is deleted only while it is still ours."""
         if self._fd is not None:
             try:
                 os.ftruncate(self._fd, 0)
@@ -121,11 +243,26 @@ class WriterLock:
                 os.close(self._fd)
                 self._fd = None
         elif self._fs is not None:
-            try:
-                self._fs.rm_file(self._path)
-            except FileNotFoundError:
-                pass
-            self._fs = None
+            fs, path, self._fs = self._fs, self._path, None
+            holder = self._read_holder(fs, path)
+            if holder is not None and holder.get("token") == self._token:
+                try:
+                    fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+
+
+def _create(fs: fsspec.AbstractFileSystem, path: str, body: bytes, atomic: bool) -> None:
+    """Create ``path`` holding ``body``; FileExistsError if it exists (atomically where ``atomic``)."""
+    if atomic:
+        bucket, key, _ = fs.split_path(path)
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+        fs.invalidate_cache(path)
+        return
+    fs.invalidate_cache(path)  # a cached listing could hide a lock another process just created
+    if fs.exists(path):
+        raise FileExistsError(path)
+    fs.pipe_file(path, body)
 
 
 def _read_json(raw: bytes) -> dict:

@@ -31,6 +31,7 @@ class RowReader:
         self.strict = strict  # a missing chunk is damage (stores that write every chunk)
         self._arrays: tuple | None = None
         self._fast = None
+        self._fast_ref = None  # checked reader of the reference row (delta presets)
         self._fast_checked = False
 
     # array-like protocol used by dask.array.from_array
@@ -48,7 +49,7 @@ class RowReader:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_arrays"] = None  # reopen on the worker
-        state["_fast"], state["_fast_checked"] = None, False
+        state["_fast"], state["_fast_ref"], state["_fast_checked"] = None, None, False
         return state
 
     def _open(self):
@@ -58,7 +59,7 @@ class RowReader:
             preset = self.preset
             try:
                 group = zarr.open_group(zarr_store(self.path, True, self.storage_options), mode="r", zarr_format=3)
-            except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+            except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, OSError) as exc:
                 raise CorruptMetadataError(f"the group metadata {self._file('zarr.json')} is damaged ({exc})") from None
             params = self._array(group, PARAMS, preset.stored_dtype(self.dtype), self.committed)
             reference = self._array(group, REFERENCE, self.dtype, 1) if preset.transform == "delta" else None
@@ -78,7 +79,7 @@ class RowReader:
         except KeyError:
             raise CorruptMetadataError(f"the '{name}' array of store {self.path} is missing ({where}); "
                                        "restore it from a copy of the store") from None
-        except (ValueError, TypeError, AttributeError, OSError) as exc:
+        except (ValueError, TypeError, AttributeError, ArithmeticError, OSError) as exc:
             raise CorruptMetadataError(f"the metadata of the '{name}' array ({where}) are damaged "
                                        f"({type(exc).__name__}: {exc}); restore the file from a copy") from None
         problem = (f"shape {arr.shape}, not (>= {rows}, {self.n})" if len(arr.shape) != 2 or arr.shape[0] < rows
@@ -139,9 +140,13 @@ class RowReader:
         params, reference = self._open()
         if not self._fast_checked:
             folder = local_dir(self.path)
-            location = str(folder / PARAMS) if folder is not None else f"{self.path.rstrip('/')}/{PARAMS}"
-            self._fast = open_fast(location, self.storage_options if folder is None else None, self.strict)
+            options = self.storage_options if folder is None else None
+            for name in (PARAMS, REFERENCE) if preset.transform == "delta" else (PARAMS,):
+                location = str(folder / name) if folder is not None else f"{self.path.rstrip('/')}/{name}"
+                fast = open_fast(location, options, self.strict, layout_required=True)  # format 1 has one layout
+                setattr(self, "_fast" if name == PARAMS else "_fast_ref", fast)
             self._fast_checked = True
+        ref = self._reference_block(reference, c0, c1) if preset.transform == "delta" else None
         try:
             target = out if out is not None and start == r0 and preset.transform == "plain" else None
             if self._fast is not None:
@@ -151,7 +156,6 @@ class RowReader:
                 if target is not None:
                     target[...] = stored
                     stored = target
-            ref = reference[0, c0:c1] if preset.transform == "delta" else None
         except CorruptSnapshotError as exc:
             raise CorruptSnapshotError(
                 f"{exc} (store {self.path}). The other snapshots are intact; run `trajstore verify "
@@ -160,17 +164,23 @@ class RowReader:
             raise self._locate_corruption(start, r1, c0, c1, exc) from None
         return preset.decode(stored, start, ref, self.dtype)[r0 - start:]
 
+    def _reference_block(self, reference, c0: int, c1: int) -> np.ndarray:
+        """Columns [c0, c1) of the reference row every delta row decodes from, read checked."""
+        try:
+            if self._fast_ref is not None:
+                return self._fast_ref.read(0, 1, c0, c1)[0]
+            return reference[0, c0:c1]
+        except CorruptSnapshotError as exc:
+            inner = exc
+        except _DECODE_ERRORS as exc:
+            inner = exc
+        raise CorruptSnapshotError(
+            f"the reference snapshot (the 'reference' array, {self._file('reference')}) of store {self.path} is "
+            f"corrupt ({inner}); every snapshot decodes from it, so restore the store from a copy", index=0)
+
     def _locate_corruption(self, r0: int, r1: int, c0: int, c1: int, exc: Exception) -> Exception:
         """Re-read row by row to name the corrupt snapshot."""
-        params, reference = self._open()
-        if reference is not None:
-            try:
-                reference[0, c0:c1]
-            except _DECODE_ERRORS as inner:
-                return CorruptSnapshotError(
-                    f"the reference snapshot (the 'reference' array, {self._file('reference')}) of store "
-                    f"{self.path} is corrupt ({inner}); every snapshot decodes from it, so restore the store "
-                    "from a copy", index=0)
+        params, _ = self._open()  # the reference was read before (_reference_block)
         for i in range(r0, r1):
             try:
                 params[i, c0:c1]

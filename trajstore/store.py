@@ -87,7 +87,8 @@ class TrajectoryStore:
     def create(cls, path: "str | os.PathLike", source: object, *, codec: "str | CodecPreset" = "lossless",
                metadata: dict | None = None, overwrite: bool = False, buffers: bool = False,
                chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD, queue_depth: int = 2,
-               storage_options: dict | None = None, durable: bool = False) -> "TrajectoryStore":
+               storage_options: dict | None = None, durable: bool = False,
+               break_lock: bool = False) -> "TrajectoryStore":
         """Create a store for the parameters of ``source`` (nn.Module, state_dict or ParamLayout).
 
         ``buffers=True`` also records the module's buffers (BN running statistics) in a separate
@@ -111,13 +112,13 @@ class TrajectoryStore:
         local = local_dir(path)
         if local is not None:
             local.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(path, LOCK_NAME).acquire()
+        lock = WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
         try:  # the existence check runs under the lock: two creators never clear each other's store
             if not overwrite and _holds_data(path, storage_options):
                 raise StoreExistsError(
                     f"{path} already exists; pass overwrite=True to replace it, open it with mode='a' to "
                     "append, or choose a new path")
-            clear_except_lock(path)
+            clear_except_lock(path, storage_options)
             group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
             dtype = layout.storage_dtype()
             n = layout.n
@@ -164,7 +165,8 @@ class TrajectoryStore:
             raise InvalidArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
         path = normalize(path)
         group, meta = open_root(path, mode, storage_options)
-        lock = WriterLock(path, LOCK_NAME, break_lock=break_lock).acquire() if mode == "a" else None
+        lock = (WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
+                if mode == "a" else None)
         if lock is not None:  # re-read under the lock: the previous writer may have committed since
             group, meta = open_root(path, mode, storage_options)
         return cls(path, group, meta, mode, lock, storage_options, queue_depth, durable)
@@ -231,12 +233,13 @@ class TrajectoryStore:
         return self
 
     @contextmanager
-    def derived(self) -> Iterator[zarr.Group]:
+    def derived(self, break_lock: bool = False) -> Iterator[zarr.Group]:
         """Exclusive write access to derived data (``gram/``, ``subspaces/``) as a writable root group.
 
         Guarded by its own lock, so extraction can run while a training process appends.
         """
-        lock = WriterLock(self.path, DERIVED_LOCK_NAME).acquire()
+        lock = WriterLock(self.path, DERIVED_LOCK_NAME, break_lock=break_lock,
+                          storage_options=self.storage_options).acquire()
         try:
             yield zarr.open_group(zarr_store(self.path, False, self.storage_options), mode="r+")
         finally:
