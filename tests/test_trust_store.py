@@ -225,7 +225,7 @@ def traced_events(tmp_path, durable: bool) -> tuple[list[tuple[str, str]], Path]
     for line in trace.read_text().splitlines():
         if m := re.search(r"fsync\(\d+<([^>]*)>\)", line):
             events.append(("fsync", m.group(1)))
-        elif m := re.search(r"rename\w*\(.*\"([^\"]+)\",? ?\w*\) = 0", line):
+        elif m := re.search(r"rename\w*\(.*\"([^\"]+)\",? ?\w*(?:\) = 0| <unfinished)", line):  # threads split lines
             events.append(("rename", m.group(1)))
     return events, path
 
