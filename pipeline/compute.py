@@ -109,9 +109,6 @@ def _run_distributed(client, tasks, progress, stop) -> list:
     return results
 
 
-_BLAS_LIMIT = threading.RLock()  # passes started from several threads take turns setting the limit
-
-
 def _run_threads(tasks, progress, stop, num_workers) -> list:
     counter = {"done": 0}
     lock = threading.Lock()
@@ -133,7 +130,7 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
     # process-global, so entering them per task from several threads would race (a task's exit
     # restores the limit under another task that is still running, and the last exit can leave
     # the process at 1 thread for good).
-    with _BLAS_LIMIT, threadpool_limits(1), _Progress():
+    with threadpool_limits(1), _Progress():
         return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))
 
 

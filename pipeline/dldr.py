@@ -185,7 +185,8 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
             f"dim must be between 1 and t - 1 = {len(rows) - 1} for {len(rows)} snapshots, got {dim}")
     requested = {"snapshots_requested": _spec_json(snapshots), "method": method, "dim_requested": dim,
                  "variance_requested": variance}
-    settings = {"snapshots": rows, **requested, "committed": len(store)}
+    state = [store.attrs.get("created"), len(store.attrs.get("truncations", []))]
+    settings = {"snapshots": rows, **requested, "committed": len(store), "store_state": state}
     with store.derived(break_lock=break_lock) as root:
         subspaces = root.require_group(SUBSPACES)
         if name in subspaces:
@@ -196,6 +197,11 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                     "or choose another --name")
             if overwrite:
                 del subspaces[name]
+            elif attrs.get("store_state") != state and all(attrs.get(k) == v for k, v in requested.items()):
+                del subspaces[name]  # its rows were truncated or re-recorded since: its partial basis is stale
+                if log:
+                    log(f"discarded the interrupted extraction {name!r}: the store was truncated or re-created "
+                        "since it started; extracting afresh")
             elif all(attrs.get(k) == v for k, v in requested.items()):
                 started = attrs["snapshots"]
                 if started != rows and log:  # the store grew while the extraction was interrupted

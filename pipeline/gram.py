@@ -87,7 +87,7 @@ def nonfinite_rows(store: TrajectoryStore, rows: int | None = None) -> list[int]
     """Snapshots among the first ``rows`` committed ones recorded with NaN or Inf
     (``append(..., allow_nonfinite=True)``)."""
     rows = len(store) if rows is None else rows
-    return [int(i) for i in np.flatnonzero(store.group[NONFINITE][:rows])]
+    return [int(i) for i in np.flatnonzero(store._row_values(NONFINITE)[:rows])]
 
 
 def shift_row(store: TrajectoryStore, rows: int | None = None) -> int:

@@ -295,3 +295,25 @@ def test_an_interrupted_gram_update_is_not_resumed_over_replaced_rows(tmp_path, 
     assert stats.blocks_resumed == 0
     _, _, g_ref = dense_reference(replaced, D)
     assert np.linalg.norm(g - g_ref) / np.linalg.norm(g_ref) <= 1e-10
+
+
+def test_an_interrupted_extraction_is_not_resumed_over_replaced_rows(tmp_path, data):
+    from pipeline.compute import Interrupted, StopFlag
+
+    path = tmp_path / "run.zarr"
+    write_store(path, data[:16])
+    stop = StopFlag()
+    with pytest.raises(Interrupted):
+        extract_subspace(path, dim=3, block_size=1 << 14, stop=stop,
+                         progress=lambda done, total: stop.set() if done > total // 2 + 1 else None)
+    with TrajectoryStore.open(path, "a") as store:  # a restarted run re-records rows 8..15
+        store.truncate(8)
+        for i in range(8, 16):
+            store.append(data[i + 8], step=10 * i)
+    messages = []
+    sub = extract_subspace(path, dim=3, block_size=1 << 14, log=messages.append)
+    assert "discarded" in messages[0]
+    replaced = np.concatenate([data[:8], data[16:24]])
+    s_ref, p_ref, _ = dense_reference(replaced, 3)
+    np.testing.assert_allclose(sub.singular_values, s_ref[:3], rtol=1e-8)
+    assert max_angle(sub.to_numpy(), p_ref) <= 1e-6

@@ -244,3 +244,52 @@ def test_durable_mode_fsyncs_each_snapshot_before_its_commit_and_the_commit_afte
         assert after == [("fsync", str(root / "zarr.json")), ("fsync", str(root))], after
     plain, root = traced_events(tmp_path, durable=False)
     assert not [e for e in plain if e[0] == "fsync" and "/params/" in e[1]], "the default mode should not fsync"
+
+
+# -- found by review: the edges of the fixes above -----------------------------------------
+def test_a_metric_created_just_before_a_kill_is_healed_on_reopen(tmp_path):
+    from trajstore.store import BACKFILL, _create_row_array
+
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout()) as store:
+        for i in range(5000):  # past the first row chunk of 4096
+            store.append(np.zeros(1000, np.float32), step=i, metrics={"loss": 1.0})
+    with TrajectoryStore.open(path, "a") as store:  # a writer killed after creating "acc", before backfilling
+        _create_row_array(store.group["metrics"], "acc", 8192, "float64", float("nan"), {BACKFILL: 5000})
+    with TrajectoryStore.open(path, "a") as store:
+        store.append(np.zeros(1000, np.float32), step=5000, metrics={"acc": 0.5})
+    with TrajectoryStore.open(path) as store:
+        acc = store.metrics("acc")
+        assert np.isnan(acc[:5000]).all() and acc[5000] == 0.5
+    from trajstore.inspect import verify
+
+    assert verify(path).ok
+
+
+def test_overwrite_refuses_while_an_extraction_holds_the_store(tmp_path):
+    from trajstore import StoreLockedError
+
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout()) as store:
+        store.append(np.zeros(1000, np.float32), step=0)
+    with TrajectoryStore.open(path) as reader, reader.derived():
+        with pytest.raises(StoreLockedError):
+            TrajectoryStore.create(path, layout(), overwrite=True)
+    with TrajectoryStore.open(path) as store:
+        assert len(store) == 1
+
+
+def test_import_resume_refuses_when_the_folder_changed(tmp_path):
+    from trajstore.importers import import_checkpoints
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        torch.save({"w": torch.full((5,), float(i))}, folder / f"epoch{i}.pt")
+    import_checkpoints(folder, tmp_path / "run.zarr")
+    torch.save({"w": torch.full((5,), 0.0)}, folder / "epoch0.pt")  # a file appeared before the others
+    with pytest.raises(InvalidArgumentError, match="files changed"):
+        import_checkpoints(folder, tmp_path / "run.zarr", resume=True)
+    import_checkpoints(folder, tmp_path / "new.zarr", resume=True)  # nothing to resume: a fresh import
+    with TrajectoryStore.open(tmp_path / "new.zarr") as store:
+        assert store.steps.tolist() == [0, 1, 2, 3]

@@ -44,10 +44,11 @@ def row_files(root: Path, index: int, metric_names: Iterable[str]) -> list[Path]
         row_dir = root / name / "c" / str(0 if name == REFERENCE else index)
         if row_dir.is_dir():
             paths += sorted(row_dir.iterdir()) + [row_dir, row_dir.parent, root / name / "zarr.json", root / name]
-    chunk = str(index // ROW_CHUNK)
-    arrays = list(ROW_ARRAYS) + [f"{METRICS}/{m}" for m in metric_names]
-    for name in arrays:
-        paths += [root / name / "c" / chunk, root / name / "c", root / name / "zarr.json", root / name]
+    for name in ROW_ARRAYS:
+        paths += [root / name / "c" / str(index // ROW_CHUNK), root / name / "c", root / name / "zarr.json", root / name]
+    for name in (f"{METRICS}/{m}" for m in metric_names):  # a new metric's backfill wrote earlier chunks too
+        paths += [root / name / "c" / str(c) for c in range(index // ROW_CHUNK + 1)]
+        paths += [root / name / "c", root / name / "zarr.json", root / name]
     paths += [root / METRICS]
     return paths
 

@@ -160,7 +160,8 @@ def open_fast(path: str, storage_options: dict | None = None, strict: bool = Tru
         if "://" in path:
             import fsspec
 
-            fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+            # a reader follows a live writer: never answer from a cached directory listing
+            fs, root = fsspec.core.url_to_fs(path, **{"use_listings_cache": False, **(storage_options or {})})
             meta = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
         else:
             root = path

@@ -168,13 +168,13 @@ def clear_except_lock(path: str, storage_options: dict | None = None) -> None:
     local = local_dir(path)
     if local is not None:
         for entry in local.iterdir():
-            if entry.name != LOCK_NAME:
+            if entry.name not in (LOCK_NAME, DERIVED_LOCK_NAME):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         return
     fs, root = fsspec.core.url_to_fs(path, **{"use_listings_cache": False, **(storage_options or {})})
     if fs.exists(root):
         for entry in fs.ls(root, detail=False):
-            if not entry.rstrip("/").endswith(LOCK_NAME):
+            if not entry.rstrip("/").endswith((LOCK_NAME, DERIVED_LOCK_NAME)):
                 fs.rm(entry, recursive=True)
 
 

@@ -57,13 +57,18 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
     first = load_state_dict(files[0])
     layout, buffer_layout = ParamLayout.from_state_dict(first, param_names)
     source = {"imported_from": str(Path(folder).absolute()), "pattern": pattern}
-    if resume:
+    if resume and _exists(path):
         store = TrajectoryStore.open(path, "a")
-        if {k: store.metadata.get(k) for k in source} != source or len(store) > len(files):
+        t = len(store)
+        same = {k: store.metadata.get(k) for k in source} == source and t <= len(files)
+        if same and t:  # the committed rows came from the first t files, in this order
+            same = int(store.steps[-1]) == _file_step(files[t - 1], t - 1) and store.layout == layout
+        if not same:
             store.close()
             raise InvalidArgumentError(
-                f"{path} was not imported from {pattern!r} in {folder} (or holds more snapshots than there are "
-                "files); resume only continues the same import. Use --overwrite to start again")
+                f"{path} was not imported from {pattern!r} in {folder}, or the folder's files changed since "
+                "(its last snapshot does not match the file at that position); resume only continues the same "
+                "import. Use --overwrite to start again")
     else:
         store = TrajectoryStore.create(path, first if buffer_layout.n else layout, codec=codec,
                                        overwrite=overwrite, buffers=bool(buffer_layout.n), metadata=source)
@@ -73,11 +78,26 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
             if i < done:
                 continue
             sd = first if i == 0 else load_state_dict(file)
-            numbers = re.findall(r"\d+", file.stem)
-            index = int(numbers[-1]) if numbers else i
+            index = _file_step(file, i)
             store.append(sd, step=index, epoch=index)
             if progress:
                 progress(i + 1, len(files))
     finally:
         store.close()
     return store
+
+
+def _file_step(file: Path, position: int) -> int:
+    """The step a checkpoint file stands for: the last number in its name, else its position."""
+    numbers = re.findall(r"\d+", file.stem)
+    return int(numbers[-1]) if numbers else position
+
+
+def _exists(path: "str | os.PathLike") -> bool:
+    from .errors import NotAStoreError
+
+    try:
+        TrajectoryStore.open(path).close()
+        return True
+    except NotAStoreError:
+        return False

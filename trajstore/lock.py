@@ -15,6 +15,7 @@ check-then-put, with a :class:`NonAtomicLockWarning`.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -23,6 +24,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 
@@ -232,6 +234,14 @@ class WriterLock:
             f"gone, {self._how_to_break}",
             holder,
         )
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator["WriterLock"]:
+        """``with lock.acquire().held():`` releases the lock when the block ends."""
+        try:
+            yield self
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Release the lock (idempotent). A remote lock is deleted only while it is still ours."""

@@ -128,7 +128,8 @@ class RowReader:
         if start == r0 or rows * (c1 - c0) * self.dtype.itemsize <= CONTEXT_BYTES:
             return self._read_decoded(r0, r1, c0, c1, out)
         result = np.empty((r1 - r0, c1 - c0), self.dtype) if out is None else out
-        width = max(1, CONTEXT_BYTES // (rows * self.dtype.itemsize))
+        chunk = self._fast.chunk if self._fast is not None else 1 << 14
+        width = max(1, CONTEXT_BYTES // (rows * self.dtype.itemsize)) // chunk * chunk or chunk  # whole chunks
         for s0 in range(c0, c1, width):
             s1 = min(c1, s0 + width)
             result[:, s0 - c0:s1 - c0] = self._read_decoded(r0, r1, s0, s1)

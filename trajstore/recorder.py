@@ -14,7 +14,7 @@ import torch
 from .errors import InvalidArgumentError, StoreExistsError
 from .format import local_dir, normalize
 from .layout import ParamLayout
-from .store import TrajectoryStore
+from .store import TrajectoryStore, metric_key
 
 
 def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch.nn.Module, *,
@@ -136,6 +136,8 @@ def _scalars(metrics: Mapping | None) -> dict[str, float]:
                 continue
             value = value.item()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if any(metric_key(k) == metric_key(key) for k in out):
+                continue  # "a/b" and "a_b" are stored under one name: keep the first, never stop training
             out[str(key)] = float(value)
     return out
 

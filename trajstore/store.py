@@ -79,6 +79,10 @@ class TrajectoryStore:
             self._reference: np.ndarray | None = None  # decoded row 0 (delta transform)
             self._load_encoder_state()
             self._ensure_capacity(len(self))  # heal arrays left at different sizes by a kill mid-resize
+            for name in self.metric_names():  # a metric created just before a kill: finish its backfill
+                arr = self._group[f"{METRICS}/{name}"]
+                if BACKFILL in arr.attrs:
+                    _backfill(arr, int(arr.attrs[BACKFILL]))
             self._writer = BackgroundWriter(self.n_params, self.dtype, self._write_row, depth=queue_depth)
             _OPEN_WRITERS.add(self)  # flushed at interpreter exit if the script never closes it
 
@@ -118,7 +122,8 @@ class TrajectoryStore:
                 raise StoreExistsError(
                     f"{path} already exists; pass overwrite=True to replace it, open it with mode='a' to "
                     "append, or choose a new path")
-            clear_except_lock(path, storage_options)
+            with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
+                clear_except_lock(path, storage_options)  # never under a running extraction
             group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
             dtype = layout.storage_dtype()
             n = layout.n
@@ -406,7 +411,8 @@ class TrajectoryStore:
             raise CorruptSnapshotError(
                 f"the per-snapshot array '{name}' of store {self.path} is damaged ({exc}); run "
                 f"`trajstore verify {self.path}` and `trajstore repair {self.path}`") from None
-        if self._meta.get("all_chunks_written") and self._local_root is not None:
+        backfilling = BACKFILL in arr.attrs and t <= int(arr.attrs[BACKFILL])  # all NaN so far, by design
+        if self._meta.get("all_chunks_written") and self._local_root is not None and not backfilling:
             for c in range(-(-t // ROW_CHUNK)):
                 if not (self._local_root / name / "c" / str(c)).exists():
                     raise CorruptSnapshotError(
@@ -471,9 +477,10 @@ class TrajectoryStore:
         metrics_group = self._group[METRICS]
         for name in set(job.metrics) | set(metrics_group.array_keys()):
             if name not in metrics_group:
-                arr = _create_row_array(metrics_group, name, capacity, "float64", float("nan"))
+                arr = _create_row_array(metrics_group, name, capacity, "float64", float("nan"),
+                                        {BACKFILL: i} if i else None)
                 if i:
-                    arr.with_config({"write_empty_chunks": True})[:i] = np.nan  # earlier chunks exist too
+                    _backfill(arr, i)
             self._writable(f"{METRICS}/{name}")[i] = job.metrics.get(name, float("nan"))
         if self.codec.transform == "xor":
             if self._prev is None:
@@ -514,7 +521,7 @@ def _holds_data(path: str, storage_options: dict | None) -> bool:
 
 def metric_key(name: object) -> str:
     """The array name a metric is stored under: ``/`` (a zarr group separator) becomes ``_``."""
-    key = str(name).replace("/", "_").strip()
+    key = str(name).replace("/", "_")
     if not key or key in (".", "..") or key.startswith("__"):
         raise InvalidArgumentError(f"metric name {name!r} cannot be stored; use letters, digits, '_', '-', '.'")
     return key
@@ -549,6 +556,8 @@ def _check_metrics(metrics: Mapping | None) -> dict[str, float]:
         try:
             if hasattr(value, "numel") and value.numel() != 1 or np.ndim(value) != 0 and np.size(value) != 1:
                 raise TypeError
+            if isinstance(value, (str, bytes, bool, np.bool_)) or getattr(value, "dtype", np.dtype("f")).kind not in "iuf":
+                raise TypeError
             out[key] = float(value.item() if hasattr(value, "item") else value)
         except (TypeError, ValueError):
             raise InvalidArgumentError(
@@ -556,10 +565,20 @@ def _check_metrics(metrics: Mapping | None) -> dict[str, float]:
     return out
 
 
-def _create_row_array(group: zarr.Group, name: str, rows: int, dtype: str, fill: object) -> zarr.Array:
+def _create_row_array(group: zarr.Group, name: str, rows: int, dtype: str, fill: object,
+                      attributes: dict | None = None) -> zarr.Array:
     """A (rows,) per-snapshot array: zstd + crc32c, every chunk written (a missing one is damage)."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     return group.create_array(name, shape=(rows,), chunks=(ROW_CHUNK,), dtype=dtype, fill_value=fill,
-                              compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                              compressors=[ZstdCodec(level=1), Crc32cCodec()], attributes=attributes,
                               config={"write_empty_chunks": True})
+
+
+BACKFILL = "trajstore_backfill_to"  # on a metric array until its rows before the first value are written
+
+
+def _backfill(arr: zarr.Array, rows: int) -> None:
+    """Write NaN into rows [0, rows) of a metric first logged at row ``rows``, then drop the marker."""
+    arr.with_config({"write_empty_chunks": True})[:rows] = np.nan
+    del arr.attrs[BACKFILL]
