@@ -138,15 +138,20 @@ def test_an_interrupted_extraction_resumes_after_the_store_grew(tmp_path, data):
     assert again.snapshots == list(range(T))
 
 
-def test_an_interrupted_gram_update_is_finished_then_extended(tmp_path, data):
+def interrupted_gram_update(path, rows):
+    """A store of ``rows`` whose first Gram update was stopped after one block."""
     from pipeline.compute import Interrupted, StopFlag
 
-    write_store(tmp_path / "run.zarr", data[:12])
+    write_store(path, rows)
     stop = StopFlag()
-    with TrajectoryStore.open(tmp_path / "run.zarr") as reader, reader.derived() as root:
+    with TrajectoryStore.open(path) as reader, reader.derived() as root:
         with pytest.raises(Interrupted):
             update_gram(reader, root, block_size=1 << 14, stop=stop,
                         progress=lambda done, total: stop.set() if done >= 1 else None)
+
+
+def test_an_interrupted_gram_update_is_finished_then_extended(tmp_path, data):
+    interrupted_gram_update(tmp_path / "run.zarr", data[:12])
     with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:
         for i in range(12, T):
             store.append(data[i], step=10 * i)
@@ -277,14 +282,7 @@ def test_extraction_at_scale_20m_parameters(tmp_path):
 
 
 def test_an_interrupted_gram_update_is_not_resumed_over_replaced_rows(tmp_path, data):
-    from pipeline.compute import Interrupted, StopFlag
-
-    write_store(tmp_path / "run.zarr", data[:12])
-    stop = StopFlag()
-    with TrajectoryStore.open(tmp_path / "run.zarr") as reader, reader.derived() as root:
-        with pytest.raises(Interrupted):
-            update_gram(reader, root, block_size=1 << 14, stop=stop,
-                        progress=lambda done, total: stop.set() if done >= 1 else None)
+    interrupted_gram_update(tmp_path / "run.zarr", data[:12])
     with TrajectoryStore.open(tmp_path / "run.zarr", "a") as store:  # rows 6.. replaced by other ones
         store.truncate(6)
         for i in range(6, 12):
