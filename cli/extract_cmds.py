@@ -40,7 +40,7 @@ def stop_on_signals():
 def extract(run: str = typer.Argument(..., help="store path or URL"),
             dim: Optional[int] = typer.Option(None, "--dim", help="subspace dimension d"),
             variance: Optional[float] = typer.Option(None, "--variance", help="smallest d reaching this explained variance"),
-            snapshots: Optional[str] = typer.Option(None, "--snapshots", help="A:B, A:B:S or i,j,k"),
+            snapshots: Optional[str] = typer.Option(None, "--snapshots", help="START:STOP[:STEP] or i,j,k (snapshot indices)"),
             name: str = typer.Option("default", "--name"),
             method: str = typer.Option("gram", "--method", help="gram | randomized"),
             scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address"),

@@ -51,6 +51,8 @@ def verify(run: str = typer.Argument(..., help="store path or URL"),
     else:
         for problem in report.store_problems:
             err.print(f"[red]store:[/] {problem}", highlight=False)
+        for note in report.notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
         for index, problems in sorted(report.problems.items()):
             err.print(f"[red]snapshot {index}:[/] {'; '.join(problems)}", highlight=False)
         if report.ok:

@@ -79,10 +79,17 @@ def parse_snapshots(text: str | None) -> "slice | list[int] | None":
     """``"A:B"``, ``"A:B:S"``, ``"1,5,9"`` or None."""
     if not text:
         return None
-    if ":" in text:
-        parts = [int(p) if p.strip() else None for p in text.split(":")]
-        return slice(*parts)
-    return [int(p) for p in text.split(",")]
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--snapshots {text!r} is not a selection: give START:STOP, START:STOP:STEP or a list i,j,k "
+            "of snapshot indices (e.g. 0:20, 0:40:2 or 0,5,9)") from None
 
 
 def centred_spectrum(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

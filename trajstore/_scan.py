@@ -211,7 +211,7 @@ def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows:
             except READ_ERRORS as exc:
                 if r1 - r0 == 1:
                     source = getattr(exc, "index", None)
-                    found.flag(r0, f"checksum or decode failure: {exc}" if source in (None, r0) else
+                    found.flag(r0, f"unreadable: {exc}" if source in (None, r0) else
                                f"cannot be decoded: it is stored relative to corrupt snapshot {source}")
                     bad.append(r0)
         for i, count in nonfinite.items():

@@ -131,12 +131,12 @@ def check_meta(meta: dict, path: str) -> None:
     committed = meta.get("committed")
     if not isinstance(committed, int) or isinstance(committed, bool) or committed < 0:
         raise CorruptMetadataError(f"{where} hold committed = {committed!r}, not a snapshot count: the file is "
-                                   f"damaged; `trajstore repair {path}` rebuilds it from the rows on disk")
+                                   "damaged; restore it from a copy of the store")
     try:
         layout = ParamLayout.from_json(meta["layout"])
         for spec in layout.specs:
-            if not (isinstance(spec.name, str) and all(type(d) is int and d >= 0 for d in spec.shape)
-                    and np.dtype(spec.dtype).kind == "f"):
+            if not (isinstance(spec.name, str) and isinstance(spec.dtype, str)  # torch names: bfloat16 too
+                    and all(type(d) is int and d >= 0 for d in spec.shape)):
                 raise ValueError(f"tensor entry {spec}")
         if layout.n == 0 or np.dtype(meta["dtype"]) != layout.storage_dtype():
             raise ValueError(f"dtype {meta['dtype']!r} for a layout of {layout.n} elements")

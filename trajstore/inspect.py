@@ -65,6 +65,7 @@ class VerifyReport:
     snapshots: int
     problems: dict[int, list[str]] = field(default_factory=dict)
     store_problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not defects, but worth knowing (e.g. NaN on purpose)
 
     @property
     def ok(self) -> bool:
@@ -73,7 +74,7 @@ class VerifyReport:
     def to_json(self) -> dict:
         return {"path": self.path, "snapshots": self.snapshots, "ok": self.ok,
                 "bad_snapshots": {str(k): v for k, v in sorted(self.problems.items())},
-                "store_problems": self.store_problems}
+                "store_problems": self.store_problems, "notes": self.notes}
 
 
 def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | None = None,
@@ -142,12 +143,15 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
                     try:
                         bad_values.update(_check_rows(reader, i, i + 1, store.n_params))
                     except CorruptSnapshotError as exc:
-                        reason = (f"checksum or decode failure: {exc}" if exc.index in (None, i) else
+                        reason = (f"unreadable: {exc}" if exc.index in (None, i) else
                                   f"cannot be decoded: it is stored relative to corrupt snapshot {exc.index}")
                         report.problems.setdefault(i, []).append(reason)
             for i, count in bad_values.items():
                 if count and not allowed_nonfinite[i]:
                     report.problems.setdefault(i, []).append(f"{count} non-finite values")
+                elif count:
+                    report.notes.append(f"snapshot {i} holds {count} NaN/Inf values, recorded on purpose "
+                                        "(allow_nonfinite): extraction must leave it out (--snapshots)")
             if progress:
                 progress(g1, t)
         return report

@@ -159,8 +159,8 @@ class RowReader:
                     stored = target
         except CorruptSnapshotError as exc:
             raise CorruptSnapshotError(
-                f"{exc} (store {self.path}). The other snapshots are intact; run `trajstore verify "
-                f"{self.path}` to list every bad snapshot and `trajstore repair` to drop them", index=exc.index) from None
+                f"{exc} (store {self.path}; `trajstore verify` lists every bad snapshot, `trajstore repair` "
+                "fixes the store)", index=exc.index) from None
         except _DECODE_ERRORS as exc:
             raise self._locate_corruption(start, r1, c0, c1, exc) from None
         return preset.decode(stored, start, ref, self.dtype)[r0 - start:]
