@@ -70,6 +70,11 @@ def test_bad_arguments_get_clear_errors(tmp_path, data):
         extract_subspace(path, dim=2, snapshots=slice(0, T + 5))
     with pytest.raises(InvalidArgumentError, match="beyond"):
         extract_subspace(path, dim=2, snapshots=[0, 1, T])
+    from pipeline.dldr import parse_snapshots
+
+    for text in ("0:9,10", "abc", "1:2:3:4"):
+        with pytest.raises(InvalidArgumentError, match="START:STOP"):
+            parse_snapshots(text)
     extract_subspace(path, dim=2)
     with pytest.raises(SubspaceExistsError, match="overwrite"):
         extract_subspace(path, dim=3)
