@@ -196,6 +196,8 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
     settings = {"snapshots": rows, **requested, "committed": len(store), "store_state": state}
     with store.derived(break_lock=break_lock) as root:
         subspaces = root.require_group(SUBSPACES)
+        if name in subspaces and "complete" not in subspaces[name].attrs:
+            del subspaces[name]  # killed while creating the group (its attributes come last): start afresh
         if name in subspaces:
             attrs = subspaces[name].attrs.asdict()
             if attrs.get("complete") and not overwrite:

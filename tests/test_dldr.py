@@ -320,3 +320,14 @@ def test_an_interrupted_extraction_is_not_resumed_over_replaced_rows(tmp_path, d
     s_ref, p_ref, _ = dense_reference(replaced, 3)
     np.testing.assert_allclose(sub.singular_values, s_ref[:3], rtol=1e-8)
     assert max_angle(sub.to_numpy(), p_ref) <= 1e-6
+
+
+def test_a_subspace_group_killed_mid_creation_is_started_afresh(tmp_path, data):
+    """The fault campaign's find: a kill between creating the group and writing its attributes."""
+    path = tmp_path / "run.zarr"
+    write_store(path, data[:10])
+    with TrajectoryStore.open(path) as store, store.derived() as root:
+        root.require_group("subspaces").create_group("default").create_array("basis", shape=(3, 3), dtype="f4")
+    sub = extract_subspace(path, dim=3)
+    s_ref, p_ref, _ = dense_reference(data[:10], 3)
+    assert max_angle(sub.to_numpy(), p_ref) <= 1e-6

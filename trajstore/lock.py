@@ -162,7 +162,9 @@ class WriterLock:
         ):
             warnings.warn(
                 f"{self._what}: broke a stale lock left by {_describe(previous)}, which is no longer "
-                "running (it was killed or crashed); resuming after its last committed snapshot",
+                "running (it was killed or crashed); "
+                + ("resuming after its last committed snapshot" if self.name == LOCK_NAME else
+                   "its finished blocks are kept and resumed"),
                 StaleLockWarning,
                 stacklevel=4,
             )
