@@ -135,7 +135,7 @@ def extraction_kills(work: Path, kills: int, rng: random.Random) -> dict:
         shutil.rmtree(path, ignore_errors=True)
         shutil.copytree(pristine, path)
         proc = _popen([PY, *EXTRACT[:3], str(path), *EXTRACT[3:]])
-        if not _kill_after(proc, rng.uniform(0.3, full)):
+        if not _kill_after(proc, rng.uniform(0.3, 0.8 * full)):
             phase = "finished first"
         else:
             with TrajectoryStore.open(path) as store:
@@ -165,7 +165,7 @@ def train_kills(work: Path, kills: int, rng: random.Random) -> dict:
     for k in range(kills):
         path = work / f"train-{k}"
         proc = _popen([PY, "-m", "tests.run_proc", str(path)])
-        killed = _kill_after(proc, rng.uniform(3.0, full))
+        killed = _kill_after(proc, rng.uniform(3.0, max(3.5, 0.8 * full)))
         lines = [line for line in proc.stdout.read().splitlines() if line.strip()] if killed else []
         phase = lines[-1].split()[0] if lines else ("finished" if not killed else "start")
         phases[phase] = phases.get(phase, 0) + 1
@@ -323,7 +323,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     q = args.quick
-    plan = {"record": 3 if q else 35, "extract": 3 if q else 30, "train": 2 if q else 5, "import": 3 if q else 25,
+    plan = {"record": 3 if q else 35, "extract": 3 if q else 35, "train": 2 if q else 8, "import": 3 if q else 25,
             "enospc": 2 if q else 5, "live_snapshots": 40 if q else 200}
     work = Path(tempfile.mkdtemp(prefix="fault-campaign-"))
     results: dict[str, dict] = {}
