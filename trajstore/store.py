@@ -413,11 +413,12 @@ class TrajectoryStore:
                 f"`trajstore verify {self.path}` and `trajstore repair {self.path}`") from None
         backfilling = BACKFILL in arr.attrs and t <= int(arr.attrs[BACKFILL])  # all NaN so far, by design
         if self._meta.get("all_chunks_written") and self._local_root is not None and not backfilling:
-            for c in range(-(-t // ROW_CHUNK)):
+            rows = int(arr.chunks[0])
+            for c in range(-(-t // rows)):
                 if not (self._local_root / name / "c" / str(c)).exists():
                     raise CorruptSnapshotError(
                         f"the chunk file {name}/c/{c} of store {self.path} is missing (snapshots "
-                        f"{c * ROW_CHUNK}..{min(t, (c + 1) * ROW_CHUNK) - 1}); run `trajstore verify {self.path}`")
+                        f"{c * rows}..{min(t, (c + 1) * rows) - 1}); run `trajstore verify {self.path}`")
         return values
 
     def _first_nonfinite(self, buf: np.ndarray) -> str:
