@@ -297,3 +297,27 @@ def test_import_resume_refuses_when_the_folder_changed(tmp_path):
     import_checkpoints(folder, tmp_path / "new.zarr", resume=True)  # nothing to resume: a fresh import
     with TrajectoryStore.open(tmp_path / "new.zarr") as store:
         assert store.steps.tolist() == [0, 1, 2, 3]
+
+
+def test_a_creator_that_loses_the_race_never_clears_the_winner(tmp_path, monkeypatch):
+    """Hole 5, with the losing interleaving forced: the other creator finishes after this one
+    looked at the path and before it took the lock."""
+    import trajstore.store
+
+    path = tmp_path / "run.zarr"
+    real_lock, raced = trajstore.store.WriterLock, []
+
+    class LateLock(real_lock):
+        def acquire(self):
+            if not raced:
+                raced.append(True)
+                with TrajectoryStore.create(path, layout()) as winner:  # the other creator wins meanwhile
+                    winner.append(np.full(1000, 7, np.float32), step=0)
+            return super().acquire()
+
+    monkeypatch.setattr(trajstore.store, "WriterLock", LateLock)
+    with pytest.raises(StoreExistsError):
+        TrajectoryStore.create(path, layout())
+    monkeypatch.undo()
+    with TrajectoryStore.open(path) as store:
+        assert len(store) == 1 and store.read(0)[0] == 7
