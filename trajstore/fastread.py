@@ -178,7 +178,7 @@ def open_fast(path: str, storage_options: dict | None = None, strict: bool = Tru
               and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1
               and meta["chunk_key_encoding"]["name"] == "default")
         reader = FastShardReader(root, meta, fs, strict) if ok else None
-        if reader is not None and reader.per_shard * reader.chunk == reader.shard and reader.chunk > 0:
+        if reader is not None and 0 < reader.chunk <= reader.shard == reader.per_shard * reader.chunk:
             return reader
         problem = "it describes another layout"
     except (OSError, ImportError):

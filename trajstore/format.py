@@ -129,22 +129,25 @@ def check_meta(meta: dict, path: str) -> None:
 
     where = f"the '{ATTR}' attributes in {path.rstrip('/')}/zarr.json"
     committed = meta.get("committed")
-    if not isinstance(committed, int) or isinstance(committed, bool) or committed < 0:
+    if not isinstance(committed, int) or isinstance(committed, bool) or not 0 <= committed < 1 << 62:
         raise CorruptMetadataError(f"{where} hold committed = {committed!r}, not a snapshot count: the file is "
                                    "damaged; restore it from a copy of the store")
     try:
         layout = ParamLayout.from_json(meta["layout"])
         for spec in layout.specs:
             if not (isinstance(spec.name, str) and isinstance(spec.dtype, str)  # torch names: bfloat16 too
-                    and all(type(d) is int and d >= 0 for d in spec.shape)):
+                    and all(type(d) is int and 0 <= d < 1 << 62 for d in spec.shape)):
                 raise ValueError(f"tensor entry {spec}")
-        if layout.n == 0 or np.dtype(meta["dtype"]) != layout.storage_dtype():
+        if not 0 < layout.n < 1 << 62 or np.dtype(meta["dtype"]) != layout.storage_dtype():
             raise ValueError(f"dtype {meta['dtype']!r} for a layout of {layout.n} elements")
         if meta.get("buffer_layout") is not None:
             ParamLayout.from_json(meta["buffer_layout"])
         CodecPreset.from_json(meta["codec"])
         if not isinstance(meta.get("metadata", {}), dict):
             raise ValueError("metadata is not a mapping")
+        truncations = meta.get("truncations", [])
+        if not (isinstance(truncations, list) and all(type(k) is int and k >= 0 for k in truncations)):
+            raise ValueError(f"truncations {truncations!r:.80} is not a list of snapshot counts")
     except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # TrajstoreError subclasses ValueError here
         raise CorruptMetadataError(f"{where} are damaged ({type(exc).__name__}: {exc}); restore the file from a "
                                    "copy of the store") from None

@@ -11,7 +11,7 @@ from .errors import CorruptMetadataError, CorruptSnapshotError
 from .format import (BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, SUBSPACES, WALL_TIME,
                      local_dir, stored_bytes)
 from . import reader as _reader
-from .fastread import row_layout_problem
+from .fastread import open_fast, row_layout_problem
 from .store import TrajectoryStore
 
 
@@ -101,7 +101,12 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
                 report.store_problems.append(
                     f"the committed count {t} exceeds the {rows} rows of '{name}' (metadata damaged); "
                     f"`trajstore repair {store.path}` truncates to the rows that exist")
-            elif name != PARAMS and name != BUFFERS:
+            elif name == BUFFERS:  # read through zarr (read_buffers): its layout must be the one we write
+                try:
+                    open_fast(f"{store.path.rstrip('/')}/{BUFFERS}", store.storage_options, layout_required=True)
+                except CorruptSnapshotError as exc:
+                    report.store_problems.append(str(exc))
+            elif name != PARAMS:
                 problem = row_layout_problem(arr.metadata.to_dict(), _ROW_DTYPES.get(name, "float64"), checksummed)
                 if problem:
                     shapes.pop(name)

@@ -14,7 +14,7 @@ from .errors import CorruptMetadataError, CorruptSnapshotError
 from .fastread import open_fast
 from .format import PARAMS, REFERENCE, local_dir, zarr_store
 
-_DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError)
+_DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError, ArithmeticError)
 CONTEXT_BYTES = 64 << 20  # memory for the decoding context of an xor-delta read (K rows x a column range)
 
 
