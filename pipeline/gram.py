@@ -30,7 +30,7 @@ SUB_BLOCK = 1 << 13  # columns widened to float64 at a time: t x 8K x 8 bytes st
 
 def block_columns(store: TrajectoryStore, block_size: int | None = None) -> int:
     """Columns per task: the store's inner chunk (never split a chunk across tasks) unless given."""
-    chunk = int(store.group["params"].chunks[1])
+    chunk = int(store.array("params").chunks[1])
     if block_size is None:
         return chunk
     return max(chunk, chunk * round(block_size / chunk))

@@ -210,11 +210,7 @@ def names_damage(message: str, rel: str, path: Path) -> bool:
 # Raw errors from code outside the reader-side files this suite covers, each pinned by an
 # xfail(strict=True) test in this module: (operation, damaged file) pairs the fuzz tolerates
 # until that code is fixed (then the xfail test passes, fails as strict, and the entry goes).
-KNOWN_RAW = {
-    "open('a')": r"^((step|epoch|wall_time|nonfinite|params|reference|metrics(/\w+)?)/zarr\.json|reference/c/.*)$",
-    "metrics:": r"^metrics/(\w+/)?zarr\.json$",
-    "extract_subspace": r"^params/zarr\.json$",
-}
+KNOWN_RAW: dict[str, str] = {}  # none left: store.array() and pipeline fixes made them typed
 
 
 # Silently wrong values from code outside these files, equally pinned below: the per-snapshot
@@ -391,22 +387,12 @@ OPS = {"open('a')": lambda p: TrajectoryStore.open(p, "a").close(),
 
 
 @pytest.mark.parametrize("codec, rel, damage, op", [
-    pytest.param("lossless", "step/zarr.json", "invalid", "open('a')", marks=_outside(
-        "store.py TrajectoryStore._ensure_capacity / _row_array_names open every row array through zarr: "
-        "a damaged zarr.json gives a raw JSONDecodeError/ValueError")),
-    pytest.param("float16-delta", "reference/c/0/1", "flip", "open('a')", marks=_outside(
-        "store.py TrajectoryStore._load_encoder_state reads group['reference'][0, :] through zarr, not the "
-        "checked reader: a bad crc32c is a raw ValueError")),
-    pytest.param("lossless", "metrics/acc/zarr.json", "invalid", "metrics", marks=_outside(
-        "store.py TrajectoryStore.metric_names (group['metrics'].array_keys()) parses every metric's zarr.json: "
-        "raw JSONDecodeError for every metric, not only the damaged one")),
-    pytest.param("lossless", "metrics/acc/zarr.json", "delete", "metrics", marks=_outside(
-        "store.py TrajectoryStore.metrics raises a bare KeyError('no metric') for a metric whose zarr.json is "
-        "gone while its chunks remain")),
+    ("lossless", "step/zarr.json", "invalid", "open('a')"),  # fixed: store.array() names it
+    ("float16-delta", "reference/c/0/1", "flip", "open('a')"),  # fixed: store.array() names it
+    ("lossless", "metrics/acc/zarr.json", "invalid", "metrics"),  # fixed: store.array() names it
+    ("lossless", "metrics/acc/zarr.json", "delete", "metrics"),  # fixed: store.array() names it
     ("lossless", "nonfinite/c/0", "flip", "extract"),  # fixed: pipeline/gram.py reads it through _row_values
-    pytest.param("lossless", "params/zarr.json", "invalid", "extract", marks=_outside(
-        "pipeline/gram.py block_columns reads store.group['params'].chunks through zarr before any checked "
-        "read: a damaged params/zarr.json is a raw JSONDecodeError (store.reader()._open() would make it typed)")),
+    ("lossless", "params/zarr.json", "invalid", "extract"),  # fixed: store.array() names it
 ])
 def test_damage_met_outside_the_reader_is_a_typed_error(templates, tmp_path, codec, rel, damage, op):
     path = damaged_copy(templates[codec], tmp_path, rel, damage)

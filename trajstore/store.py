@@ -222,7 +222,32 @@ class TrajectoryStore:
         return self._row_values(WALL_TIME)
 
     def metric_names(self) -> list[str]:
-        return sorted(self._group[METRICS].array_keys())
+        """Names of the recorded metrics; a damaged metric array is a typed error naming it."""
+        folder = self._local_root / METRICS if self._local_root is not None else None
+        if folder is None:
+            try:
+                return sorted(self._group[METRICS].array_keys())
+            except (KeyError, ValueError, TypeError) as exc:
+                raise self._damaged(METRICS, exc) from None
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        for name in names:
+            self.array(f"{METRICS}/{name}")  # every listed metric must open
+        return names
+
+    def array(self, name: str) -> zarr.Array:
+        """Array ``name`` of the store; damaged or missing metadata is a typed error naming it."""
+        try:
+            arr = self._group[name]
+        except (KeyError, ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise self._damaged(name, exc) from None
+        if not isinstance(arr, zarr.Array):
+            raise self._damaged(name, TypeError("a group where an array belongs"))
+        return arr
+
+    def _damaged(self, name: str, exc: BaseException) -> CorruptSnapshotError:
+        return CorruptSnapshotError(
+            f"the array '{name}' of store {self.path} is damaged or missing ({type(exc).__name__}: {exc}); "
+            f"run `trajstore verify {self.path}`, then `trajstore repair {self.path}` or restore it from a copy")
 
     def metrics(self, name: str) -> np.ndarray:
         """Values of metric ``name`` per committed snapshot, NaN where a snapshot had none."""
@@ -442,17 +467,20 @@ class TrajectoryStore:
         if self.codec.transform == "xor" and t > 0:
             self._prev = self.reader().read_block(t - 1, t)[0].copy()
         if self.codec.transform == "delta" and t > 0:
-            self._reference = self._group[REFERENCE][0, :]
+            try:
+                self._reference = self.array(REFERENCE)[0, :]
+            except (ValueError, RuntimeError, OSError) as exc:  # checksum or decode failure
+                raise self._damaged(REFERENCE, exc) from None
 
     def _row_array_names(self) -> list[str]:
         """Every array with one row per snapshot (params, reference excluded: it has one row)."""
-        names = [name for name in (PARAMS, BUFFERS, *ROW_ARRAYS) if name in self._group]
+        names = [PARAMS, *([BUFFERS] if self.buffer_layout is not None else []), *ROW_ARRAYS]  # always there
         return names + [f"{METRICS}/{name}" for name in self.metric_names()]
 
     def _ensure_capacity(self, rows: int) -> None:
         """Grow every per-snapshot array to hold ``rows`` rows. Each array is checked on its own: a
         writer killed between two resizes leaves them at different sizes, and that must heal."""
-        arrays = [self._group[name] for name in self._row_array_names()]
+        arrays = [self.array(name) for name in self._row_array_names()]
         largest = max(arr.shape[0] for arr in arrays)
         capacity = largest if largest >= rows else max(rows, 2 * largest, 16)
         for arr in arrays:
