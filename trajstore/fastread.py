@@ -209,6 +209,12 @@ def row_layout_problem(meta: dict, dtype: str, checksummed: bool = True) -> str 
         keys = meta["chunk_key_encoding"]
         if keys["name"] != "default" or (keys.get("configuration") or {}).get("separator", "/") != "/":
             return f"chunk keys {keys}"
+        if not isinstance(meta.get("attributes", {}), dict):
+            return "attributes that are not a mapping"
+        grid = meta["chunk_grid"]
+        chunks = grid["configuration"]["chunk_shape"]
+        if grid["name"] != "regular" or len(chunks) != 1 or type(chunks[0]) is not int or chunks[0] < 1:
+            return f"chunk grid {grid}"
         if len(meta["shape"]) != 1 or np.dtype(meta["data_type"]) != np.dtype(dtype):
             return f"shape {meta['shape']} of {meta['data_type']}, not (t,) of {np.dtype(dtype)}"
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:

@@ -148,7 +148,7 @@ def check_meta(meta: dict, path: str) -> None:
         truncations = meta.get("truncations", [])
         if not (isinstance(truncations, list) and all(type(k) is int and k >= 0 for k in truncations)):
             raise ValueError(f"truncations {truncations!r:.80} is not a list of snapshot counts")
-    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # TrajstoreError subclasses ValueError here
+    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # ours subclass ValueError
         raise CorruptMetadataError(f"{where} are damaged ({type(exc).__name__}: {exc}); restore the file from a "
                                    "copy of the store") from None
 

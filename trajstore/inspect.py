@@ -119,6 +119,8 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
                     store._row_values(name)  # checksums and missing chunk files of the small arrays
                 except CorruptSnapshotError as exc:
                     report.store_problems.append(str(exc))
+                except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RuntimeError, OSError) as exc:
+                    report.store_problems.append(str(_damaged(store, name, exc)))
         t = min([t] + [shapes.get(name, t) for name in (PARAMS, NONFINITE)])
         if store.codec.transform == "delta" and t:
             try:
