@@ -153,13 +153,18 @@ def nonfinite_case(spec: str, pair, where: np.ndarray, payloads: np.ndarray) -> 
             get_preset(spec).encode(wi, 0, None, wi)
 
 
-@settings(max_examples=CASES, derandomize=True, **_SETTINGS)
-@given(spec=st.sampled_from(LOSSY), pair=row_pairs(max_n=16), data=st.data())
-def test_nan_and_inf_in_a_later_snapshot_touch_no_other_element(spec, pair, data):
+def draw_nonfinite_case(spec, pair, data) -> None:
+    """Draw where NaN/Inf go (and NaN payloads) in a later snapshot, then check that case."""
     n = pair[0].shape[0]
     where = data.draw(hnp.arrays(np.int8, n, elements=st.integers(0, 3)))
     payloads = data.draw(hnp.arrays(np.uint32, n, elements=st.integers(0, 2**23 - 2)))
     nonfinite_case(spec, pair, where, payloads)
+
+
+@settings(max_examples=CASES, derandomize=True, **_SETTINGS)
+@given(spec=st.sampled_from(LOSSY), pair=row_pairs(max_n=16), data=st.data())
+def test_nan_and_inf_in_a_later_snapshot_touch_no_other_element(spec, pair, data):
+    draw_nonfinite_case(spec, pair, data)
 
 
 def store_case(tmp_path, spec: str, rows: list[np.ndarray], nonfinite: bool) -> None:
@@ -269,7 +274,4 @@ def test_the_module_docstring_states_the_same_bounds():
 @settings(max_examples=FULL_CASES, **_SETTINGS)
 @given(spec=st.sampled_from(LOSSY), pair=row_pairs(max_n=16), data=st.data())
 def test_nan_and_inf_in_a_later_snapshot_touch_no_other_element_at_volume(spec, pair, data):
-    n = pair[0].shape[0]
-    where = data.draw(hnp.arrays(np.int8, n, elements=st.integers(0, 3)))
-    payloads = data.draw(hnp.arrays(np.uint32, n, elements=st.integers(0, 2**23 - 2)))
-    nonfinite_case(spec, pair, where, payloads)
+    draw_nonfinite_case(spec, pair, data)
