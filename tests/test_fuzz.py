@@ -207,28 +207,6 @@ def names_damage(message: str, rel: str, path: Path) -> bool:
                 or (not array and str(path) in message))
 
 
-# Raw errors from code outside the reader-side files this suite covers, each pinned by an
-# xfail(strict=True) test in this module: operation prefix -> (damaged file, exception type) the
-# fuzz tolerates until that code is fixed (then the xfail passes, fails as strict, and the entry goes).
-KNOWN_RAW = {"": (r"^(step|epoch|wall_time|nonfinite|metrics/\w+)/zarr\.json$", r"(Overflow|ZeroDivision|Type)Error$"),
-             "open('a')": (r"^reference/zarr\.json$", r"BoundsCheckError$")}
-
-
-# Silently wrong values from code outside these files, equally pinned below: the per-snapshot
-# arrays are read through zarr, which trusts their zarr.json (a flipped endian, v2 chunk keys).
-# Tolerated only when verify reports the damage.
-KNOWN_WRONG = {"steps": r"^step/zarr\.json$", "epochs": r"^epoch/zarr\.json$",
-               "metrics:": r"^metrics/\w+/zarr\.json$"}
-KNOWN_SHORT = ("store.py TrajectoryStore._row_values returns arr[:committed] without checking its length: a "
-               "committed count beyond the arrays' rows (damaged root zarr.json) gives fewer steps than snapshots")
-
-
-def known(table: dict, op: str, rel: str, exc: BaseException | None = None) -> bool:
-    """Whether ``op`` misbehaving after damage to ``rel`` (raising ``exc``) is a bug pinned in ``table``."""
-    return any(op.startswith(prefix) and re.match(files[0] if exc else files, rel)
-               and (exc is None or re.match(files[1], type(exc).__name__)) for prefix, files in table.items())
-
-
 COLUMNS = {"steps": lambda s: s.steps, "epochs": lambda s: s.epochs,
            "metrics:loss": lambda s: s.metrics("loss"), "metrics:acc": lambda s: s.metrics("acc")}
 
@@ -249,8 +227,7 @@ def examine(path: Path, tpl: Template, rel: str, extract: bool) -> list[str]:
             if op == "extract_subspace" and isinstance(exc, InvalidArgumentError) and t is not None and t <= 2:
                 return failed  # a committed count lowered to 0..2 looks like a short store: dim=2 needs 3
             if not isinstance(exc, TrajstoreError):
-                if not known(KNOWN_RAW, op, rel, exc):
-                    found.append(f"{op}: raw {type(exc).__name__}: {exc}")
+                found.append(f"{op}: raw {type(exc).__name__}: {exc}")
             elif not names_damage(str(exc), rel, path):
                 found.append(f"{op}: {type(exc).__name__} names neither a snapshot nor the file: {exc}")
             return failed
@@ -274,8 +251,7 @@ def examine(path: Path, tpl: Template, rel: str, extract: bool) -> list[str]:
                 got = attempt(name, lambda: column(store))
                 want, k = tpl.columns[name], min(t, ROWS, len(got) if got is not failed else 0)
                 if got is failed or got.shape != (t,) or not same_bits(got[:k], want[:k]):
-                    short = got is not failed and len(got) < t and same_bits(got[:k], want[:k])  # KNOWN_SHORT
-                    if got is not failed and not (known(KNOWN_WRONG, name, rel) or short and rel == "zarr.json"):
+                    if got is not failed:
                         found.append(f"{name} silently wrong: {got[:12]} (shape {got.shape}, {t} committed)")
                     bad_columns.append(name)
     report = attempt("verify", lambda: verify(path))
@@ -397,16 +373,9 @@ OPS = {"open('a')": lambda p: TrajectoryStore.open(p, "a").close(),
     ("lossless", "metrics/acc/zarr.json", "delete", "metrics"),  # fixed: store.array() names it
     ("lossless", "nonfinite/c/0", "flip", "extract"),  # fixed: pipeline/gram.py reads it through _row_values
     ("lossless", "params/zarr.json", "invalid", "extract"),  # fixed: store.array() names it
-    pytest.param("lossless", "epoch/zarr.json", "fill-2^63", "open('a')", marks=_outside(
-        "store.py TrajectoryStore.array / _row_values catch KeyError, ValueError, TypeError: zarr raises "
-        "OverflowError for an int64 fill_value of 2^63, ZeroDivisionError for a chunk_shape of 0 (catch "
-        "ArithmeticError too)")),
-    pytest.param("lossless", "epoch/zarr.json", "attributes-list", "epochs", marks=_outside(
-        "store.py TrajectoryStore._row_values reads arr.attrs (BACKFILL) outside its try: attributes damaged "
-        "into a list give a raw TypeError")),
-    pytest.param("float16-delta", "reference/zarr.json", "no-rows", "open('a')", marks=_outside(
-        "store.py TrajectoryStore._load_encoder_state: self.array('reference')[0, :] on a reference whose shape "
-        "says 0 rows raises zarr's BoundsCheckError (an IndexError), which it does not catch")),
+    ("lossless", "epoch/zarr.json", "fill-2^63", "open('a')"),  # fixed: ArithmeticError caught
+    ("lossless", "epoch/zarr.json", "attributes-list", "epochs"),  # fixed: row layout checked first
+    ("float16-delta", "reference/zarr.json", "no-rows", "open('a')"),  # fixed: reference shape checked
 ])
 def test_damage_met_outside_the_reader_is_a_typed_error(templates, tmp_path, codec, rel, damage, op):
     path = damaged_copy(templates[codec], tmp_path, rel, damage)
@@ -414,16 +383,8 @@ def test_damage_met_outside_the_reader_is_a_typed_error(templates, tmp_path, cod
         OPS[op](path)
 
 
-_THROUGH_ZARR = ("store.py TrajectoryStore._row_values reads the per-snapshot arrays through zarr, which trusts "
-                 "their zarr.json: {} reads silently wrong steps (verify reports it; fastread.row_layout_problem "
-                 "is the check to reuse)")
-
-
-@pytest.mark.parametrize("rel, damage", [
-    pytest.param("step/zarr.json", "big-endian", marks=_outside(_THROUGH_ZARR.format("endian 'big'"))),
-    pytest.param("step/zarr.json", "v2-keys", marks=_outside(_THROUGH_ZARR.format("v2 chunk keys (the fill value)"))),
-    pytest.param("zarr.json", "committed-17", marks=_outside(KNOWN_SHORT)),
-])
+@pytest.mark.parametrize("rel, damage", [("step/zarr.json", "big-endian"), ("step/zarr.json", "v2-keys"),
+                                         ("zarr.json", "committed-17")])
 def test_steps_never_read_wrong_through_damaged_metadata(templates, tmp_path, rel, damage):
     path = damaged_copy(templates["lossless"], tmp_path, rel, damage)
     assert not verify(path).ok

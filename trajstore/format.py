@@ -25,6 +25,7 @@ PARAMS, REFERENCE, BUFFERS = "params", "reference", "buffers"
 STEP, EPOCH, WALL_TIME, NONFINITE = "step", "epoch", "wall_time", "nonfinite"
 METRICS, SUBSPACES, GRAM = "metrics", "subspaces", "gram"
 ROW_ARRAYS = (STEP, EPOCH, WALL_TIME, NONFINITE)
+ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}  # metrics: float64
 
 DEFAULT_CHUNK = 1 << 18  # elements per inner chunk (1 MiB of float32): bounds extraction memory (t MiB a task)
 DEFAULT_SHARD = 1 << 21  # elements per shard file (8 MiB of float32): zarr encodes shards in parallel

@@ -8,14 +8,12 @@ from typing import Callable
 import numpy as np
 
 from .errors import CorruptMetadataError, CorruptSnapshotError
-from .format import (BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, SUBSPACES, WALL_TIME,
-                     local_dir, stored_bytes)
+from .format import (BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, SUBSPACES, local_dir, stored_bytes)
 from . import reader as _reader
-from .fastread import open_fast, row_layout_problem
+from .fastread import open_fast
 from .store import TrajectoryStore
 
 
-_ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}  # metrics: float64
 
 
 def info(path: "str | os.PathLike") -> dict:
@@ -89,7 +87,6 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
         t = len(store)
         report = VerifyReport(store.path, t)
         shapes: dict[str, int] = {}
-        checksummed = bool(store.attrs.get("all_chunks_written"))
         for name in _row_arrays(store, report):
             try:
                 arr = _array(store, name)
@@ -107,17 +104,11 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
                 except CorruptSnapshotError as exc:
                     report.store_problems.append(str(exc))
             elif name != PARAMS:
-                problem = row_layout_problem(arr.metadata.to_dict(), _ROW_DTYPES.get(name, "float64"), checksummed)
-                if problem:
-                    shapes.pop(name)
-                    report.store_problems.append(
-                        f"the metadata of '{name}' ({store.path}/{name}/zarr.json) describe {problem}, not the "
-                        "layout trajstore writes: the file is damaged and its values would read wrong; restore "
-                        "it from a copy of the store")
-                    continue
                 try:
-                    store._row_values(name)  # checksums and missing chunk files of the small arrays
+                    store._row_values(name)  # layout, checksums and missing chunk files of the small arrays
                 except CorruptSnapshotError as exc:
+                    if isinstance(exc, CorruptMetadataError):
+                        shapes.pop(name)
                     report.store_problems.append(str(exc))
                 except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RuntimeError, OSError) as exc:
                     report.store_problems.append(str(_damaged(store, name, exc)))

@@ -25,12 +25,13 @@ from . import __version__
 from ._lazy import is_module, torch as _torch
 from .codecs import CodecPreset, get_preset
 from .durability import commit_files, fsync_paths, row_files
-from .errors import CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
+from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
-                     LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_CHUNK, STEP, WALL_TIME,
+                     LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_DTYPES, ROW_CHUNK, STEP, WALL_TIME,
                      clear_except_lock, create_rows, local_dir, normalize, open_root, zarr_store)
 from .layout import ParamLayout, strip_prefixes
 from .lock import WriterLock
+from .fastread import open_fast, row_layout_problem
 from .reader import RowReader
 from .writer import BackgroundWriter, Job
 
@@ -55,7 +56,6 @@ def _close_at_exit() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
 
 
-_ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}
 _ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
 
 
@@ -136,7 +136,7 @@ class TrajectoryStore:
                 m = buffer_layout.n
                 create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
             for name in ROW_ARRAYS:
-                _create_row_array(group, name, 0, _ROW_DTYPES[name], _ROW_FILL[name])
+                _create_row_array(group, name, 0, ROW_DTYPES[name], _ROW_FILL[name])
             group.create_group(METRICS)
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -238,7 +238,7 @@ class TrajectoryStore:
         """Array ``name`` of the store; damaged or missing metadata is a typed error naming it."""
         try:
             arr = self._group[name]
-        except (KeyError, ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        except (KeyError, ValueError, TypeError, ArithmeticError) as exc:  # JSONDecodeError is a ValueError
             raise self._damaged(name, exc) from None
         if not isinstance(arr, zarr.Array):
             raise self._damaged(name, TypeError("a group where an array belongs"))
@@ -316,7 +316,14 @@ class TrajectoryStore:
         if self.buffer_layout is None:
             raise InvalidArgumentError(f"store {self.path} records no buffers (create it with buffers=True)")
         i = self._check_index(index)
-        return self.buffer_layout.unflatten(self._group[BUFFERS][i, :])
+        # zarr trusts the array's zarr.json: check it describes the layout trajstore writes first
+        open_fast(f"{self.path.rstrip('/')}/{BUFFERS}", self.storage_options, layout_required=True)
+        try:
+            row = self.array(BUFFERS)[i, :]
+        except (ValueError, RuntimeError, OSError, IndexError, ArithmeticError) as exc:  # checksum, decode
+            raise CorruptSnapshotError(f"the buffers of snapshot {i} in store {self.path} are damaged "
+                                       f"({type(exc).__name__}: {exc}); run `trajstore verify {self.path}`") from None
+        return self.buffer_layout.unflatten(row)
 
     def state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Snapshot ``index`` as a state_dict of tensors in their original shapes and dtypes."""
@@ -427,16 +434,31 @@ class TrajectoryStore:
         return j
 
     def _row_values(self, name: str) -> np.ndarray:
-        """Committed rows of a per-snapshot array; damage is a typed error, never wrong values."""
+        """Committed rows of a per-snapshot array; damage is a typed error, never wrong values.
+
+        zarr decodes whatever its zarr.json describes, so the metadata are checked against the
+        layout trajstore writes first (a flipped endian or v2 chunk keys would read silently wrong)."""
         t = len(self)
+        arr = self.array(name)
         try:
-            arr = self._group[name]
+            problem = row_layout_problem(arr.metadata.to_dict(), ROW_DTYPES.get(name, "float64"),
+                                         checksummed=bool(self._meta.get("all_chunks_written")))
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
+            problem = f"unreadable fields ({type(exc).__name__}: {exc})"
+        if problem is None and arr.shape[0] < t:
+            problem = f"{arr.shape[0]} rows, fewer than the {t} committed snapshots"
+        if problem:
+            raise CorruptMetadataError(
+                f"the metadata of '{name}' ({self.path}/{name}/zarr.json) describe {problem}, not what trajstore "
+                f"wrote: the file is damaged and its values would read wrong; run `trajstore verify {self.path}`, "
+                "then restore it from a copy or `trajstore repair` it")
+        try:
             values = arr[:t]
-        except (ValueError, RuntimeError, OSError, KeyError, TypeError) as exc:
+            backfilling = BACKFILL in arr.attrs and t <= int(arr.attrs[BACKFILL])  # all NaN so far, by design
+        except (ValueError, RuntimeError, OSError, KeyError, TypeError, ArithmeticError) as exc:
             raise CorruptSnapshotError(
                 f"the per-snapshot array '{name}' of store {self.path} is damaged ({exc}); run "
                 f"`trajstore verify {self.path}` and `trajstore repair {self.path}`") from None
-        backfilling = BACKFILL in arr.attrs and t <= int(arr.attrs[BACKFILL])  # all NaN so far, by design
         if self._meta.get("all_chunks_written") and self._local_root is not None and not backfilling:
             rows = int(arr.chunks[0])
             for c in range(-(-t // rows)):
@@ -467,9 +489,12 @@ class TrajectoryStore:
         if self.codec.transform == "xor" and t > 0:
             self._prev = self.reader().read_block(t - 1, t)[0].copy()
         if self.codec.transform == "delta" and t > 0:
+            reference = self.array(REFERENCE)
+            if reference.shape != (1, self.n_params):
+                raise self._damaged(REFERENCE, ValueError(f"shape {reference.shape}, not (1, {self.n_params})"))
             try:
-                self._reference = self.array(REFERENCE)[0, :]
-            except (ValueError, RuntimeError, OSError) as exc:  # checksum or decode failure
+                self._reference = reference[0, :]
+            except (ValueError, RuntimeError, OSError, IndexError, ArithmeticError) as exc:  # checksum, decode
                 raise self._damaged(REFERENCE, exc) from None
 
     def _row_array_names(self) -> list[str]:
