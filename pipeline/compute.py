@@ -112,11 +112,25 @@ def _run_distributed(client, tasks, progress, stop) -> list:
 def _run_threads(tasks, progress, stop, num_workers) -> list:
     counter = {"done": 0}
     lock = threading.Lock()
+    idle = threading.Condition()
+    state = {"running": 0, "failed": False}
 
     def guarded(task):
-        if stop:
-            raise Interrupted("stopped on request")
-        return task()
+        # dask raises the first task error at once while its pool still runs the other tasks: a
+        # failed pass must not go on writing (gram/, subspaces/) after the caller has seen the error
+        with idle:
+            if stop or state["failed"]:
+                raise Interrupted("stopped on request" if stop else "another task of this pass failed")
+            state["running"] += 1
+        try:
+            return task()
+        except BaseException:
+            state["failed"] = True  # the tasks still queued are not started
+            raise
+        finally:
+            with idle:
+                state["running"] -= 1
+                idle.notify_all()
 
     class _Progress(Callback):
         def _posttask(self, key, result, dsk, state, worker_id):
@@ -131,7 +145,13 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
     # restores the limit under another task that is still running, and the last exit can leave
     # the process at 1 thread for good).
     with threadpool_limits(1), _Progress():
-        return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))
+        try:
+            return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))
+        except BaseException:
+            with idle:  # no new task starts; wait for the running ones to end before raising
+                state["failed"] = True
+                idle.wait_for(lambda: state["running"] == 0)
+            raise
 
 
 def peak_rss_mib() -> float:
