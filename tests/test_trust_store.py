@@ -60,6 +60,7 @@ def test_session_overwrite_never_deletes_on_a_resume(tmp_path):
     path = tmp_path / "run.zarr"
     run_a = small_run(path, seed=0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    nn.utils.vector_to_parameters(torch.from_numpy(run_a[2]), model.parameters())  # run A's weights at step 2
     session = RecordingSession(path, every_n_steps=1, overwrite=True)
     session.begin(model, global_step=2, epoch=None)  # a resume: truncate after step 2, keep the rest
     session.end()
@@ -76,6 +77,40 @@ def test_lightning_fit_twice_into_one_path_raises(tmp_path):
     with pytest.raises(StoreExistsError, match="a.zarr"):
         lightning_fit(tmp_path / "b", tmp_path / "a.zarr", 1)
     with TrajectoryStore.open(tmp_path / "a.zarr", "a") as store:  # unlocked again, and intact
+        assert np.array_equal(store.read(slice(None)), before)
+
+
+def test_a_resume_of_another_run_is_refused_before_anything_is_dropped(tmp_path):
+    path = tmp_path / "run.zarr"
+    run_a = small_run(path, seed=0)
+    other = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))  # run B's weights at its step 2
+    with open_for_recording(path, other) as store:
+        with pytest.raises(StoreExistsError, match="snapshot at step 2 differs"):
+            Recorder(store, other, every_n_steps=1).start(2)
+        # a checkpoint saved while recording another store carries that store's run id
+        with pytest.raises(StoreExistsError, match="recorded into run 0123"):
+            Recorder(store, other, every_n_steps=1).load_state_dict({"global_step": 1, "run_id": "0123"})
+    with TrajectoryStore.open(path) as store:
+        assert np.array_equal(store.read(slice(None)), run_a)  # nothing truncated
+        run_id = store.run_id
+    same = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    nn.utils.vector_to_parameters(torch.from_numpy(run_a[2]), same.parameters())
+    with open_for_recording(path, same) as store:
+        Recorder(store, same, every_n_steps=1).load_state_dict({"global_step": 2, "run_id": run_id})
+        assert store.steps.tolist() == [0, 1, 2]
+
+
+def test_lightning_refuses_a_checkpoint_of_a_run_recorded_elsewhere(tmp_path):
+    from .test_recorder import lightning_fit
+
+    lightning_fit(tmp_path / "a", tmp_path / "a.zarr", 1)
+    lightning_fit(tmp_path / "b", tmp_path / "b.zarr", 1)  # the same script, recorded to another store
+    with TrajectoryStore.open(tmp_path / "a.zarr") as store:
+        before = store.read(slice(None))
+    (ckpt_b,) = (tmp_path / "b").glob("*.ckpt")
+    with pytest.raises(StoreExistsError, match="recorded into run"):
+        lightning_fit(tmp_path / "c", tmp_path / "a.zarr", 2, ckpt_path=ckpt_b)
+    with TrajectoryStore.open(tmp_path / "a.zarr") as store:
         assert np.array_equal(store.read(slice(None)), before)
 
 

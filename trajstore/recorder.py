@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from .errors import InvalidArgumentError, StoreExistsError
@@ -76,8 +77,13 @@ class Recorder:
         self.global_step = 0
         self._last_step: int | None = None
 
-    def start(self, global_step: int = 0, epoch: int | None = None) -> None:
-        """Begin or resume at ``global_step``: drop snapshots taken after it, record the initial weights."""
+    def start(self, global_step: int = 0, epoch: int | None = None, run_id: str | None = None) -> None:
+        """Begin or resume at ``global_step``: drop snapshots taken after it, record the initial weights.
+
+        A resume is checked to continue the run the store holds before anything is dropped: against
+        ``run_id`` (the store's :attr:`~TrajectoryStore.run_id` saved in the trainer's checkpoint) when
+        given, and against the snapshot recorded at ``global_step`` when there is one (lossless codecs).
+        """
         self.global_step = int(global_step)
         t = len(self.store)
         if self.global_step == 0 and t:
@@ -87,11 +93,32 @@ class Recorder:
                 "another run, and this run starts fresh at step 0: recording into it would mix the two runs. "
                 "Record to a new path, pass overwrite=True to replace the old run, or, if this is the same run "
                 "restarted, resume it from the trainer's checkpoint (which starts at its step > 0)")
+        if self.global_step > 0 and t:
+            self._check_same_run(run_id)
         self.store.truncate_after_step(self.global_step)
         steps = self.store.steps
         self._last_step = int(steps[-1]) if len(steps) else None
         if self.record_initial and self.global_step == 0 and self._last_step is None:
             self.record(0, epoch=epoch)
+
+    def _check_same_run(self, run_id: str | None) -> None:
+        """Refuse to resume a checkpoint of another run into this store (it would mix the two)."""
+        store, step = self.store, self.global_step
+        why = None
+        if run_id is not None and run_id != store.run_id:
+            why = f"the checkpoint was recorded into run {run_id}, the store holds run {store.run_id}"
+        elif store.codec.lossless:
+            at = np.flatnonzero(store.steps == step)
+            if len(at):
+                want = np.empty(store.n_params, store.dtype)
+                store.layout.flatten_into(self.model, want)
+                if not np.array_equal(store.read(int(at[-1])), want, equal_nan=True):
+                    why = f"its snapshot at step {step} differs from the weights this run resumes with"
+        if why:
+            raise StoreExistsError(
+                f"{store.path} holds another run than the one resuming at step {step} ({why}): continuing would "
+                "mix the two runs. Record this run to a new path (or overwrite=True on a fresh start), or resume "
+                "from a checkpoint of the run the store holds")
 
     def record(self, step: int, epoch: int | None = None, metrics: Mapping[str, float] | None = None) -> bool:
         """Append a snapshot at ``step`` unless one was already taken there; returns whether it did."""
@@ -121,10 +148,10 @@ class Recorder:
         return False
 
     def state_dict(self) -> dict:
-        return {"global_step": self.global_step}
+        return {"global_step": self.global_step, "run_id": self.store.run_id}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.start(int(state["global_step"]))
+        self.start(int(state["global_step"]), run_id=state.get("run_id"))
 
 
 def _scalars(metrics: Mapping | None) -> dict[str, float]:
@@ -153,6 +180,7 @@ class RecordingSession:
         self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
         self.store: TrajectoryStore | None = None
         self.recorder: Recorder | None = None
+        self.run_id: str | None = None  # of the store recorded into; restored from a trainer checkpoint
 
     def begin(self, model: torch.nn.Module, global_step: int, epoch: int | None) -> Recorder:
         """Open (or create) the store and resume recording at ``global_step``.
@@ -166,10 +194,11 @@ class RecordingSession:
                                         overwrite=self.overwrite and fresh, durable=self.durable)
         self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
         try:
-            self.recorder.start(global_step, epoch=epoch)
+            self.recorder.start(global_step, epoch=epoch, run_id=None if fresh else self.run_id)
         except BaseException:
             self.end()
             raise
+        self.run_id = self.store.run_id
         return self.recorder
 
     def end(self) -> None:

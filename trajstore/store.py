@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
@@ -141,6 +142,7 @@ class TrajectoryStore:
             meta = {
                 "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "run_id": uuid.uuid4().hex,  # tells this run from another later recorded at the same path
                 "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch().__version__},
                 "layout": layout.to_json(),
                 "buffer_layout": buffer_layout.to_json() if buffer_layout is not None and buffer_layout.n else None,
@@ -201,6 +203,11 @@ class TrajectoryStore:
     def attrs(self) -> dict:
         """A copy of the store's ``trajstore`` attributes (format, layout, codec, committed, ...)."""
         return dict(self._meta)
+
+    @property
+    def run_id(self) -> str:
+        """An id of the run this store records, new with every create (overwrite included)."""
+        return str(self._meta.get("run_id") or self._meta.get("created"))
 
     @property
     def group(self) -> zarr.Group:

@@ -38,5 +38,12 @@ class TrajectoryCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.session.end()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: the store's run id, so a resume into another run's store is refused."""
+        return {"run_id": self.session.run_id}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.session.run_id = state_dict.get("run_id")
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.session.end()
