@@ -19,7 +19,7 @@ from pipeline import extract_subspace
 from pipeline.basis import Basis
 from pipeline.optim import SubspaceSGD
 from trajstore import TrajectoryStore
-from trajstore.errors import StaleLockError, StoreLockedError
+from trajstore.errors import CorruptSnapshotError, StaleLockError, StoreLockedError
 from trajstore.format import DERIVED_LOCK_NAME, LOCK_NAME
 from trajstore.inspect import verify
 from trajstore.lock import NonAtomicLockWarning, StaleLockWarning, WriterLock
@@ -109,6 +109,15 @@ def test_record_verify_extract_on_threads_and_cluster_then_train(s3, tmp_path):
         after = nn.functional.cross_entropy(model(x_all), y_all).item()
     # the loss falls, to where full-space SGD got with the same batches
     assert after < before - 0.03 and after <= reached + 0.005, (before, after, reached)
+
+
+def test_a_missing_per_snapshot_chunk_on_s3_is_a_typed_error(s3):
+    url = s3.url("rows.zarr")
+    record(url)
+    s3.fs().rm(f"{s3.bucket}/rows.zarr/step/c/0")
+    with TrajectoryStore.open(url) as store, pytest.raises(CorruptSnapshotError, match=r"step/c/0.*missing"):
+        store.steps
+    assert not verify(url).ok
 
 
 def test_storage_options_alone_configure_reads_and_locks(s3, monkeypatch):

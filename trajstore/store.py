@@ -466,14 +466,28 @@ class TrajectoryStore:
             raise CorruptSnapshotError(
                 f"the per-snapshot array '{name}' of store {self.path} is damaged ({exc}); run "
                 f"`trajstore verify {self.path}` and `trajstore repair {self.path}`") from None
-        if self._meta.get("all_chunks_written") and self._local_root is not None and not backfilling:
+        if self._meta.get("all_chunks_written") and not backfilling:
             rows = int(arr.chunks[0])
+            present = self._chunk_files(name)
             for c in range(-(-t // rows)):
-                if not (self._local_root / name / "c" / str(c)).exists():
+                if str(c) not in present:
                     raise CorruptSnapshotError(
                         f"the chunk file {name}/c/{c} of store {self.path} is missing (snapshots "
                         f"{c * rows}..{min(t, (c + 1) * rows) - 1}); run `trajstore verify {self.path}`")
         return values
+
+    def _chunk_files(self, name: str) -> set[str]:
+        """Names of the chunk files of the (t,) array ``name`` (one listing; remote stores too)."""
+        if self._local_root is not None:
+            folder = self._local_root / name / "c"
+            return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.path, **{"use_listings_cache": False, **(self.storage_options or {})})
+        try:
+            return {key.rstrip("/").rsplit("/", 1)[-1] for key in fs.ls(f"{root.rstrip('/')}/{name}/c", detail=False)}
+        except FileNotFoundError:
+            return set()
 
     def _first_nonfinite(self, buf: np.ndarray) -> str:
         for spec, lo, hi in zip(self.layout.specs, self.layout.offsets, self.layout.offsets[1:]):
