@@ -7,6 +7,7 @@ a checkpoint neither duplicates nor misses snapshots.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -76,6 +77,7 @@ class Recorder:
         self.record_initial = record_initial
         self.global_step = 0
         self._last_step: int | None = None
+        self._counting = False  # whether optimizer steps are being counted (on_step / step / epoch_end(step=))
 
     def start(self, global_step: int = 0, epoch: int | None = None, run_id: str | None = None) -> None:
         """Begin or resume at ``global_step``: drop snapshots taken after it, record the initial weights.
@@ -98,8 +100,13 @@ class Recorder:
         self.store.truncate_after_step(self.global_step)
         steps = self.store.steps
         self._last_step = int(steps[-1]) if len(steps) else None
+        self._counting = self.global_step > 0
         if self.record_initial and self.global_step == 0 and self._last_step is None:
             self.record(0, epoch=epoch)
+        elif self.global_step > 0 and self.every_n_steps and self.global_step % self.every_n_steps == 0:
+            # a checkpoint saved at a due step before that step's snapshot was committed (a kill in
+            # between): the weights resumed with are that snapshot, record it so the store has no gap
+            self.record(self.global_step, epoch=epoch)
 
     def _check_same_run(self, run_id: str | None) -> None:
         """Refuse to resume a checkpoint of another run into this store (it would mix the two)."""
@@ -130,7 +137,7 @@ class Recorder:
 
     def on_step(self, step: int, epoch: int | None = None, metrics: Mapping[str, float] | None = None) -> bool:
         """Call after each optimizer step with the number of steps taken so far."""
-        self.global_step = step
+        self.global_step, self._counting = step, True
         if self.every_n_steps and step % self.every_n_steps == 0:
             return self.record(step, epoch, metrics)
         return False
@@ -142,8 +149,13 @@ class Recorder:
     def epoch_end(self, epoch: int, metrics: Mapping[str, float] | None = None, step: int | None = None) -> bool:
         """Call at the end of epoch ``epoch`` (0-based); records if due."""
         if step is not None:
-            self.global_step = step
+            self.global_step, self._counting = step, True
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            if not self._counting:
+                raise InvalidArgumentError(
+                    f"epoch_end({epoch}): no optimizer step has been counted, so this snapshot has no step of "
+                    "its own (it would repeat step 0 and be dropped). Call rec.step() after each "
+                    "optimizer.step(), or pass the global step: rec.epoch_end(epoch, step=global_step)")
             return self.record(self.global_step, epoch, metrics)
         return False
 
@@ -169,12 +181,17 @@ def _scalars(metrics: Mapping | None) -> dict[str, float]:
     return out
 
 
+_SESSIONS: "dict[str, RecordingSession]" = {}  # open sessions by store path, until they end
+
+
 class RecordingSession:
     """What the trainer callbacks share: their settings, opening the store at train start, closing it."""
 
-    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
+    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
                  overwrite: bool = False, durable: bool = False):
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1  # neither given: once per epoch. Both only when asked (uneven spacing biases DLDR)
         self.path, self.codec, self.buffers, self.overwrite = str(path), codec, buffers, overwrite
         self.durable = durable
         self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
@@ -189,6 +206,14 @@ class RecordingSession:
         session was made with ``overwrite=True``; a resume (step > 0) never overwrites.
         """
         self.end()  # a trainer restarted in the same process (a notebook) after a failure
+        key = normalize(self.path)
+        earlier = _SESSIONS.get(key)
+        if earlier is not None and earlier is not self and earlier.store is not None:
+            # another callback's session, left open by a trainer that raised (the HF Trainer has no
+            # exception hook): it is finished, commit what it queued and free the store's lock
+            warnings.warn(f"closing {self.path}, left open by an earlier trainer in this process", stacklevel=2)
+            earlier.end()
+        _SESSIONS[key] = self
         fresh = int(global_step) == 0
         self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers,
                                         overwrite=self.overwrite and fresh, durable=self.durable)
@@ -205,4 +230,6 @@ class RecordingSession:
         """Flush and close the store (idempotent)."""
         if self.store is not None:
             store, self.store, self.recorder = self.store, None, None
+            if _SESSIONS.get(normalize(self.path)) is self:
+                del _SESSIONS[normalize(self.path)]
             store.close()

@@ -333,10 +333,14 @@ class TrajectoryStore:
         return self.buffer_layout.unflatten(row)
 
     def state_dict(self, index: int) -> dict[str, torch.Tensor]:
-        """Snapshot ``index`` as a state_dict of tensors in their original shapes and dtypes."""
-        sd = self.layout.unflatten(self.read(index))
+        """Snapshot ``index`` as a state_dict of tensors in their original shapes and dtypes.
+
+        A tied tensor appears under each of its names (``wte.weight`` and ``lm_head.weight``), as
+        one shared tensor, so a strict ``model.load_state_dict`` takes it.
+        """
+        sd = self.layout.with_aliases(self.layout.unflatten(self.read(index)))
         if self.buffer_layout is not None:
-            sd.update(self.read_buffers(index))
+            sd.update(self.buffer_layout.with_aliases(self.read_buffers(index)))
         return sd
 
     def load_into(self, model: torch.nn.Module, index: int) -> torch.nn.Module:
@@ -365,6 +369,11 @@ class TrajectoryStore:
         # everything is validated before a row index or a staging buffer is taken: a refused
         # append leaves the store exactly as it was
         step, epoch, metrics = _check_step(step, "step"), _check_epoch(epoch), _check_metrics(metrics)
+        if self._last_step is not None and step <= self._last_step:
+            raise InvalidArgumentError(
+                f"step {step} does not follow step {self._last_step}, the store's last snapshot: steps must "
+                "strictly increase. A resumed run drops the later snapshots first (truncate_after_step, or "
+                "Recorder.start(step)); a new run records to a new path")
         if is_module(source):
             self.layout.check_same(ParamLayout.from_module(source), "model")
         buf = self._writer.acquire()
@@ -381,6 +390,7 @@ class TrajectoryStore:
             raise
         index = self._next_index
         self._next_index += 1
+        self._last_step = step
         self._writer.submit(Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite))
         return index
 
@@ -418,6 +428,8 @@ class TrajectoryStore:
 
     def truncate_after_step(self, step: int) -> int:
         """Drop every snapshot with a step greater than ``step``; returns the new length."""
+        self._check_writable()
+        self.flush()  # the snapshots still queued count: without this they were committed, then cut
         later = self.steps > step  # (t,)
         keep = int(np.argmax(later)) if later.any() else len(later)
         self.truncate(keep)
@@ -507,6 +519,7 @@ class TrajectoryStore:
         """Where the next append goes, and the decoded rows the row transform needs."""
         t = len(self)
         self._next_index = t
+        self._last_step: int | None = int(self._row_values(STEP)[-1]) if t else None  # appends must exceed it
         if self.codec.transform == "xor" and t > 0:
             self._prev = self.reader().read_block(t - 1, t)[0].copy()
         if self.codec.transform == "delta" and t > 0:

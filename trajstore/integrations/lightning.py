@@ -16,7 +16,7 @@ class TrajectoryCallback(pl.Callback):
     and continues, so the store ends with neither duplicates nor gaps.
     """
 
-    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
+    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
                  overwrite: bool = False, durable: bool = False):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,

@@ -1,6 +1,7 @@
 """Hugging Face ``Trainer`` callback: record snapshots during ``train()``, resuming from checkpoints."""
 from __future__ import annotations
 
+import math
 import os
 
 from transformers import TrainerCallback
@@ -24,7 +25,7 @@ class TrajectoryCallback(TrainerCallback, ExportableState):
     are still written by its background thread and committed at interpreter exit at the latest.
     """
 
-    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = 1,
+    def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
                  overwrite: bool = False, durable: bool = False):
         self._args = dict(path=str(path), every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, codec=codec,
@@ -32,6 +33,7 @@ class TrajectoryCallback(TrainerCallback, ExportableState):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
                                         overwrite, durable)
         self._logs: dict = {}
+        self._pending: dict | None = None  # the step whose snapshot waits for that step's logs
 
     def state(self) -> dict:
         """Saved in checkpoints (with ``restore_callback_states_from_checkpoint=True``): the store's run
@@ -47,20 +49,55 @@ class TrajectoryCallback(TrainerCallback, ExportableState):
         self.session.run_id = value
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._pending = None
         if state.is_world_process_zero:
-            self.session.begin(model, state.global_step, int(state.epoch or 0))
+            self.session.begin(model, state.global_step, _epoch(state))
+
+    # The Trainer calls on_step_end *before* it logs that step (on_log), evaluates and saves. A due
+    # snapshot is taken once that step's logs are in (the weights cannot change before the next
+    # step begins), so it carries its own step's metrics, never the step before's.
+    def on_step_end(self, args, state, control, **kwargs):
+        self._flush()
+        if self.session.recorder is not None:
+            self._pending, self._logs = {"step": state.global_step, "epoch": _epoch(state), "epoch_end": False}, {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._logs.update(logs or {})
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.session.recorder is not None:
-            self.session.recorder.on_step(state.global_step, int(state.epoch or 0), self._logs)
+        if self._pending is not None and state.global_step == self._pending["step"]:
+            self._logs.update(logs or {})
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.session.recorder is not None:
-            epoch = max(0, round(state.epoch or 0) - 1)
-            self.session.recorder.epoch_end(epoch, self._logs, step=state.global_step)
+            if self._pending is None or self._pending["step"] != state.global_step:
+                self._flush()
+                self._pending, self._logs = {"step": state.global_step, "epoch": _epoch(state)}, {}
+            self._pending["epoch_end"] = True  # epoch-end evaluation logs come after this call
+
+    def on_save(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.session.end()
+        try:
+            self._flush()
+        finally:
+            self.session.end()
+
+    def _flush(self) -> None:
+        """Record the pending step's snapshot, if due, with the metrics logged at that step."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        recorder = self.session.recorder
+        if pending is None or recorder is None:
+            return
+        recorder.on_step(pending["step"], pending["epoch"], self._logs)
+        if pending.get("epoch_end"):
+            recorder.epoch_end(pending["epoch"], self._logs, step=pending["step"])
+
+
+def _epoch(state) -> int:
+    """The 0-based epoch a step belongs to: the Trainer's ``state.epoch`` runs over (e, e + 1] in epoch e."""
+    return max(0, math.ceil((state.epoch or 0) - 1e-6) - 1)

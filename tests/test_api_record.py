@@ -1,0 +1,118 @@
+"""Issue 12, recording edges: step order, epoch-only recording, the callbacks' spacing, metrics
+and epoch labels, and a trainer that raised."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trajstore import InvalidArgumentError, TrajectoryStore
+from trajstore.recorder import Recorder, RecordingSession
+
+from .test_recorder import HFNet, digits, lightning_fit
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+# -- item 8: steps strictly increase ----------------------------------------------------------
+@pytest.mark.parametrize("bad", [10, 5])
+def test_a_step_that_repeats_or_goes_back_is_refused_and_changes_nothing(tmp_path, bad):
+    model, path = net(), tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, model) as store:
+        store.append(model, step=0)
+        store.append(model, step=10)
+        with pytest.raises(InvalidArgumentError, match=f"step {bad} does not follow step 10"):
+            store.append(model, step=bad)
+        store.append(model, step=11)
+    with TrajectoryStore.open(path, "a") as store:  # the rule holds across a reopen too
+        with pytest.raises(InvalidArgumentError, match="strictly increase"):
+            store.append(model, step=11)
+        assert store.steps.tolist() == [0, 10, 11]
+        store.truncate_after_step(0)  # a resume drops the later snapshots, then may repeat their steps
+        store.append(model, step=5)
+        store.flush()
+        assert store.steps.tolist() == [0, 5]
+
+
+def test_a_later_resume_keeps_everything_recorded_before_it(tmp_path):
+    model = net()
+    with TrajectoryStore.create(tmp_path / "run.zarr", model) as store:
+        rec = Recorder(store, model, every_n_steps=5)
+        rec.start()
+        for _ in range(10):
+            rec.step()
+        with pytest.raises(InvalidArgumentError):
+            store.append(model, step=5)  # the step-5 snapshot exists: never lost to a step that goes back
+        rec.start(7)
+        assert store.steps.tolist() == [0, 5]
+
+
+# -- item 7: every_n_epochs without counted steps --------------------------------------------------
+def test_epoch_only_recording_without_counted_steps_says_how_to_count_them(tmp_path):
+    model = net()
+    with TrajectoryStore.create(tmp_path / "run.zarr", model) as store:
+        rec = Recorder(store, model, every_n_epochs=1)
+        rec.start()
+        with pytest.raises(InvalidArgumentError, match=r"rec\.step\(\).*epoch_end\(epoch, step="):
+            rec.epoch_end(0)
+        assert rec.epoch_end(0, step=8) and rec.epoch_end(1, step=16)
+        store.flush()
+        assert store.steps.tolist() == [0, 8, 16] and store.epochs.tolist() == [-1, 0, 1]
+
+
+# -- item 15: the callbacks record every N steps only, unless epochs are asked for too ------------
+def test_every_n_steps_alone_records_evenly_spaced_steps(tmp_path):
+    assert RecordingSession(tmp_path / "a.zarr", every_n_steps=3).every_n_epochs is None
+    assert RecordingSession(tmp_path / "a.zarr").every_n_epochs == 1
+    assert RecordingSession(tmp_path / "a.zarr", every_n_steps=3, every_n_epochs=2).every_n_epochs == 2
+    lightning_fit(tmp_path / "l", tmp_path / "l.zarr", 2, every_n_epochs=None)  # 5 steps an epoch, every 2
+    with TrajectoryStore.open(tmp_path / "l.zarr") as store:
+        assert store.steps.tolist() == [0, 2, 4, 6, 8, 10]
+
+
+# -- items 9 and 13: the HF callback ---------------------------------------------------------------
+def hf_trainer(out, store_path, fail_at=None, **callback):
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    from trajstore.integrations.transformers import TrajectoryCallback
+
+    class FailAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == fail_at:
+                raise RuntimeError("out of memory")
+
+    set_seed(0)
+    x, y = digits(256)  # 4 steps an epoch
+    data = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=64,
+                             learning_rate=0.05, save_strategy="no", logging_steps=1, report_to=[], use_cpu=True,
+                             seed=0, remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
+                             lr_scheduler_type="constant", optim="sgd")
+    return Trainer(model=HFNet(), args=args, train_dataset=data,
+                   callbacks=[TrajectoryCallback(store_path, **callback), FailAt()])
+
+
+def test_hf_snapshots_carry_their_own_steps_metrics_and_epoch(tmp_path):
+    trainer = hf_trainer(tmp_path / "out", tmp_path / "run.zarr", every_n_steps=3, every_n_epochs=1)
+    trainer.train()
+    logged = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    with TrajectoryStore.open(tmp_path / "run.zarr") as store:
+        steps, epochs, loss = store.steps.tolist(), store.epochs.tolist(), store.metrics("loss")
+    assert steps == [0, 3, 4, 6, 8, 9, 12]
+    assert math.isnan(loss[0])  # the initial weights: nothing logged yet
+    np.testing.assert_array_equal(loss[1:], [logged[s] for s in steps[1:]])
+    assert epochs[1:] == [math.ceil(s / 4) - 1 for s in steps[1:]]  # step 4 ends epoch 0, step 8 epoch 1
+
+
+def test_hf_training_that_raised_frees_the_store_for_the_next_trainer(tmp_path):
+    store_path = tmp_path / "run.zarr"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        hf_trainer(tmp_path / "a", store_path, fail_at=5, every_n_steps=2).train()
+    with pytest.warns(UserWarning, match="left open by an earlier trainer"):
+        hf_trainer(tmp_path / "b", store_path, every_n_steps=2, overwrite=True).train()
+    with TrajectoryStore.open(store_path) as store:
+        assert store.steps.tolist() == [0, 2, 4, 6, 8, 10, 12]
