@@ -1,7 +1,9 @@
 """Commands over the store: ``info``, ``verify``, ``import``."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -69,16 +71,31 @@ def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, hel
             codec: str = typer.Option("lossless", "--codec"),
             overwrite: bool = typer.Option(False, "--overwrite"),
             resume: bool = typer.Option(False, "--resume", help="continue an interrupted import into RUN"),
+            like: Optional[str] = typer.Option(
+                None, "--like", help="take the parameters (tied weights once, buffers apart) from a STORE of the "
+                "same model, or from the model a recipe builds (digits-mlp, module:function, as for train)"),
             json: bool = typer.Option(False, "--json")) -> None:
-    """Convert a folder of per-epoch state_dicts (natural order) into a store."""
+    """Convert a folder of state_dicts (natural order of their paths; HF checkpoint-*/ folders too) into a store."""
     with errors_to_exit(), progress_bar("importing", quiet=json) as update:
-        import_checkpoints(folder, run, pattern, codec=codec, overwrite=overwrite, resume=resume, progress=update)
+        import_checkpoints(folder, run, pattern, like=_like(like), codec=codec, overwrite=overwrite, resume=resume,
+                           progress=update)
     with errors_to_exit():
         data = inspect.info(run)
     if json:
         print_json(data)
     else:
         err.print(f"imported {data['snapshots']} snapshots of {data['parameters']:,} parameters into {data['path']}")
+
+
+def _like(value: str | None) -> object:
+    """``--like``: a recipe name or ``module:function`` builds the model; anything else is a store path or URL."""
+    if value is None or Path(value).exists():
+        return value
+    from pipeline.experiments.recipes import BUILTIN, build_recipe
+
+    if value in BUILTIN or re.fullmatch(r"[\w.]+:\w+", value):
+        return build_recipe(value, seed=0, batch_size=64).model
+    return value
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from .errors import (  # noqa: E402
     LayoutMismatchError,
     NonFiniteError,
     NotAStoreError,
+    SnapshotIndexError,
     StaleLockError,
     StoreLockedError,
     StoreExistsError,
@@ -22,6 +23,7 @@ __all__ = [
     "TrajectoryStore", "ParamLayout", "CodecPreset", "get_preset", "PRESET_NAMES",
     "TrajstoreError", "NotAStoreError", "FormatVersionError", "StoreLockedError", "StaleLockError",
     "LayoutMismatchError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "StoreExistsError", "InvalidArgumentError",
+    "SnapshotIndexError",
     "Recorder", "import_checkpoints",
 ]
 

@@ -42,6 +42,10 @@ class NonFiniteError(TrajstoreError, ValueError):
     """A snapshot holds NaN or Inf values."""
 
 
+class SnapshotIndexError(TrajstoreError, IndexError):
+    """A snapshot index outside the committed snapshots."""
+
+
 class CorruptSnapshotError(TrajstoreError):
     """Stored bytes failed their checksum or could not be decoded."""
 

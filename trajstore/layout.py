@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -49,9 +49,14 @@ class TensorSpec:
 
 
 class ParamLayout:
-    """Names, shapes, dtypes and offsets of the tensors that make up the flat vector."""
+    """Names, shapes, dtypes and offsets of the tensors that make up the flat vector.
 
-    def __init__(self, specs: Iterable[TensorSpec]):
+    ``aliases`` maps the other names of tied tensors (GPT-2's ``lm_head.weight``) to the one name
+    the layout stores them under (``wte.weight``): a tied tensor counts once, as in
+    ``nn.Module.named_parameters()``.
+    """
+
+    def __init__(self, specs: Iterable[TensorSpec], aliases: Mapping[str, str] | None = None):
         self.specs: tuple[TensorSpec, ...] = tuple(specs)
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
@@ -59,17 +64,40 @@ class ParamLayout:
         sizes = [s.numel for s in self.specs]
         self.offsets: tuple[int, ...] = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)]))
         self._index = {s.name: i for i, s in enumerate(self.specs)}
+        self.aliases: dict[str, str] = dict(aliases or {})  # alias name -> name of the stored tensor
+        for alias, target in self.aliases.items():
+            if not isinstance(alias, str) or target not in self._index or alias in self._index:
+                raise LayoutMismatchError(f"alias {alias!r} -> {target!r} does not name another tensor of the layout")
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> "ParamLayout":
-        """Layout of ``module.named_parameters()`` in registration order (prefixes stripped)."""
-        return cls(_spec(strip_prefixes(k), p) for k, p in module.named_parameters())
+        """Layout of ``module.named_parameters()`` in registration order (prefixes stripped); the
+        later names of a tied parameter become aliases."""
+        return cls._deduped(module.named_parameters(remove_duplicate=False), id)
 
     @classmethod
     def buffers_of(cls, module: torch.nn.Module) -> "ParamLayout":
         """Layout of the module's buffers (BN running statistics and the like)."""
-        return cls(_spec(strip_prefixes(k), b) for k, b in module.named_buffers())
+        return cls._deduped(module.named_buffers(remove_duplicate=False), id)
+
+    @classmethod
+    def _deduped(cls, named: Iterable[tuple[str, torch.Tensor]], identity: Callable[[torch.Tensor], object]
+                 ) -> "ParamLayout":
+        """A layout of the first name of each tensor; later names of a tensor with the same
+        ``identity`` become aliases of it."""
+        specs: list[TensorSpec] = []
+        first_name: dict[object, str] = {}
+        aliases: dict[str, str] = {}
+        for key, tensor in named:
+            name, ident = strip_prefixes(key), identity(tensor)
+            if ident in first_name:
+                if name != first_name[ident]:
+                    aliases.setdefault(name, first_name[ident])
+            else:
+                first_name[ident] = name
+                specs.append(_spec(name, tensor))
+        return cls(specs, aliases)
 
     @classmethod
     def from_state_dict(
@@ -77,18 +105,34 @@ class ParamLayout:
     ) -> tuple["ParamLayout", "ParamLayout"]:
         """Split a state_dict into (parameter layout, buffer layout).
 
-        With ``param_names`` the split is exact; without, BN statistics and integer tensors
-        count as buffers.
+        Keys that hold one tensor (same storage, offset, shape and strides: tied weights in a
+        ``torch.save``-d state_dict) count once, under the first key; the later keys become aliases.
+        With ``param_names`` exactly those keys are parameters (LayoutMismatchError names any the
+        state_dict lacks); without, BN statistics and integer tensors count as buffers. A float
+        buffer (a positional encoding) cannot be told from a parameter this way: build the layout
+        from the model instead.
         """
+        tensors = {strip_prefixes(k): v for k, v in state_dict.items() if is_tensor(v)}
         wanted = {strip_prefixes(n) for n in param_names} if param_names is not None else None
-        params, buffers = [], []
-        for key, value in state_dict.items():
-            if not is_tensor(value):
-                continue
-            name = strip_prefixes(key)
-            is_param = (name in wanted) if wanted is not None else not is_buffer_name(name, value)
-            (params if is_param else buffers).append(_spec(name, value))
-        return cls(params), cls(buffers)
+        if wanted is not None and wanted - tensors.keys():
+            missing = sorted(wanted - tensors.keys())
+            raise LayoutMismatchError(
+                f"param_names name {len(missing)} tensor(s) the state_dict lacks: {', '.join(missing[:10])}; "
+                "pass the names of the model's parameters (e.g. [n for n, _ in model.named_parameters()])")
+        every = cls._deduped(tensors.items(), _storage_identity)
+        names_of = {s.name: [s.name] for s in every.specs}
+        for alias, target in every.aliases.items():
+            names_of[target].append(alias)
+        if wanted is None:
+            params = {s.name for s in every.specs if not is_buffer_name(s.name, tensors[s.name])}
+        else:  # a tied tensor is a parameter when param_names names it under any of its names
+            params = {s.name for s in every.specs if wanted.intersection(names_of[s.name])}
+        return every.subset(params), every.subset(set(names_of) - params)
+
+    def subset(self, names: set[str]) -> "ParamLayout":
+        """The layout of the tensors ``names`` (in layout order) and their aliases."""
+        return ParamLayout([s for s in self.specs if s.name in names],
+                           {a: t for a, t in self.aliases.items() if t in names})
 
     @classmethod
     def of(cls, source: object) -> "ParamLayout":
@@ -115,7 +159,7 @@ class ParamLayout:
         return len(self.specs)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ParamLayout) and self.specs == other.specs
+        return isinstance(other, ParamLayout) and self.specs == other.specs and self.aliases == other.aliases
 
     def __repr__(self) -> str:
         return f"ParamLayout({len(self.specs)} tensors, n={self.n})"
@@ -131,11 +175,26 @@ class ParamLayout:
 
     # -- serialisation ------------------------------------------------------------------
     def to_json(self) -> list[dict]:
-        return [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.specs]
+        """One entry per tensor; a tied tensor's other names under ``"aliases"`` (absent when none)."""
+        items = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in self.specs]
+        for alias, target in self.aliases.items():
+            items[self._index[target]].setdefault("aliases", []).append(alias)
+        return items
 
     @classmethod
     def from_json(cls, items: list[dict]) -> "ParamLayout":
-        return cls(TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in items)
+        """Inverse of :meth:`to_json`; stores written before aliases existed read as having none."""
+        aliases = {}
+        for d in items:
+            names = d.get("aliases", [])
+            if not isinstance(names, list):
+                raise ValueError(f"aliases of {d['name']!r} are not a list")
+            aliases.update((alias, d["name"]) for alias in names)
+        return cls((TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in items), aliases)
+
+    def with_aliases(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``named`` (a state_dict of this layout) plus each alias key, holding the same tensor object."""
+        return {**named, **{alias: named[target] for alias, target in self.aliases.items() if target in named}}
 
     # -- checks -------------------------------------------------------------------------
     def check_same(self, other: "ParamLayout", what: str = "source") -> None:
@@ -166,6 +225,8 @@ class ParamLayout:
         out = []
         for spec in self.specs:
             t = named.get(spec.name)
+            if t is None:  # a file may keep a tied tensor under another of its names
+                t = next((named[a] for a, target in self.aliases.items() if target == spec.name and a in named), None)
             if t is None:
                 raise LayoutMismatchError(
                     f"source lacks tensor {spec.name!r} {spec.shape} of the store's layout"
@@ -202,6 +263,14 @@ class ParamLayout:
             s.name: vec[lo:hi].reshape(s.shape).to(getattr(torch, s.dtype)).clone()
             for s, lo, hi in zip(self.specs, self.offsets, self.offsets[1:])
         }
+
+
+def _storage_identity(t: torch.Tensor) -> object:
+    """Equal for the entries of a state_dict that are one tied tensor: same memory, shape, strides and
+    dtype. Meta and empty tensors have no memory of their own: only the same object is the same tensor."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return id(t)
+    return (str(t.device), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:

@@ -142,11 +142,10 @@ def _create_like(store: TrajectoryStore, target: Path) -> TrajectoryStore:
     """An empty store with the same layout, buffers, codec, chunks, shards and metadata."""
     params = store.group[PARAMS]
     source: object = store.layout
-    if store.buffer_layout is not None:
-        import torch
+    if store.buffer_layout is not None:  # the exact split (a float buffer, tied aliases), not a guess by name
+        from ._template import LayoutTemplate
 
-        source = {s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta")
-                  for s in (*store.layout.specs, *store.buffer_layout.specs)}
+        source = LayoutTemplate(store.layout, store.buffer_layout)
     new = TrajectoryStore.create(target, source, codec=store.codec, metadata=store.metadata,
                                  buffers=store.buffer_layout is not None, chunk_size=int(params.chunks[1]),
                                  shard_size=int((params.shards or params.chunks)[1]))

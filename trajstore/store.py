@@ -23,10 +23,11 @@ import numpy as np
 import zarr
 
 from . import __version__
-from ._lazy import is_module, torch as _torch
+from ._lazy import is_module, is_tensor, torch as _torch
 from .codecs import CodecPreset, get_preset
 from .durability import commit_files, fsync_paths, row_files
-from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError, NonFiniteError, StoreExistsError
+from .errors import (CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError,
+                     NonFiniteError, SnapshotIndexError, StoreExistsError, TrajstoreError)
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
                      LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_DTYPES, ROW_CHUNK, STEP, WALL_TIME,
                      clear_except_lock, create_rows, local_dir, normalize, open_root, zarr_store)
@@ -374,11 +375,18 @@ class TrajectoryStore:
                 f"step {step} does not follow step {self._last_step}, the store's last snapshot: steps must "
                 "strictly increase. A resumed run drops the later snapshots first (truncate_after_step, or "
                 "Recorder.start(step)); a new run records to a new path")
+        _check_source(source)
         if is_module(source):
             self.layout.check_same(ParamLayout.from_module(source), "model")
         buf = self._writer.acquire()
         try:
-            self.layout.flatten_into(source, buf)
+            try:
+                self.layout.flatten_into(source, buf)
+            except (TypeError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
+                if isinstance(exc, TrajstoreError):
+                    raise
+                raise LayoutMismatchError(f"snapshot at step {step} does not fit the store's layout "
+                                          f"({type(exc).__name__}: {exc}); nothing was recorded") from None
             nonfinite = not np.isfinite(buf).all()
             if nonfinite and not allow_nonfinite:
                 raise NonFiniteError(
@@ -449,7 +457,7 @@ class TrajectoryStore:
         t = len(self)
         j = i + t if i < 0 else i
         if not 0 <= j < t:
-            raise IndexError(f"snapshot {i} out of range: the store holds {t} committed snapshots")
+            raise SnapshotIndexError(f"snapshot {i} out of range: the store holds {t} committed snapshots")
         return j
 
     def _row_values(self, name: str) -> np.ndarray:
@@ -607,6 +615,22 @@ def _holds_data(path: str, storage_options: dict | None) -> bool:
     return any(not str(entry).rstrip("/").endswith(LOCK_NAME) for entry in entries)
 
 
+def _check_source(source: object) -> None:
+    """``append`` takes a module, a state_dict, or a flat real-valued (n,) tensor/array."""
+    if is_module(source) or isinstance(source, Mapping):
+        return  # checked tensor by tensor against the layout
+    if isinstance(source, np.ndarray):
+        kind = source.dtype.kind
+    elif is_tensor(source):
+        kind = "c" if source.is_complex() else "b" if source.dtype == _torch().bool else "f"
+    else:
+        raise InvalidArgumentError(f"append takes an nn.Module, a state_dict or a flat (n,) tensor/array, "
+                                   f"not {type(source).__name__}; nothing was recorded")
+    if kind not in "fiu":
+        raise InvalidArgumentError(f"a snapshot of dtype {source.dtype} holds no real-valued weights; append "
+                                   "the model's float parameters (nothing was recorded)")
+
+
 def metric_key(name: object) -> str:
     """The array name a metric is stored under: ``/`` (a zarr group separator) becomes ``_``."""
     key = str(name).replace("/", "_")
@@ -619,13 +643,16 @@ def _check_step(value: object, what: str) -> int:
     try:
         if isinstance(value, bool) or value is None:
             raise TypeError
-        return operator.index(value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value)
+        number = operator.index(value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value)
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"{what} must be an integer, got {value!r}") from None
+    if not 0 <= number < 1 << 62:
+        raise InvalidArgumentError(f"{what} must be a count from 0, got {number}")
+    return number
 
 
 def _check_epoch(value: object) -> int:
-    return -1 if value is None else _check_step(value, "epoch")
+    return -1 if value is None or (type(value) is int and value == -1) else _check_step(value, "epoch")  # -1: none
 
 
 def _check_metrics(metrics: Mapping | None) -> dict[str, float]:
