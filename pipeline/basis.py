@@ -11,14 +11,17 @@ g̃ = Pᵀg = Σ_l P_lᵀ g_l and w_l += P_l c without ever building an n-vector
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from trajstore.errors import InvalidArgumentError, LayoutMismatchError
+from trajstore.errors import InvalidArgumentError, LayoutMismatchError, StoreWriteError
 from trajstore.layout import ParamLayout
 
 from .subspace import open_subspace
@@ -39,13 +42,10 @@ class Basis:
         self.device = torch.device(device)
         self.mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, self.device, fraction)
         self._host = host  # (n, d): numpy (possibly a memmap) or a (pinned) torch tensor
-        if self.mode == "resident":
-            full = torch.as_tensor(np.asarray(host) if isinstance(host, np.ndarray) else host)
-            self._resident = full.to(device=self.device, dtype=dtype)  # (n, d)
+        self.block_rows = int(block_rows or max(1, min(n, (64 << 20) // (d * 4))))
+        self._resident = self._make_resident() if self.mode == "resident" else None  # (n, d)
+        if self._resident is not None:
             self.block_rows = n
-        else:
-            self._resident = None
-            self.block_rows = int(block_rows or max(1, min(n, (64 << 20) // (d * 4))))
         self._segments = [self._segments_of(r0, min(n, r0 + self.block_rows)) for r0 in range(0, n, self.block_rows)]
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
         self._buffers: list[torch.Tensor] | None = None
@@ -60,8 +60,9 @@ class Basis:
         ``mode``: ``"resident"``, ``"streamed"`` or ``"auto"`` (resident when P takes less than
         ``fraction`` of the device's free memory). Streamed P lives in ``host`` memory:
         ``"pinned"`` (RAM, page-locked when CUDA is present) or ``"mmap"`` (an uncompressed copy
-        written once under ``cache_dir``, default next to the store); ``"auto"`` picks pinned when P
-        takes less than half the free RAM, else mmap.
+        written once per store and subspace, in ``<store>/subspaces/<name>/`` or a folder of its own
+        under ``cache_dir``; checked against the subspace before use and rebuilt when stale, see
+        :func:`_mmap_copy`); ``"auto"`` picks pinned when P takes less than half the free RAM, else mmap.
         """
         sub = open_subspace(path, name)
         from trajstore import TrajectoryStore
@@ -111,25 +112,39 @@ class Basis:
 
     # -- the two products -----------------------------------------------------------------
     @torch.no_grad()
-    def project(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """g̃ = Σ_l P_lᵀ g_l as a (d,) tensor on the device (float32 products, float64 sum across blocks)."""
+    def project(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """g̃ = Σ_l P_lᵀ g_l as a (d,) tensor on the device (float32 products, float64 sum across blocks).
+
+        One gradient per layout tensor, any memory format (read in the logical, row-major order the
+        store records); a ``None`` entry counts as zero: its rows of P are left out.
+        """
+        flats = [None if g is None else g.reshape(-1) for g in grads]  # views unless non-contiguous
         out = torch.zeros(self.d, dtype=torch.float64, device=self.device)
         for block, segments in self._iter_blocks():
             acc = torch.zeros(self.d, dtype=self.dtype, device=self.device)
             for i, lo, hi, b0, b1 in segments:
-                g = grads[i].reshape(-1)[lo:hi].to(self.dtype)
-                acc.addmv_(block[b0:b1].T, g)
+                if flats[i] is not None:
+                    acc.addmv_(block[b0:b1].T, flats[i][lo:hi].to(self.dtype))
             out += acc.double()
         return out
 
     @torch.no_grad()
-    def add_lifted_(self, tensors: Sequence[torch.Tensor], coeffs: torch.Tensor, alpha: float = 1.0) -> None:
-        """tensors_l += alpha · P_l c, in place, block by block."""
+    def add_lifted_(self, tensors: Sequence[torch.Tensor | None], coeffs: torch.Tensor, alpha: float = 1.0) -> None:
+        """tensors_l += alpha · P_l c, in place, block by block; ``None`` entries are skipped (left untouched).
+
+        A non-contiguous tensor (channels_last, transposed) is updated through a contiguous copy in
+        the logical order, written back once at the end, so its memory format is kept.
+        """
         c = coeffs.to(device=self.device, dtype=self.dtype)
+        staged = {i: t.contiguous() for i, t in enumerate(tensors) if t is not None and not t.is_contiguous()}
+        flats = [None if t is None else staged.get(i, t).view(-1) for i, t in enumerate(tensors)]
         for block, segments in self._iter_blocks():
             for i, lo, hi, b0, b1 in segments:
-                flat = tensors[i].view(-1)
-                flat[lo:hi].add_((block[b0:b1] @ c).to(flat.dtype), alpha=alpha)
+                flat = flats[i]
+                if flat is not None:
+                    flat[lo:hi].add_((block[b0:b1] @ c).to(flat.dtype), alpha=alpha)
+        for i, copy in staged.items():
+            tensors[i].copy_(copy)
 
     def lift(self, coeffs: torch.Tensor, like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-parameter tensors P_l c, shaped like the layout."""
@@ -147,6 +162,19 @@ class Basis:
         return sum(b.numel() * b.element_size() for b in self._buffers)
 
     # -- internals ------------------------------------------------------------------------
+    def _make_resident(self) -> torch.Tensor:
+        """All of P on the device, (n, d). A read-only host array (a memory map) is copied in row blocks:
+        torch cannot share memory it must not write (and warns), and blocks bound the extra host memory."""
+        host = self._host
+        if isinstance(host, torch.Tensor) or host.flags.writeable:
+            return torch.as_tensor(np.asarray(host) if isinstance(host, np.ndarray) else host).to(
+                device=self.device, dtype=self.dtype)
+        out = torch.empty((self.n, self.d), dtype=self.dtype, device=self.device)
+        for r0 in range(0, self.n, self.block_rows):
+            r1 = min(self.n, r0 + self.block_rows)
+            out[r0:r1].copy_(self._host_block(r0, r1))
+        return out
+
     def _segments_of(self, r0: int, r1: int) -> list[Segment]:
         segs = []
         for i, (lo, hi) in enumerate(zip(self.layout.offsets, self.layout.offsets[1:])):
@@ -222,22 +250,85 @@ def _read_rows(basis, rows: int = 1 << 20) -> np.ndarray:
     return out
 
 
-def _mmap_copy(sub, cache_dir) -> np.ndarray:
-    """An uncompressed (n, d) float32 .npy next to the store (written once), memory-mapped."""
+def _mmap_copy(sub, cache_dir: "str | os.PathLike | None") -> np.ndarray:
+    """The subspace's basis as an uncompressed (n, d) float32 .npy, memory-mapped read-only.
+
+    Each store and subspace has a folder of its own: ``<store>/subspaces/<name>/`` by default, or
+    ``<cache_dir>/<store name>-<hash of its path>/<name>/`` (also under ``./.trajstore-cache`` for a
+    remote store). The file name carries a fingerprint of the subspace (its attributes, spectrum and
+    shape), and the shape and first and last rows of a file are checked against the store before use,
+    so a file of another store, subspace or extraction is rebuilt, never used. Each writer fills a
+    private temp file and renames it into place: concurrent loaders are safe (identical copies, the
+    last rename wins) and a killed one leaves only its ``*.partial`` file.
+    """
+    folder = _cache_folder(sub, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"basis-{_subspace_fingerprint(sub)}.f32.npy"
+    data = _open_cached(target, sub)
+    if data is None:
+        _write_cached(target, sub)
+        data = _open_cached(target, sub)
+        if data is None:
+            raise StoreWriteError(
+                f"the memory-mapped copy of subspace {sub.name!r} written to {target} does not read back as the "
+                "store's basis; check that disk, pass another cache_dir, or use host='pinned'")
+    for old in [*folder.glob("basis-*.f32.npy"), folder / "basis.f32.npy"]:  # other versions are stale
+        if old != target:
+            try:
+                old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
+            except OSError:
+                pass
+    return data
+
+
+def _cache_folder(sub, cache_dir: "str | os.PathLike | None") -> Path:
     from trajstore.format import local_dir
 
-    folder = Path(cache_dir) if cache_dir else (local_dir(sub.path) or Path.cwd()) / "subspaces" / sub.name
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "basis.f32.npy"
-    if not target.exists():
-        tmp = folder / "basis.f32.npy.partial"
+    local = local_dir(sub.path)
+    if cache_dir is None and local is not None:
+        return local / "subspaces" / sub.name
+    where = str(local.resolve()) if local is not None else str(sub.path)
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", where.rstrip("/").rsplit("/", 1)[-1])[:48] or "store"
+    root = Path(cache_dir) if cache_dir is not None else Path.cwd() / ".trajstore-cache"
+    return root / f"{label}-{hashlib.sha1(where.encode()).hexdigest()[:12]}" / sub.name
+
+
+def _subspace_fingerprint(sub) -> str:
+    """A hash of what identifies one extraction: its attributes (settings, snapshots, eigenvalues,
+    creation time, duration), singular values and shape."""
+    h = hashlib.sha1(json.dumps(sub.attrs, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(sub.singular_values, dtype=np.float64).tobytes())
+    h.update(repr(tuple(sub.basis.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+def _open_cached(target: Path, sub, rows: int = 64) -> np.ndarray | None:
+    """The cached copy, memory-mapped, or None when it is missing, unreadable or not this basis."""
+    try:
+        data = np.load(target, mmap_mode="r")  # (n, d)
+    except (OSError, ValueError):
+        return None
+    n = sub.basis.shape[0]
+    if data.shape != tuple(sub.basis.shape) or data.dtype != np.float32 or not data.flags.c_contiguous:
+        return None
+    k = min(n, rows)
+    if not (np.array_equal(data[:k], sub.basis[:k, :]) and np.array_equal(data[n - k:], sub.basis[n - k:, :])):
+        return None
+    return data
+
+
+def _write_cached(target: Path, sub, rows: int = 1 << 20) -> None:
+    """Copy the basis into a private temp file, then rename it to ``target`` (atomic)."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=sub.basis.shape)
-        for r0 in range(0, sub.basis.shape[0], 1 << 20):
-            out[r0:r0 + (1 << 20)] = sub.basis[r0:r0 + (1 << 20), :]
+        for r0 in range(0, sub.basis.shape[0], rows):
+            out[r0:r0 + rows] = sub.basis[r0:r0 + rows, :]
         out.flush()
         del out
         os.replace(tmp, target)
-    return np.load(target, mmap_mode="r")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _spec(name: str, tensor: torch.Tensor):

@@ -144,7 +144,7 @@ class TrajectoryStore:
                 "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "run_id": uuid.uuid4().hex,  # tells this run from another later recorded at the same path
-                "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch().__version__},
+                "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch_version()},
                 "layout": layout.to_json(),
                 "buffer_layout": buffer_layout.to_json() if buffer_layout is not None and buffer_layout.n else None,
                 "dtype": dtype.name,
@@ -613,6 +613,18 @@ def _holds_data(path: str, storage_options: dict | None) -> bool:
     except FileNotFoundError:
         return False
     return any(not str(entry).rstrip("/").endswith(LOCK_NAME) for entry in entries)
+
+
+def _torch_version() -> str:
+    """torch's version, without importing torch (2 s) where the caller never did."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "none"
 
 
 def _check_source(source: object) -> None:

@@ -8,6 +8,7 @@ import torch
 from trajstore.errors import InvalidArgumentError, LayoutMismatchError
 
 from ..basis import Basis
+from ._params import match_params
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
@@ -16,6 +17,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     Optimizer state lives in the subspace, keyed (as torch.optim expects) by the first
     parameter. ``load_state_dict`` keeps float64 state in float64 (torch would cast it to
     the parameters' dtype) and refuses a state saved with a different basis.
+
+    **Frozen parameters** (``requires_grad=False`` at the step, or not passed at all: pass
+    ``model.parameters()``, ``model.named_parameters()`` or an unambiguous subset, see
+    :func:`~pipeline.optim._params.match_params`) are never written: their rows of P count as
+    zero, g̃ = P_Tᵀ g_T and w_T += P_T s over the trainable rows T only. The optimizer then runs
+    exactly on h(s) = f(w₀ + M P s) (M masks the frozen rows): g̃ is ∇h, the Armijo slope g̃ᵀp̃ is
+    h's directional derivative and P-BFGS's secant pairs (Δs, Δg̃) are h's, so P-BFGS is plain
+    BFGS on h. Re-orthonormalising P_T instead only changes coordinates (s' = R s, Q R = P_T, i.e.
+    B₀ = (P_TᵀP_T)⁻¹ in s) at the cost of an n x d QR that streaming cannot afford and a state
+    whose meaning depends on the frozen set. With nothing frozen M = I: the paper's algorithm.
     """
 
     def __init__(self, params: Iterable, basis: Basis, defaults: dict):
@@ -23,7 +34,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if len(self.param_groups) != 1:
             raise InvalidArgumentError("subspace optimizers take one parameter group: the basis spans all of them")
         self.basis = basis
-        basis.check_params(self.params)
+        self._slots = match_params(basis, self.params, self.param_groups[0].get("param_names"))
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -34,8 +45,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """The optimizer state (tensors in the subspace), stored under the first parameter."""
         return self.state[self.params[0]]
 
-    def grads(self) -> list[torch.Tensor]:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+    def trainable(self) -> list[torch.Tensor | None]:
+        """Per basis tensor (layout order): the parameter to update, or None (not passed, or frozen)."""
+        return [None if j is None or not self.params[j].requires_grad else self.params[j] for j in self._slots]
+
+    def grads(self, params: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Per basis tensor: the gradient of a trainable parameter (zero when it has none), else None."""
+        params = self.trainable() if params is None else params
+        return [None if p is None else p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
     def _init_state(self) -> dict[str, Any]:
         state = self.subspace_state

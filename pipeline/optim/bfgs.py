@@ -58,7 +58,8 @@ class SubspaceBFGS(SubspaceOptimizer):
         with torch.enable_grad():
             loss = closure()
         f0 = float(loss.detach())
-        g = self.basis.project(self.grads())  # (d,) float64
+        params = self.trainable()  # per basis tensor; None: frozen, never written
+        g = self.basis.project(self.grads(params))  # (d,) float64
         state = self._init_state()
         b = state["inverse_hessian"]
         if "prev_grad" in state:
@@ -71,7 +72,7 @@ class SubspaceBFGS(SubspaceOptimizer):
                 state["inverse_hessian"] = b
         direction = -(b @ g)  # p̃ (d,)
         slope = float(g @ direction)
-        alpha = self._line_search(closure, f0, direction, slope, group) if slope < 0 else None
+        alpha = self._line_search(closure, params, f0, direction, slope, group) if slope < 0 else None
         if alpha is None:
             state["inverse_hessian"] = torch.eye(self.basis.d, dtype=torch.float64, device=b.device)
             state["prev_step"] = torch.zeros_like(g)
@@ -84,18 +85,20 @@ class SubspaceBFGS(SubspaceOptimizer):
         state["step"] += 1
         return loss
 
-    def _line_search(self, closure, f0: float, direction: torch.Tensor, slope: float, group) -> float | None:
+    def _line_search(self, closure, params: list[torch.Tensor | None], f0: float, direction: torch.Tensor,
+                     slope: float, group) -> float | None:
         """Backtracking Armijo; returns the accepted α (weights moved) or None (weights restored)."""
-        start = [p.detach().clone() for p in self.params]
+        live = [p for p in params if p is not None]
+        start = [p.detach().clone() for p in live]
         saved_buffers = [buf.detach().clone() for buf in self.buffers]
         alpha = group["lr"]
         for _ in range(group["max_ls"]):
-            self.basis.add_lifted_(self.params, direction, alpha=alpha)
+            self.basis.add_lifted_(params, direction, alpha=alpha)
             with torch.enable_grad():
                 trial = float(closure().detach())
             if trial == trial and trial <= f0 + group["c1"] * alpha * slope:  # NaN never passes
                 return alpha
-            for p, w in zip(self.params, start):  # exact restore, no drift across trials
+            for p, w in zip(live, start):  # exact restore, no drift across trials
                 p.copy_(w)
             for buf, saved in zip(self.buffers, saved_buffers):
                 buf.copy_(saved)

@@ -33,9 +33,10 @@ class SubspaceSGD(SubspaceOptimizer):
         """One step; the closure (if any) is evaluated first, then the gradient is projected."""
         loss = closure_loss(closure)
         group = self.param_groups[0]
-        grads = self.grads()
+        params = self.trainable()  # per basis tensor; None: frozen, never written
+        grads = self.grads(params)
         if group["weight_decay"]:
-            grads = [g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, self.params)]
+            grads = [None if p is None else g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, params)]
         g = self.basis.project(grads)  # (d,) float64
         state = self._init_state()
         momentum = group["momentum"]
@@ -46,6 +47,6 @@ class SubspaceSGD(SubspaceOptimizer):
             else:
                 buf.mul_(momentum).add_(g, alpha=1 - group["dampening"])
             g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-        self.basis.add_lifted_(self.params, g, alpha=-group["lr"])
+        self.basis.add_lifted_(params, g, alpha=-group["lr"])
         state["step"] += 1
         return loss
