@@ -257,10 +257,14 @@ def test_gc_subspaces_and_gram_update_never_touches_committed_rows(tmp_path):
     assert [i.path for i in gc(path, incomplete=True).removed] == ["subspaces/c"]
     partial = path / "subspaces/b/basis.f32.npy.partial"  # pipeline.basis's memory-map copy, maybe in progress
     partial.write_bytes(b"p" * 100)
+    own = path / "subspaces/b/basis-0123abcd.f32.npy.4242-89abcdef.partial"  # today's: one file per writer
+    own.write_bytes(b"p" * 100)
+    os.utime(own, (time.time() - 2 * 3600,) * 2)
     (path / "subspaces/gone").mkdir()  # the cache folder of a subspace deleted by hand
     (path / "subspaces/gone/basis.f32.npy").write_bytes(b"q" * 100)
     report = gc(path)
-    assert [i.path for i in report.removed] == ["subspaces/gone"] and partial.exists()
+    assert sorted(i.path for i in report.removed) == [
+        "subspaces/b/basis-0123abcd.f32.npy.4242-89abcdef.partial", "subspaces/gone"] and partial.exists()
     assert any("basis.f32.npy.partial" in k and "in progress" in k for k in report.kept), report.kept
     os.utime(partial, (time.time() - 2 * 3600,) * 2)  # idle for two hours: abandoned
     assert [i.path for i in gc(path).removed] == ["subspaces/b/basis.f32.npy.partial"] and not partial.exists()

@@ -41,7 +41,9 @@ TMP_SUFFIX, OLD_SUFFIX = ".repair-tmp", ".repair-old"
 MARKER = ".trajstore.repair-new"  # inside the compacted store until the swap is finished
 # zarr 3.1.6 LocalStore writes each key to path.with_suffix(f".{uuid4().hex}.partial"), then renames it
 ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")
-CACHE_PARTIAL = "basis.f32.npy.partial"  # pipeline.basis memory-map copy in progress (written without a lock)
+# pipeline.basis memory-map copies in progress (each writer its own file, renamed into place when whole):
+# basis-<fingerprint>.f32.npy.<pid>-<hex>.partial, and basis.f32.npy.partial of older versions
+CACHE_PARTIAL = re.compile(r"^basis[^/]*\.f32\.npy(\.[0-9]+-[0-9a-f]+)?\.partial$")
 CACHE_PARTIAL_AGE_S = 3600.0  # ... so gc removes one only once it has been idle this long
 
 
@@ -393,8 +395,9 @@ def _gc_derived(store: TrajectoryStore, root, files: Files, sizes: dict[str, int
         if not complete:
             report.kept.append(f"{key}: unfinished extraction, resumable: kept (rerun the same extract to finish "
                                f"it, or gc --incomplete / --subspace {name} to remove it)")
-        partial = f"{key}/{CACHE_PARTIAL}"
-        if partial in sizes and files.local is not None:
+        for partial in [k for k in sizes if CACHE_PARTIAL.match(k.removeprefix(f"{key}/"))]:
+            if files.local is None:
+                continue
             idle = time.time() - (files.local / partial).stat().st_mtime
             if idle >= CACHE_PARTIAL_AGE_S:
                 _drop(files, report, partial, sizes[partial], "memory-map copy of the basis abandoned part-way",
