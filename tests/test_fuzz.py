@@ -375,6 +375,7 @@ OPS = {"open('a')": lambda p: TrajectoryStore.open(p, "a").close(),
     ("lossless", "params/zarr.json", "invalid", "extract"),  # fixed: store.array() names it
     ("lossless", "epoch/zarr.json", "fill-2^63", "open('a')"),  # fixed: ArithmeticError caught
     ("lossless", "epoch/zarr.json", "attributes-list", "epochs"),  # fixed: row layout checked first
+    ("lossless", "metrics/acc/zarr.json", "attributes-list", "open('a')"),  # found at volume: checked on open
     ("float16-delta", "reference/zarr.json", "no-rows", "open('a')"),  # fixed: reference shape checked
 ])
 def test_damage_met_outside_the_reader_is_a_typed_error(templates, tmp_path, codec, rel, damage, op):

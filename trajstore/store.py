@@ -80,6 +80,8 @@ class TrajectoryStore:
             self._prev: np.ndarray | None = None  # decoded last row (xor transform)
             self._reference: np.ndarray | None = None  # decoded row 0 (delta transform)
             self._load_encoder_state()
+            for name in [n for n in self._row_array_names() if n not in (PARAMS, BUFFERS)]:
+                self._row_values(name)  # damaged metadata is a typed error before anything is written
             self._ensure_capacity(len(self))  # heal arrays left at different sizes by a kill mid-resize
             for name in self.metric_names():  # a metric created just before a kill: finish its backfill
                 arr = self._group[f"{METRICS}/{name}"]
