@@ -80,8 +80,7 @@ class TrajectoryStore:
             self._prev: np.ndarray | None = None  # decoded last row (xor transform)
             self._reference: np.ndarray | None = None  # decoded row 0 (delta transform)
             self._load_encoder_state()
-            for name in [n for n in self._row_array_names() if n not in (PARAMS, BUFFERS)]:
-                self._row_values(name)  # damaged metadata is a typed error before anything is written
+            self._check_row_arrays()
             self._ensure_capacity(len(self))  # heal arrays left at different sizes by a kill mid-resize
             for name in self.metric_names():  # a metric created just before a kill: finish its backfill
                 arr = self._group[f"{METRICS}/{name}"]
@@ -540,6 +539,12 @@ class TrajectoryStore:
                 self._reference = reference[0, :]
             except (ValueError, RuntimeError, OSError, IndexError, ArithmeticError) as exc:  # checksum, decode
                 raise self._damaged(REFERENCE, exc) from None
+
+    def _check_row_arrays(self) -> None:
+        """Damaged metadata of a per-snapshot array is a typed error before anything is written."""
+        for name in self._row_array_names():
+            if name not in (PARAMS, BUFFERS):
+                self._row_values(name)
 
     def _row_array_names(self) -> list[str]:
         """Every array with one row per snapshot (params, reference excluded: it has one row)."""
