@@ -1,15 +1,20 @@
-"""Step time of P-SGD against plain SGD (same run), resident against streamed P, and peak memory.
+"""Step time of P-SGD against plain SGD (same run), resident against streamed P, and peak memory;
+step time of P-BFGS with loss-only line-search trials against trials that backpropagate (same run).
 
 CPU (default): MLPs of about 1M and 10M parameters, d = 15 and 40, batch 128.
 GPU (--device cuda): an MLP of at least 100M parameters, P resident and streamed.
 
-A "step" is the whole training step: forward, backward and the optimizer update.
+A "step" is the whole training step: forward, backward and the optimizer update (P-BFGS: its
+closure evaluations, line search included). The two P-BFGS variants follow the same trajectory (loss-only
+trials are bit-identical to backpropagating ones), step for step on twin models, interleaved so that
+background load hits both alike.
 
-usage: python benchmarks/bench_optim.py [--device cpu|cuda] [--steps 30]
+usage: python benchmarks/bench_optim.py [--device cpu|cuda] [--steps 30] [--only all|psgd|pbfgs]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -19,7 +24,7 @@ from torch import nn
 from pipeline.basis import Basis
 from pipeline.compute import peak_rss_mib
 from pipeline.experiments.models import mlp
-from pipeline.optim import SubspaceSGD
+from pipeline.optim import SubspaceBFGS, SubspaceSGD
 from trajstore.layout import ParamLayout
 
 
@@ -92,10 +97,64 @@ def bench(sizes: list[int], dims: list[int], steps: int, device: str, block_rows
     return rows
 
 
+def bench_bfgs(sizes: list[str], dims: list[int], steps: int, device: str, batches: int = 4) -> list[dict]:
+    """P-BFGS median step time: closure(backward=...) (trials forward-only) vs a plain closure (trials
+    backpropagate, the behaviour before loss-only trials), on twin models fed the same batches."""
+    rows = []
+    for widths in ([int(s) for s in str(sz).split("x")] for sz in sizes):
+        for d in dims:
+            torch.manual_seed(0)
+            models = [mlp(widths).to(device)]
+            models.append(copy.deepcopy(models[0]))
+            n = sum(p.numel() for p in models[0].parameters())
+            basis = Basis.from_array(random_basis(models[0], d), ParamLayout.from_module(models[0]), device=device,
+                                     mode="resident")
+            opts = [SubspaceBFGS(m.parameters(), basis) for m in models]
+            gen = torch.Generator().manual_seed(1)
+            data = [(torch.randn(128, widths[0], generator=gen).to(device),
+                     torch.randint(0, widths[-1], (128,), generator=gen).to(device)) for _ in range(batches)]
+            times: list[list[float]] = [[], []]
+            calls = [0, 0]
+            for i in range(steps + 3):
+                x, y = data[i % batches]
+                for k, (model, opt) in enumerate(zip(models, opts)):
+                    def loss_only(backward=True, model=model, opt=opt, k=k):
+                        calls[k] += i >= 3
+                        loss = nn.functional.cross_entropy(model(x), y)
+                        if backward:
+                            opt.zero_grad(set_to_none=False)
+                            loss.backward()
+                        return loss
+
+                    closure = (lambda: loss_only(True)) if k == 0 else loss_only
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    opt.step(closure)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    if i >= 3:  # warm-up
+                        times[k].append(time.perf_counter() - t0)
+            before, after = (sorted(t)[len(t) // 2] for t in times)
+            same = all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in models)))
+            entry = {"n_params": n, "d": d, "pbfgs_backprop_trials_ms": 1e3 * before,
+                     "pbfgs_loss_only_trials_ms": 1e3 * after, "ratio_after_vs_before": after / before,
+                     "closure_calls_per_step": calls[1] / steps, "trajectories_identical": same,
+                     "ls_failures": int(opts[1].subspace_state["ls_failures"])}
+            rows.append(entry)
+            print(f"n={n:,} d={d}: P-BFGS step, trials backpropagate (before) "
+                  f"{entry['pbfgs_backprop_trials_ms']:.2f} ms | loss-only trials (after) {entry['pbfgs_loss_only_trials_ms']:.2f} ms "
+                  f"({entry['ratio_after_vs_before']:.2f}x) | {entry['closure_calls_per_step']:.2f} closure calls/step,"
+                  f" identical trajectories: {same}", flush=True)
+            del models, opts, basis
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--only", choices=("all", "psgd", "pbfgs"), default="all")
     args = parser.parse_args()
     if args.device == "cuda":
         # ~134M parameters: 8192 -> 8192 -> 8192 -> 10; resident P at d = 15 is 8 GB
@@ -104,9 +163,11 @@ def main() -> None:
     else:
         # ~1.05M and ~10.5M parameters
         sizes, dims, block_rows = ["1024x768x256x10", "2048x2560x2048x10"], [15, 40], 1 << 18
-    rows = bench(sizes, dims, args.steps, args.device, block_rows)
+    rows = bench(sizes, dims, args.steps, args.device, block_rows) if args.only in ("all", "psgd") else []
+    bfgs_rows = bench_bfgs(sizes, dims, args.steps, args.device) if args.only in ("all", "pbfgs") else []
     print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "results": rows,
-                      "peak_rss_MiB": peak_rss_mib()}, indent=2))
+                      "pbfgs": bfgs_rows, "peak_rss_MiB": peak_rss_mib()}, indent=2))
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from trajstore.errors import TrajstoreError
@@ -31,8 +32,14 @@ def _default(o: object):
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``error: message`` as one line on stderr (never wrapped, no markup) and return the exit."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def note(message: str) -> None:
+    """A notice from the library (a resumed or waiting extraction) as one yellow line on stderr."""
+    err.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -46,16 +53,28 @@ def errors_to_exit() -> Iterator[None]:
 
 @contextmanager
 def progress_bar(description: str, quiet: bool = False):
-    """A rich progress bar on stderr; yields ``update(done, total)``."""
+    """A rich progress bar on stderr; yields ``update(done, total)``.
+
+    The bar is drawn from the first ``update`` on: an error raised before the work starts
+    (a bad argument, a locked store) is printed alone.
+    """
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False, disable=quiet)
-    with progress:
-        task = progress.add_task(description, total=None)
+    task = progress.add_task(description, total=None)
+    started = False
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            progress.start()
+            started = True
+        progress.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if started:
+            progress.stop()
 
 
 def human_bytes(n: float) -> str:

@@ -10,10 +10,12 @@ import typer
 from rich.table import Table
 
 from pipeline import extract_subspace, open_subspace
+from pipeline.checks import check_int
 from pipeline.compute import Interrupted, StopFlag
-from pipeline.dldr import parse_snapshots
+from pipeline.dldr import check_extract_args, parse_snapshots
+from pipeline.follow import check_follow_args
 
-from ._console import err, errors_to_exit, fail, print_json, progress_bar
+from ._console import err, errors_to_exit, fail, note, print_json, progress_bar
 
 
 @contextmanager
@@ -52,16 +54,19 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
             poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
             json: bool = typer.Option(False, "--json")) -> None:
     """Extract the DLDR subspace of RUN out of core (exact Gram or randomized), into RUN/subspaces/NAME."""
-    if (dim is None) == (variance is None):
-        raise fail("give exactly one of --dim and --variance", 2)
+    with errors_to_exit():  # every argument, before any work or progress display
+        selection = parse_snapshots(snapshots)
+        check_extract_args(dim=dim, variance=variance, method=method, name=name, block_size=block_size)
+        if follow:
+            check_follow_args(every=every, poll=poll)
     if follow:
         _follow(run, every, dim, variance, name, method, scheduler, poll, json)
         return
     with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
         try:
-            sub = extract_subspace(run, dim=dim, variance=variance, snapshots=parse_snapshots(snapshots), name=name,
+            sub = extract_subspace(run, dim=dim, variance=variance, snapshots=selection, name=name,
                                    method=method, scheduler=scheduler, block_size=block_size, overwrite=overwrite,
-                                   progress=update, stop=stop, break_lock=break_lock, log=lambda message: err.print(f"[yellow]{message}[/]"))
+                                   progress=update, stop=stop, break_lock=break_lock, log=note)
         except Interrupted:
             raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
     summary = sub.summary()
@@ -100,6 +105,7 @@ def spectrum(run: str = typer.Argument(...), name: str = typer.Option("default",
              json: bool = typer.Option(False, "--json")) -> None:
     """The spectrum of a subspace's trajectory: per-component and cumulative explained variance."""
     with errors_to_exit():
+        check_int("top", top, 1)
         sub = open_subspace(run, name)
     if plot:
         from pipeline.plots import spectrum_plot

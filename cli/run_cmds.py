@@ -1,6 +1,8 @@
 """Commands that run experiments: ``train`` and ``demo``."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +25,13 @@ def _progress(quiet: bool):
         progress.update(tasks[label], completed=done, total=total)
 
     return progress, update
+
+
+def _recipes_from_cwd() -> None:
+    """Let ``module:function`` recipes in the current directory import, as under ``python -m`` (the
+    ``trajstore`` console script puts only its own folder on the path)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _subspace_lrs(optimizer: str, lr: float | None) -> dict:
@@ -53,6 +62,7 @@ def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | di
     """Sample with SGD, extract the DLDR subspace, train in it, evaluate each epoch; resumable."""
     from pipeline.experiments.runner import Run, RunConfig
 
+    _recipes_from_cwd()
     with errors_to_exit():
         config = RunConfig(recipe=recipe, sample_epochs=sample_epochs, sample_every=sample_every,
                            dim=dim if (dim is not None or variance is not None) else 15, variance=variance,
@@ -61,9 +71,9 @@ def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | di
                            label_noise=label_noise,
                            device=device, baselines=list(baseline))
         progress, update = _progress(json)
+        job = Run(run, config, log=lambda s: progress.console.print(s, highlight=False), progress=update)  # validates
         with progress:
-            report = Run(run, config, log=lambda s: progress.console.print(s, highlight=False),
-                         progress=update).execute(resume=resume)
+            report = job.execute(resume=resume)
     if json:
         print_json(report["methods"])
         return

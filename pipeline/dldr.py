@@ -21,8 +21,10 @@ from trajstore import TrajectoryStore
 from trajstore.errors import InvalidArgumentError, NonFiniteError, SubspaceExistsError
 from trajstore.reader import RowReader
 
+from .checks import check_choice, check_fraction, check_int, check_node_name
 from .compute import Progress, StopFlag, run_tasks
 from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows, scratch, update_gram, widen_shifted
+from .locking import extraction_access
 from .subspace import SUBSPACES, Subspace, open_subspace
 
 
@@ -32,6 +34,8 @@ def resolve_snapshots(snapshots: "slice | Sequence[int] | None", t: int) -> list
         rows = list(range(t))
     elif isinstance(snapshots, slice):
         start, stop = snapshots.start, snapshots.stop
+        if snapshots.step is not None and snapshots.step < 1:
+            raise InvalidArgumentError(f"the step of snapshots {start}:{stop}:{snapshots.step} must be >= 1")
         if (start is not None and start >= t) or (stop is not None and stop > t):
             raise InvalidArgumentError(
                 f"snapshots {start}:{stop} reach beyond the {t} committed snapshots")
@@ -76,20 +80,38 @@ def _check_finite(store: TrajectoryStore, rows: list[int], default: bool) -> Non
 
 
 def parse_snapshots(text: str | None) -> "slice | list[int] | None":
-    """``"A:B"``, ``"A:B:S"``, ``"1,5,9"`` or None."""
+    """``"A:B"``, ``"A:B:S"`` (S > 0), ``"1,5,9"`` (indices >= 0) or None; InvalidArgumentError otherwise."""
     if not text:
         return None
     try:
         if ":" in text:
             parts = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] is not None and parts[2] < 1):
                 raise ValueError
             return slice(*parts)
-        return [int(p) for p in text.split(",")]
+        rows = [int(p) for p in text.split(",")]
+        if min(rows) < 0:
+            raise ValueError
+        return rows
     except ValueError:
         raise InvalidArgumentError(
-            f"--snapshots {text!r} is not a selection: give START:STOP, START:STOP:STEP or a list i,j,k "
-            "of snapshot indices (e.g. 0:20, 0:40:2 or 0,5,9)") from None
+            f"--snapshots {text!r} is not a selection: give START:STOP, START:STOP:STEP (STEP >= 1) or a list "
+            "i,j,k of snapshot indices >= 0 (e.g. 0:20, 0:40:2 or 0,5,9)") from None
+
+
+def check_extract_args(*, dim: int | None, variance: float | None, method: str, name: str,
+                       block_size: int | None = None) -> None:
+    """The store-independent checks of :func:`extract_subspace`, run before any work (InvalidArgumentError)."""
+    check_choice("method", method, ("gram", "randomized"))
+    check_node_name("name", name)
+    if (dim is None) == (variance is None):
+        raise InvalidArgumentError("give exactly one of dim (--dim) and variance (--variance)")
+    if dim is not None:
+        check_int("dim", dim, 1)
+    if variance is not None:
+        check_fraction("variance", variance)
+    if block_size is not None:
+        check_int("block_size", block_size, 1)
 
 
 def centred_spectrum(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,16 +197,12 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
     called as column blocks finish. Rerunning an interrupted call resumes it, over the snapshots
     it started with even if the store grew meanwhile (``log`` receives a message saying so).
     Snapshots recorded with NaN or Inf must be left out through ``snapshots``; the error says which.
-    ``break_lock=True`` takes over the derived-data lock of an extraction that died.
+    ``break_lock=True`` takes over the derived-data lock of an extraction that died (object stores).
+    Extractions into different names of a local store run side by side; see pipeline/locking.py.
     """
     began = time.perf_counter()
+    check_extract_args(dim=dim, variance=variance, method=method, name=name, block_size=block_size)
     store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore.open(store_or_path, "r")
-    if method not in ("gram", "randomized"):
-        raise InvalidArgumentError(f"method must be 'gram' or 'randomized', got {method!r}")
-    if variance is not None and not 0 < variance <= 1:
-        raise InvalidArgumentError(f"variance must be in (0, 1], got {variance}")
-    if (dim is None) == (variance is None):
-        raise InvalidArgumentError("give exactly one of dim and variance")
     rows = resolve_snapshots(snapshots, len(store))
     _check_finite(store, rows, snapshots is None)
     if dim is not None and not 1 <= dim <= len(rows) - 1:
@@ -194,8 +212,12 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                  "variance_requested": variance}
     state = [store.attrs.get("created"), len(store.attrs.get("truncations", []))]
     settings = {"snapshots": rows, **requested, "committed": len(store), "store_state": state}
-    with store.derived(break_lock=break_lock) as root:
-        subspaces = root.require_group(SUBSPACES)
+    with extraction_access(store, name, break_lock=break_lock, stop=stop, log=log) as access:
+        root = access.root
+        if SUBSPACES not in root:
+            with access.gram():  # the one node that extractions into other names share
+                root.require_group(SUBSPACES)
+        subspaces = root[SUBSPACES]
         if name in subspaces and "complete" not in subspaces[name].attrs:
             del subspaces[name]  # killed while creating the group (its attributes come last): start afresh
         if name in subspaces:
@@ -223,16 +245,18 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                     f"an unfinished extraction {name!r} with other settings is in {store.path} "
                     f"({', '.join(f'{k}={attrs.get(k)!r}' for k in requested)}); pass overwrite=True "
                     "(--overwrite) to discard it, or rerun it with its own settings to finish it")
-        _extract(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop)
+        _extract(store, access, rows, dim, variance, name, settings, scheduler, block_size, progress, stop)
         group = root[f"{SUBSPACES}/{name}"]
         group.attrs.update({"seconds": time.perf_counter() - began})
     return open_subspace(TrajectoryStore.open(store.path, "r", storage_options=store.storage_options), name)
 
 
-def _spectrum(store, root, rows, dim, variance, method, scheduler, block_size, progress, stop):
+def _spectrum(store, access, rows, dim, variance, method, scheduler, block_size, progress, stop):
     """(λ, V, total variance, extra attrs) of the centred Gram of ``rows``, by the chosen method."""
     if method == "gram":
-        g, stats = update_gram(store, root, scheduler=scheduler, block_size=block_size, progress=progress, stop=stop)
+        with access.gram() as root:  # gram/ is shared: one Gram pass at a time, the others reuse it
+            g, stats = update_gram(store, root, scheduler=scheduler, block_size=block_size, progress=progress,
+                                   stop=stop)
         lam, vec = centred_spectrum(g[np.ix_(rows, rows)])
         return lam, vec, float(lam.sum()), {"gram_blocks_computed": stats.blocks_computed,
                                             "gram_blocks_resumed": stats.blocks_resumed,
@@ -249,15 +273,15 @@ def _spectrum(store, root, rows, dim, variance, method, scheduler, block_size, p
     return lam, vec, total, {"randomized_components": len(lam)}
 
 
-def _extract(store, root, rows, dim, variance, name, settings, scheduler, block_size, progress, stop):
-    subspaces = root[SUBSPACES]
+def _extract(store, access, rows, dim, variance, name, settings, scheduler, block_size, progress, stop):
+    subspaces = access.root[SUBSPACES]
     if name in subspaces:  # resume: reuse the stored eigenvectors so the result is identical
         group = subspaces[name]
         lam = np.asarray(group.attrs["eigenvalues"])
         vec = group["eigenvectors"][:]
         d = vec.shape[1]
     else:
-        lam, vec_all, total, extra = _spectrum(store, root, rows, dim, variance, settings["method"], scheduler,
+        lam, vec_all, total, extra = _spectrum(store, access, rows, dim, variance, settings["method"], scheduler,
                                                block_size, _phase(progress, 0), stop)
         d = choose_dim(lam, dim, variance, total, len(rows))
         vec = vec_all[:, :d]

@@ -7,9 +7,11 @@ from typing import Callable
 
 from trajstore import TrajectoryStore
 
+from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
-from .dldr import extract_subspace
+from .dldr import check_extract_args, extract_subspace
 from .gram import update_gram
+from .locking import extraction_access
 from .subspace import Subspace
 
 
@@ -19,10 +21,13 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
            on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
-    Reads committed rows only and takes only the derived-data lock, so the writer is never
-    blocked. Returns the number of subspace refreshes; stops when ``stop`` is set (the
-    cache stays intact: an interrupted update resumes on the next run) or after ``max_updates``.
+    Reads committed rows only and takes only the extraction locks (pipeline/locking.py), so the
+    writer is never blocked, nor are extractions into other subspace names. Returns the number of
+    subspace refreshes; stops when ``stop`` is set (the cache stays intact: an interrupted update
+    resumes on the next run) or after ``max_updates``.
     """
+    check_follow_args(every=every, poll=poll)
+    check_extract_args(dim=dim, variance=variance, method=method, name=name)
     stop = StopFlag() if stop is None else stop
     store = TrajectoryStore.open(path, "r")
     refreshed_at, updates = 0, 0
@@ -32,7 +37,7 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
             store.refresh()
             t = len(store)
             if t >= 2 and method == "gram":
-                with store.derived() as root:
+                with extraction_access(store, None, stop=stop) as access, access.gram() as root:
                     _, stats = update_gram(store, root, scheduler=scheduler, stop=stop)
                 if stats.new_rows and on_gram:
                     on_gram(t)
@@ -52,3 +57,9 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     finally:
         store.close()
     return updates
+
+
+def check_follow_args(*, every: int, poll: float) -> None:
+    """``every`` >= 1 snapshots and ``poll`` > 0 seconds (InvalidArgumentError otherwise)."""
+    check_int("every", every, 1)
+    check_positive("poll", poll)

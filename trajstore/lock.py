@@ -12,15 +12,26 @@ StaleLockError and any other holder StoreLockedError, until the caller passes
 ``break_lock=True`` (delete the object, then conditionally create our own). Filesystems
 with no conditional create (any fsspec filesystem that is neither local nor S3) fall back to
 check-then-put, with a :class:`NonAtomicLockWarning`.
+
+The lock file holds a JSON record of its holder: pid, host, start time and ``purpose`` (what
+holds it: a writer, an extraction, ...; files written before that field existed read as the
+lock's usual holder). A lock held by this very process is reported as such (an unclosed store
+object), never re-entered. Locally a lock may also be taken *shared* (``shared=True``): the
+extractions share the derived-data lock while gc, repair and ``store.derived()`` need it
+exclusively (see pipeline/locking.py). Shared holders write no record there; each names itself
+in its own per-subspace lock file (:func:`subspace_lock_name`), which is how an exclusive
+taker blocked by them says who they are.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import time
+import unicodedata
 import uuid
 import warnings
 from pathlib import Path
@@ -32,6 +43,16 @@ from .errors import StaleLockError, StoreLockedError
 from .format import DERIVED_LOCK_NAME, LOCK_NAME, local_dir
 
 _ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a"}
+GRAM_LOCK_NAME = f"{DERIVED_LOCK_NAME}.gram"  # the Gram pass (gram/) of the extractions sharing the derived lock
+_DEFAULT_PURPOSE = {LOCK_NAME: "a writer (recording, import, repair or gc)",
+                    DERIVED_LOCK_NAME: "exclusive access to derived data (gc, repair or store.derived())"}
+
+
+def subspace_lock_name(name: str) -> str:
+    """The lock file of the extraction into subspace ``name``: a digest (any name makes a file name) of
+    the name case-folded, as a case-insensitive filesystem makes ``A`` and ``a`` one folder."""
+    key = unicodedata.normalize("NFKC", name).casefold()
+    return f"{DERIVED_LOCK_NAME}.subspace-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _proc_start(pid: int) -> str | None:
@@ -43,10 +64,17 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _holder() -> dict:
+def _holder(purpose: str) -> dict:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "start": _proc_start(pid), "token": uuid.uuid4().hex}
+            "start": _proc_start(pid), "token": uuid.uuid4().hex, "purpose": purpose}
+
+
+def is_this_process(holder: dict) -> bool:
+    """Whether ``holder`` is this very process (same pid, host and start time)."""
+    start = holder.get("start")
+    return (_pid_of(holder) == os.getpid() and holder.get("host") == socket.gethostname()
+            and (start is None or start == _proc_start(os.getpid())))
 
 
 def _pid_alive(pid: int, start: str | None = None) -> bool:
@@ -70,6 +98,25 @@ def _pid_of(holder: dict) -> int:
 
 def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+
+
+def describe_holder(holder: dict) -> str:
+    """``"pid N on host H (since T)"`` for a lock holder's record."""
+    return _describe(holder)
+
+
+def _shared_holders(folder: Path) -> list[dict]:
+    """Live holders named in the per-subspace and Gram lock files under ``folder`` (local stores)."""
+    holders: dict[tuple, dict] = {}  # one per process: its subspace lock's record before its Gram lock's
+    for path in [*sorted(folder.glob(f"{DERIVED_LOCK_NAME}.subspace-*")), folder / GRAM_LOCK_NAME]:
+        try:
+            holder = _read_json(path.read_bytes()[:4096])
+        except OSError:
+            continue
+        alive = holder.get("host") != socket.gethostname() or _pid_alive(_pid_of(holder), holder.get("start"))
+        if holder.get("pid") and alive:
+            holders.setdefault((holder.get("pid"), holder.get("host")), holder)
+    return list(holders.values())
 
 
 class StaleLockWarning(UserWarning):
@@ -98,16 +145,24 @@ def atomic_create_supported(fs: fsspec.AbstractFileSystem) -> bool:
 class WriterLock:
     """Exclusive lock ``name`` of the store at ``root`` (a local path, ``file://`` or fsspec URL).
 
-    ``name`` is the writer lock (``.trajstore.lock``, appends) or the derived-data lock
-    (``.trajstore.derived.lock``, extraction). ``break_lock=True`` takes over a lock left
-    behind on an object store (by a killed writer or extraction); ``storage_options`` are the
-    fsspec options of a remote store (endpoint, credentials).
+    ``name`` is the writer lock (``.trajstore.lock``, appends), the derived-data lock
+    (``.trajstore.derived.lock``) or one of an extraction's (pipeline/locking.py). ``break_lock=True``
+    takes over a lock left behind on an object store (by a killed writer or extraction);
+    ``storage_options`` are the fsspec options of a remote store (endpoint, credentials).
+    ``purpose`` says what holds the lock, in the lock file and in the errors of those it blocks;
+    ``what`` names what the lock guards in those errors. ``shared=True`` takes a local lock
+    shared (many shared holders, no exclusive one); object stores have no shared locks, so there
+    it is exclusive.
     """
 
     def __init__(self, root: str, name: str = LOCK_NAME, break_lock: bool = False,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, *, purpose: str | None = None, what: str | None = None,
+                 shared: bool = False):
         self.root, self.name, self.break_lock = root, name, break_lock
         self.storage_options = dict(storage_options or {})
+        self.purpose = purpose or _DEFAULT_PURPOSE.get(name, "a trajstore process")
+        self.shared = shared
+        self._what_text = what
         self._fd: int | None = None
         self._local = local_dir(root)
         self._remote = self._local is None
@@ -130,32 +185,73 @@ class WriterLock:
         self.release()
 
     @property
+    def remote(self) -> bool:
+        """True for an object store (no flock, no shared locks)."""
+        return self._remote
+
+    @property
     def _what(self) -> str:
+        if self._what_text:
+            return self._what_text
         if self.name == DERIVED_LOCK_NAME:
             return f"derived data (gram/, subspaces/) of store {self.root}"
         return f"store {self.root}"
 
     @property
     def _how_to_break(self) -> str:
-        if self.name == DERIVED_LOCK_NAME:
+        if self.name != LOCK_NAME:
             return "rerun the extraction with break_lock=True (`trajstore extract --break-lock`)"
         return ("open it with break_lock=True (TrajectoryStore.open(path, 'a', break_lock=True) or "
                 "open_for_recording(path, model, break_lock=True))")
+
+    def _held_by(self, holder: dict) -> str:
+        """"<verb> pid N on host H (since T), <purpose>" for a holder's record (old ones have no purpose)."""
+        purpose = holder.get("purpose") or _DEFAULT_PURPOSE.get(self.name, "a trajstore process")
+        verb = {LOCK_NAME: "being written by"}.get(self.name, "in use by")
+        if self.name.startswith(f"{DERIVED_LOCK_NAME}.subspace-"):
+            verb = "being extracted by"
+        return f"{verb} {_describe(holder)}, {purpose}"
+
+    def _this_process(self, holder: dict, note: str = "") -> StoreLockedError:
+        if self.name == LOCK_NAME:
+            why = "an unclosed store object: close() it, or use `with`"
+        else:
+            why = "an extraction still running in another thread, or an unclosed store object or store.derived() block"
+        return StoreLockedError(
+            f"{self._what} is held by this process ({why}): it is {self._held_by(holder)}{note}, and a second "
+            "holder in the same process would corrupt it", holder)
+
+    def _locked(self, holder: dict) -> StoreLockedError:
+        """The error for a local lock held by someone else, naming who and saying what to do."""
+        if not holder.get("pid") and self.name == DERIVED_LOCK_NAME:  # held shared: by extractions
+            holders = _shared_holders(Path(self._local))
+            if any(is_this_process(h) for h in holders):
+                return self._this_process(next(h for h in holders if is_this_process(h)))
+            named = "; ".join(f"{_describe(h)}, {h.get('purpose')}" for h in holders[:3]) or "running extractions"
+            return StoreLockedError(f"{self._what} is in use by {named}; wait for the extractions to finish (gc, "
+                                    "repair and re-creating the store need derived data to themselves)",
+                                    holders[0] if holders else {})
+        if is_this_process(holder):
+            return self._this_process(holder)
+        if self.name == LOCK_NAME:
+            advice = "one writer at a time. Stop that process, or open the store with mode='r' to read it"
+        elif self.name.startswith(f"{DERIVED_LOCK_NAME}.subspace-"):
+            advice = ("one extraction per subspace name: wait for it to finish, or extract into another --name "
+                      "(extractions into different names run side by side)")
+        else:
+            advice = "wait for it to finish"
+        return StoreLockedError(f"{self._what} is {self._held_by(holder)}; {advice}", holder)
 
     # -- local: flock ------------------------------------------------------------------------
     def _acquire_local(self) -> None:
         path = Path(self._local) / self.name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_json(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise StoreLockedError(
-                f"{self._what} is being written by {_describe(holder)}; one writer at a time. "
-                "Stop that process, or open the store with mode='r' to read it",
-                holder,
-            ) from None
+            raise self._locked(holder) from None
         previous = _read_json(os.pread(fd, 4096, 0))
         if previous.get("pid") and not (
             previous.get("pid") == os.getpid() and previous.get("host") == socket.gethostname()
@@ -168,9 +264,13 @@ class WriterLock:
                 StaleLockWarning,
                 stacklevel=4,
             )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
-        os.fsync(fd)
+        if self.shared:  # any record here is a killed exclusive holder's: shared holders write none
+            if previous:
+                os.ftruncate(fd, 0)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder(self.purpose)).encode(), 0)
+            os.fsync(fd)
         self._fd = fd
 
     # -- object stores: conditional create ---------------------------------------------------
@@ -194,7 +294,7 @@ class WriterLock:
                     fs.rm_file(lock_path)
                 except FileNotFoundError:
                     pass
-        holder = _holder()
+        holder = _holder(self.purpose)
         body = json.dumps(holder).encode()
         for _ in range(3):
             try:
@@ -224,6 +324,8 @@ class WriterLock:
     def _raise_held(self, holder: dict, atomic: bool) -> None:
         """Raise StaleLockError (a dead process on this host) or StoreLockedError, naming ``holder``."""
         racy = "" if atomic else " (this filesystem's lock is check-then-put, not atomic)"
+        if is_this_process(holder):
+            raise self._this_process(holder, racy)
         if holder.get("host") == socket.gethostname() and not _pid_alive(_pid_of(holder), holder.get("start")):
             raise StaleLockError(
                 f"{self._what} has a stale lock from {_describe(holder)}, which is no longer running (it was "
@@ -232,8 +334,9 @@ class WriterLock:
                 holder,
             )
         raise StoreLockedError(
-            f"{self._what} is locked by {_describe(holder)}{racy}; one writer at a time. If that process is "
-            f"gone, {self._how_to_break}",
+            f"{self._what} is locked by {_describe(holder)}, {holder.get('purpose') or self.purpose}{racy}; one "
+            f"{'writer' if self.name == LOCK_NAME else 'extraction'} at a time. If that process is gone, "
+            f"{self._how_to_break}",
             holder,
         )
 

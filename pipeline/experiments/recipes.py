@@ -56,18 +56,33 @@ BUILTIN: dict[str, Callable[[int, int, float], Recipe]] = {
 }
 
 
-def build_recipe(name: str, *, seed: int, batch_size: int, label_noise: float = 0.0) -> Recipe:
-    """A built-in recipe by name, or a user's ``module:function``."""
+def resolve_recipe(name: str) -> Callable:
+    """The function behind recipe ``name`` (a built-in one, or a user's ``module:function``, imported
+    now); InvalidArgumentError when it does not exist. Nothing is built."""
     if name in BUILTIN:
-        return BUILTIN[name](seed, batch_size, label_noise)
-    if ":" not in name:
+        return BUILTIN[name]
+    module_name, colon, func_name = name.partition(":")
+    if not colon or not module_name or not func_name:
         raise InvalidArgumentError(
             f"unknown recipe {name!r}; built-in recipes: {', '.join(BUILTIN)}, or give module:function")
-    module_name, _, func_name = name.partition(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidArgumentError(f"cannot load recipe {name!r}: {exc}") from None
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidArgumentError(f"cannot load recipe {name!r}: {exc}; run from the folder that holds "
+                                   f"{module_name.split('.')[0]} (`trajstore train` imports from the current "
+                                   "directory), or add that folder to PYTHONPATH") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise InvalidArgumentError(f"cannot load recipe {name!r}: module {module_name!r} has no function "
+                                   f"{func_name!r}")
+    return func
+
+
+def build_recipe(name: str, *, seed: int, batch_size: int, label_noise: float = 0.0) -> Recipe:
+    """A built-in recipe by name, or a user's ``module:function``."""
+    func = resolve_recipe(name)
+    if name in BUILTIN:
+        return func(seed, batch_size, label_noise)
     offered = {"seed": seed, "batch_size": batch_size, "label_noise": label_noise}
     accepted = inspect.signature(func).parameters
     torch.manual_seed(seed)

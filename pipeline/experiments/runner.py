@@ -23,6 +23,7 @@ from trajstore.errors import InvalidArgumentError
 from trajstore.recorder import Recorder
 
 from ..basis import Basis, random_subspace_basis
+from ..checks import check_choice, check_fraction, check_int, check_positive
 from ..dldr import extract_subspace, parse_snapshots
 from ..optim import SubspaceBFGS, SubspaceSGD
 from .recipes import Recipe, build_recipe
@@ -60,25 +61,66 @@ class RunConfig:
         return [self.optimizer] + [b for b in self.baselines if b not in ("none", self.optimizer)]
 
     def validate(self) -> None:
-        from .recipes import BUILTIN
+        """Check every field and resolve the recipe (importing a user's module); InvalidArgumentError."""
+        from .recipes import resolve_recipe
 
-        if self.recipe not in BUILTIN and ":" not in self.recipe:
-            raise InvalidArgumentError(
-                f"unknown recipe {self.recipe!r}; built-in recipes: {', '.join(BUILTIN)}, or give module:function")
-        if self.optimizer not in ("psgd", "pbfgs"):
-            raise InvalidArgumentError(f"optimizer must be psgd or pbfgs, got {self.optimizer!r}")
+        resolve_recipe(self.recipe)
+        check_choice("optimizer", self.optimizer, ("psgd", "pbfgs"))
         for b in self.baselines:
-            if b not in ("sgd", "random-subspace", "psgd", "pbfgs", "none"):
-                raise InvalidArgumentError(f"baseline must be sgd, random-subspace or none, got {b!r}")
+            check_choice("baseline", b, ("sgd", "random-subspace", "none", "psgd", "pbfgs"))
         if (self.dim is None) == (self.variance is None):
-            raise InvalidArgumentError("give exactly one of dim and variance")
-        if self.sample_epochs < 1 or self.subspace_epochs < 0:
-            raise InvalidArgumentError("sample_epochs must be >= 1 and subspace_epochs >= 0")
+            raise InvalidArgumentError("give exactly one of dim (--dim) and variance (--variance)")
+        if self.dim is not None:
+            check_int("dim", self.dim, 1)
+        if self.variance is not None:
+            check_fraction("variance", self.variance)
+        parse_snapshots(self.snapshots)
+        for name, minimum in (("sample_epochs", 1), ("subspace_epochs", 0), ("batch_size", 1), ("seed", 0)):
+            check_int(name, getattr(self, name), minimum)
+        check_int("bfgs_batch_size", self.bfgs_batch_size, 1, flag="")
+        check_int("start_snapshot", self.start_snapshot, 0, flag="")
+        if self.sample_every is not None:
+            check_int("sample_every", self.sample_every, 1)
+        if self.bfgs_epochs is not None:
+            check_int("bfgs_epochs", self.bfgs_epochs, 0, flag="")
+        check_positive("lr", self.lr)
+        check_positive("subspace_lr", self.subspace_lr)
+        check_positive("bfgs_lr", self.bfgs_lr, flag="--subspace-lr with --optimizer pbfgs")
+        check_fraction("momentum", self.momentum, zero_ok=True, flag="")
+        check_fraction("label_noise", self.label_noise, zero_ok=True)
+        check_device(self.device)
         if self.sample_every is None and self.dim is not None and self.snapshots is None \
                 and self.dim >= self.sample_epochs + 1:
             raise InvalidArgumentError(
                 f"dim {self.dim} needs more than {self.dim} snapshots, but {self.sample_epochs} sampling epochs "
                 f"record {self.sample_epochs + 1}; sample more epochs, use --sample-every, or lower --dim")
+
+
+def check_device(device: str) -> None:
+    """``device`` is a torch device this build and machine can use (cpu, cuda[:N], mps); InvalidArgumentError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgumentError(f"device (--device) {device!r} is not a device; use cpu, cuda, cuda:N or mps") \
+            from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            why = "this PyTorch build has no CUDA support"
+        elif not torch.cuda.is_available():
+            why = "no CUDA GPU is visible"
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            why = f"there are {torch.cuda.device_count()} CUDA devices (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        else:
+            return
+    elif dev.type == "mps":
+        if torch.backends.mps.is_available():
+            return
+        why = "MPS is not available on this machine"
+    else:
+        why = "only cpu, cuda[:N] and mps are supported"
+    raise InvalidArgumentError(f"device (--device) {device!r} cannot be used: {why}; use --device cpu")
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -115,10 +157,37 @@ class Run:
         self.dir, self.config, self.log, self.progress = Path(directory), config, log, progress
         self.store_path = self.dir / "trajectory.zarr"
         self.ckpt_path = self.dir / "checkpoint.pt"
+        self._created: list[Path] = []  # what this call made for a new run, undone if it fails before a step
+        self._stepped = False
 
     # -- driver ---------------------------------------------------------------------------
     def execute(self, resume: bool = False) -> dict:
-        """Run (or continue) every phase; returns the report. A finished run is not redone."""
+        """Run (or continue) every phase; returns the report. A finished run is not redone.
+
+        A new run that fails before its first training step (a recipe that raises, a device that
+        fails) leaves nothing behind, so the same command can simply be run again.
+        """
+        try:
+            return self._execute(resume)
+        except BaseException:
+            if self._created and not self._stepped:
+                self._undo_start()
+            raise
+
+    def _undo_start(self) -> None:
+        """Remove what :meth:`_start` made for a new run (and the store the sampling phase created)."""
+        import shutil
+
+        for name in ("config.json", "checkpoint.pt", "checkpoint.tmp", "trajectory.zarr"):
+            path = self.dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if self.dir in self._created and not any(self.dir.iterdir()):
+            self.dir.rmdir()
+
+    def _execute(self, resume: bool) -> dict:
         state = self._start(resume)
         if state["phase"] == "done":
             self.log(f"run {self.dir} is already finished; nothing to do (report: {self.dir / 'report.md'})")
@@ -156,7 +225,10 @@ class Run:
                 return state
         elif any(self.dir.glob("*")) if self.dir.exists() else False:
             raise InvalidArgumentError(f"{self.dir} is not empty and holds no run configuration")
+        if not self.dir.exists():
+            self._created.append(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._created.append(cfg_file)
         cfg_file.write_text(json.dumps(mine, indent=2))
         state = {"phase": "sample", "epoch": 0, "history": {}, "timing": {}}
         _atomic_save(state, self.ckpt_path)
@@ -263,10 +335,11 @@ class Run:
         for i, (x, y) in enumerate(recipe.train):
             x, y = x.to(self.config.device), y.to(self.config.device)
 
-            def closure():
-                opt.zero_grad()
+            def closure(backward=True):  # backward=False: P-BFGS line-search trials, loss only
                 loss = recipe.loss(model(x), y)
-                loss.backward()
+                if backward:
+                    opt.zero_grad()
+                    loss.backward()
                 return loss
 
             if isinstance(opt, SubspaceBFGS):
@@ -275,6 +348,7 @@ class Run:
                 loss = closure()
                 opt.step()
             losses.append(float(loss.detach()))
+            self._stepped = True
             if rec is not None:
                 rec.step()
             if self.progress:

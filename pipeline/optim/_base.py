@@ -61,15 +61,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             state["basis_fingerprint"] = self.basis.fingerprint()
         return state
 
+    _per_param_keys: tuple[str, ...] = ()  # state kept per parameter (torch's casts are right for those)
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`; float64 subspace state stays float64, and hyperparameters a state
+        saved by an earlier version lacks take this optimizer's defaults."""
         saved = state_dict["state"].get(0, {})
         fingerprint = saved.get("basis_fingerprint")
         if fingerprint is not None and not torch.equal(fingerprint.cpu().double(), self.basis.fingerprint()):
             raise LayoutMismatchError(
                 "this optimizer state was saved with a different basis (n, d or values differ); load the basis it "
                 "was trained with")
-        exact = {k: v.clone() for k, v in saved.items() if isinstance(v, torch.Tensor)}
+        exact = {k: v.clone() for k, v in saved.items()
+                 if isinstance(v, torch.Tensor) and k not in self._per_param_keys}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         device = self.basis.device
         for key, value in exact.items():  # undo torch's cast of floating state to the params' dtype
             self.subspace_state[key] = value.to(device if value.dim() else "cpu")

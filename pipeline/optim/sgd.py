@@ -17,6 +17,11 @@ class SubspaceSGD(SubspaceOptimizer):
     g̃ = Pᵀ(g + weight_decay · w); m̃ = momentum · m̃ + (1 − dampening) · g̃ (m̃ = g̃ at the
     first step); the update is −lr · P m̃ (nesterov: −lr · P (g̃ + momentum · m̃)). The
     momentum buffer is a (d,) float64 tensor; w never leaves w_start + span(P).
+
+    The paper's P-SGD is this with momentum 0.9 and **no weight decay** (its code runs
+    ``torch.optim.SGD(lr, momentum)`` on the projected gradient P Pᵀg), so ``weight_decay``
+    defaults to 0; a non-zero value decays within the subspace only (the decay term is projected
+    with the gradient), never the component of w outside it.
     """
 
     def __init__(self, params: Iterable, basis: Basis, lr: float, momentum: float = 0.0, dampening: float = 0.0,
