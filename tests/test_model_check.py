@@ -234,5 +234,6 @@ def test_the_store_api_matches_its_reference_model():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
 def test_the_store_api_matches_its_reference_model_at_volume():
     _run(SLOW_EXAMPLES)
