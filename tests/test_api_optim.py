@@ -19,33 +19,15 @@ from pipeline.optim import SubspaceBFGS, SubspaceSGD
 from pipeline.subspace import open_subspace
 from trajstore import TrajectoryStore
 from trajstore.errors import InvalidArgumentError, LayoutMismatchError
-from trajstore.recorder import Recorder
 
-from .helpers import MixedNet
+from .helpers import MixedNet, batches, record_sgd
 
 
 def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params]).double()
 
 
-def batches(k, seed=0, n=32, shape=(1, 8), classes=10):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)) for _ in range(k)]
-
-
-def record(path, model, steps=30, every=2, shape=(1, 8), classes=10):
-    """Train ``model`` with momentum SGD on random data and record it into a new store at ``path``."""
-    store = TrajectoryStore.create(path, model)
-    rec = Recorder(store, model, every_n_steps=every)
-    rec.start()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for x, y in batches(steps, seed=1, shape=shape, classes=classes):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        rec.step()
-    store.close()
-    return path
+record = record_sgd
 
 
 def mixed_store(tmp_path, name="run.zarr", seed=0):

@@ -6,43 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import extract_subspace
 from pipeline.basis import Basis
 from pipeline.optim import SubspaceBFGS, SubspaceSGD, random_subspace_basis
-from trajstore import TrajectoryStore
 from trajstore.errors import LayoutMismatchError
 from trajstore.layout import ParamLayout
-from trajstore.recorder import Recorder
 
-from .helpers import MixedNet
+from .helpers import MixedNet, batches, recorded_model
 
 
 def flat(params):
     return torch.cat([p.detach().reshape(-1) for p in params]).double()
 
 
-def batches(k, seed=0, n=32):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 1, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(k)]
-
-
 def recorded_basis(tmp_path, d=6, **kwargs):
     """Train MixedNet with SGD, record it, extract a d-dim DLDR basis; return (model at snapshot 0, basis)."""
-    torch.manual_seed(0)
-    model = MixedNet()
-    store = TrajectoryStore.create(tmp_path / "run.zarr", model)
-    rec = Recorder(store, model, every_n_steps=2)
-    rec.start()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for x, y in batches(30, seed=1):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        rec.step()
-    store.close()
-    extract_subspace(tmp_path / "run.zarr", dim=d)
-    with TrajectoryStore.open(tmp_path / "run.zarr") as s:
-        s.load_into(model, 0)
+    model = recorded_model(tmp_path / "run.zarr", d=d)
     return model, Basis.from_store(tmp_path / "run.zarr", **kwargs)
 
 

@@ -12,15 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import extract_subspace
 from pipeline.basis import Basis
 from pipeline.optim import SubspaceBFGS
-from trajstore import TrajectoryStore
 from trajstore.errors import InvalidArgumentError
 from trajstore.layout import ParamLayout
-from trajstore.recorder import Recorder
 
-from .helpers import MixedNet
+from .helpers import MixedNet, batches, recorded_model
 
 
 class DropNet(nn.Module):
@@ -41,30 +38,10 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params]).double()
 
 
-def batches(k, seed=0, n=32):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 1, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(k)]
-
-
 def recorded(tmp_path, make=MixedNet, d=6):
     """Train ``make()`` with momentum SGD, record it, extract a d-dim basis: (model at snapshot 0, basis)."""
-    torch.manual_seed(0)
-    model = make()
-    path = tmp_path / "run.zarr"
-    store = TrajectoryStore.create(path, model)
-    rec = Recorder(store, model, every_n_steps=2)
-    rec.start()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for x, y in batches(30, seed=1):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        rec.step()
-    store.close()
-    extract_subspace(path, dim=d)
-    with TrajectoryStore.open(path) as s:
-        s.load_into(model, 0)
-    return model, Basis.from_store(path)
+    model = recorded_model(tmp_path / "run.zarr", make, d)
+    return model, Basis.from_store(tmp_path / "run.zarr")
 
 
 def twin(model):
