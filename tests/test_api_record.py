@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from trajstore import InvalidArgumentError, TrajectoryStore
+from trajstore import InvalidArgumentError, TrajectoryStore, TrajstoreError
 from trajstore.recorder import Recorder, RecordingSession
 
 from .test_recorder import HFNet, digits, lightning_fit
@@ -116,3 +116,54 @@ def test_hf_training_that_raised_frees_the_store_for_the_next_trainer(tmp_path):
         hf_trainer(tmp_path / "b", store_path, every_n_steps=2, overwrite=True).train()
     with TrajectoryStore.open(store_path) as store:
         assert store.steps.tolist() == [0, 2, 4, 6, 8, 10, 12]
+
+
+# -- review findings: metric names, truncate arguments, a failed open ------------------------------
+@pytest.mark.parametrize("name", ["train\\loss", "a b", "x\0y", "zarr.json", "c", "l" * 300, "__x", "..", ""])
+def test_any_metric_name_is_stored_flat_or_refused_before_the_index_is_taken(tmp_path, name):
+    model, path = net(), tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, model) as store:
+        store.append(model, step=0)
+        try:
+            store.append(model, step=1, metrics={name: 1.0})
+        except InvalidArgumentError:
+            store.append(model, step=1)  # refused: nothing taken, the next append is row 1
+        store.append(model, step=2, metrics={"ok": 2.0})
+    with TrajectoryStore.open(path, "a") as store:  # opens for appending: no nested group, no lost row
+        assert store.steps.tolist() == [0, 1, 2]
+        assert all("/" not in n and "\\" not in n for n in store.metric_names())
+        if name in ("train\\loss", "a b"):
+            np.testing.assert_array_equal(store.metrics(name), [np.nan, 1.0, np.nan])
+
+
+@pytest.mark.parametrize("call", ["truncate(2.0)", "truncate(True)", "truncate(2.5)", "truncate(np.int64(2))",
+                                  "truncate_after_step('5')", "truncate_after_step(None)"])
+def test_truncate_arguments_are_checked_before_anything_is_written(tmp_path, call):
+    model, path = net(), tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, model) as store:
+        for step in range(4):
+            store.append(model, step=step)
+        try:
+            eval(f"store.{call}", {"store": store, "np": np})
+        except InvalidArgumentError:
+            pass
+    with TrajectoryStore.open(path) as store:  # never bricked
+        assert len(store) in (2, 4)
+
+
+def test_a_store_that_fails_to_open_for_appending_is_not_left_locked(tmp_path):
+    import json
+
+    model, path = net(), tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, model) as store:
+        store.append(model, step=0, metrics={"acc": 1.0})
+    meta = path / "metrics/acc/zarr.json"
+    good = meta.read_text()
+    doc = json.loads(good)
+    doc["attributes"] = []
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(TrajstoreError, match="metrics/acc"):
+        TrajectoryStore.open(path, "a")
+    meta.write_text(good)  # restored from a copy: the same process appends again
+    with TrajectoryStore.open(path, "a") as store:
+        store.append(model, step=1)

@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from trajstore import TrajectoryStore
 from trajstore.errors import SnapshotIndexError
+from trajstore.store import metric_key
 
 from .model_writer_proc import snapshot
 
@@ -36,8 +37,9 @@ BAD_DATA = {"short": "LayoutMismatchError", "long": "LayoutMismatchError", "2d":
             "complex": "InvalidArgumentError", "bool": "InvalidArgumentError", "list": "InvalidArgumentError",
             "nan": "NonFiniteError"}
 BAD_STEPS = [True, 1.5, "3", None, -1]
-BAD_METRICS = [{"lr": [0.1, 0.2]}, {"loss": "low"}, {"loss": {"a": 1}}, {"": 1.0}, {"loss": None}, [("loss", 1)]]
-METRIC_NAMES = ["loss", "acc", "train/loss"]
+BAD_METRICS = [{"lr": [0.1, 0.2]}, {"loss": "low"}, {"loss": {"a": 1}}, {"": 1.0}, {"loss": None}, [("loss", 1)],
+               {"c": 1.0}, {"zarr.json": 1.0}, {"x" * 201: 1.0}, {"a/b": 1.0, "a_b": 2.0}]
+METRIC_NAMES = ["loss", "acc", "train/loss", "val loss", "x\\y"]
 
 
 class Writer:
@@ -122,7 +124,6 @@ class StoreModel(RuleBasedStateMachine):
                                   max_size=2))
     def append(self, seed, delta, damage, metrics):
         step = self.next_step(delta)
-        metrics = {k: v for k, v in metrics.items() if not ({k, "train_loss"} <= {"train/loss", "train_loss"})}
         got = WRITER.call("append", seed=seed, damage=damage, step=step, metrics=metrics, allow_nonfinite=True)
         assert got == {"ok": len(self.rows)}, got
         self.rows.append((seed, damage, step, metrics))
@@ -143,6 +144,12 @@ class StoreModel(RuleBasedStateMachine):
             step = self.rows[-1][2] - data.draw(st.integers(0, 2))  # repeats or goes back
         got = WRITER.call("append", seed=seed, damage=damage, step=step, metrics=metrics)
         assert got.get("error") == want and got["typed"], f"{kind} {damage} {step} {metrics}: {got}"
+
+    @precondition(lambda self: self.state == "open")
+    @rule(length=st.sampled_from([2.0, True, 2.5, "1", None, -1]))
+    def refused_truncate(self, length):
+        got = WRITER.call("truncate_after_step", step=length)
+        assert got.get("error") == "InvalidArgumentError" and got["typed"], (length, got)
 
     @precondition(lambda self: self.state == "open")
     @rule()
@@ -200,7 +207,8 @@ class StoreModel(RuleBasedStateMachine):
             np.testing.assert_array_equal(store.read(slice(None)), want)
             assert store.steps.tolist() == [row[2] for row in self.rows[:t]]
             for name in store.metric_names():
-                values = [row[3].get(name, row[3].get(name.replace("_", "/"), math.nan)) for row in self.rows[:t]]
+                values = [next((v for k, v in row[3].items() if metric_key(k) == name), math.nan)
+                          for row in self.rows[:t]]
                 np.testing.assert_array_equal(store.metrics(name), np.array(values, np.float64))
             with pytest.raises(SnapshotIndexError):
                 store.read(t)

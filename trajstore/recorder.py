@@ -175,6 +175,10 @@ def _scalars(metrics: Mapping | None) -> dict[str, float]:
                 continue
             value = value.item()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                metric_key(key)
+            except InvalidArgumentError:
+                continue  # a name that cannot be stored ("c", 300 characters): never stop training for it
             if any(metric_key(k) == metric_key(key) for k in out):
                 continue  # "a/b" and "a_b" are stored under one name: keep the first, never stop training
             out[str(key)] = float(value)

@@ -11,6 +11,7 @@ import atexit
 import math
 import operator
 import os
+import re
 import sys
 import threading
 import time
@@ -161,7 +162,11 @@ class TrajectoryStore:
             raise
         if durable and local is not None:
             fsync_paths([*sorted(local.rglob("*"), reverse=True), local, local.parent])  # the new tree
-        return cls(path, group, meta, "a", lock, storage_options, queue_depth, durable)
+        try:
+            return cls(path, group, meta, "a", lock, storage_options, queue_depth, durable)
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def open(cls, path: "str | os.PathLike", mode: str = "r", *, break_lock: bool = False,
@@ -176,9 +181,14 @@ class TrajectoryStore:
         group, meta = open_root(path, mode, storage_options)
         lock = (WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
                 if mode == "a" else None)
-        if lock is not None:  # re-read under the lock: the previous writer may have committed since
-            group, meta = open_root(path, mode, storage_options)
-        return cls(path, group, meta, mode, lock, storage_options, queue_depth, durable)
+        try:
+            if lock is not None:  # re-read under the lock: the previous writer may have committed since
+                group, meta = open_root(path, mode, storage_options)
+            return cls(path, group, meta, mode, lock, storage_options, queue_depth, durable)
+        except BaseException:
+            if lock is not None:  # a store that fails to open (damage) must not stay locked by this process
+                lock.release()
+            raise
 
     def __enter__(self) -> "TrajectoryStore":
         return self
@@ -424,6 +434,7 @@ class TrajectoryStore:
     def truncate(self, length: int) -> None:
         """Drop every snapshot from index ``length`` on (a resumed run replaces what came after its checkpoint)."""
         self._check_writable()
+        length = _check_step(length, "length")
         self.flush()
         if not 0 <= length <= len(self):
             raise InvalidArgumentError(f"cannot truncate to {length}: the store holds {len(self)} snapshots")
@@ -438,6 +449,7 @@ class TrajectoryStore:
     def truncate_after_step(self, step: int) -> int:
         """Drop every snapshot with a step greater than ``step``; returns the new length."""
         self._check_writable()
+        step = _check_step(step, "step")
         self.flush()  # the snapshots still queued count: without this they were committed, then cut
         later = self.steps > step  # (t,)
         keep = int(np.argmax(later)) if later.any() else len(later)
@@ -651,11 +663,17 @@ def _check_source(source: object) -> None:
 
 
 def metric_key(name: object) -> str:
-    """The array name a metric is stored under: ``/`` (a zarr group separator) becomes ``_``."""
-    key = str(name).replace("/", "_")
-    if not key or key in (".", "..") or key.startswith("__"):
-        raise InvalidArgumentError(f"metric name {name!r} cannot be stored; use letters, digits, '_', '-', '.'")
+    """The array name a metric is stored under: every character but letters, digits, ``_``, ``-``
+    and ``.`` becomes ``_`` (``train/loss`` -> ``train_loss``): a name is one file-system- and
+    zarr-safe path component, whatever the trainer logs (``/``, ``\\``, spaces, NUL)."""
+    key = _UNSAFE.sub("_", str(name))
+    if not key.strip("._") or key.startswith("__") or key in ("c", "zarr.json") or len(key.encode()) > 200:
+        raise InvalidArgumentError(f"metric name {name!r} cannot be stored: use 1 to 200 letters, digits, '_', "
+                                   "'-', '.' (not 'c' or 'zarr.json')")
     return key
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 def _check_step(value: object, what: str) -> int:
