@@ -134,7 +134,7 @@ def test_drop_bad_only_keeps_the_later_good_snapshots_bit_identical(tmp_path, co
     extract_subspace(path, dim=2, name="before")
     before = contents(path)
     with TrajectoryStore.open(path) as store:
-        fixed = {k: store.attrs[k] for k in ("layout", "buffer_layout", "codec", "dtype", "metadata")}
+        fixed = {k: store.attrs[k] for k in ("layout", "buffer_layout", "codec", "dtype", "metadata", "run_id")}
         fixed["grid"] = (store.group["params"].chunks, store.group["params"].shards)
     flip(path, "params/c/5/0")
     report = repair(path, drop_bad_only=True)
@@ -150,7 +150,8 @@ def test_drop_bad_only_keeps_the_later_good_snapshots_bit_identical(tmp_path, co
     assert siblings(path) == ["run.zarr"], "no leftovers next to the store"
     with TrajectoryStore.open(path) as store:
         assert "subspaces" not in store.group and "gram" not in store.group
-        assert fixed == {**{k: store.attrs[k] for k in ("layout", "buffer_layout", "codec", "dtype", "metadata")},
+        assert fixed == {**{k: store.attrs[k] for k in ("layout", "buffer_layout", "codec", "dtype", "metadata",
+                                                        "run_id")},
                          "grid": (store.group["params"].chunks, store.group["params"].shards)}
     with TrajectoryStore.open(path, "a") as store:  # the rebuilt store takes appends as usual
         if buffers:

@@ -154,6 +154,9 @@ def _create_like(store: TrajectoryStore, target: Path) -> TrajectoryStore:
     if new.layout != store.layout or new.buffer_layout != store.buffer_layout or new.dtype != store.dtype:
         new.close()
         raise RepairError(f"cannot rebuild {store.path} with the same parameter/buffer layout; it is unchanged")
+    # the same run, compacted: trainer checkpoints that carry its run id still resume into it ("created"
+    # stays new: the rows are renumbered, and readers and caches key on it)
+    new._commit_meta({**new._meta, "run_id": store.run_id})
     return new
 
 
