@@ -167,3 +167,31 @@ def test_a_store_that_fails_to_open_for_appending_is_not_left_locked(tmp_path):
     meta.write_text(good)  # restored from a copy: the same process appends again
     with TrajectoryStore.open(path, "a") as store:
         store.append(model, step=1)
+
+
+def test_hf_refuses_a_checkpoint_of_a_run_recorded_elsewhere(tmp_path):
+    from trajstore import StoreExistsError
+
+    from .test_recorder import hf_train
+
+    hf_train(tmp_path / "a", tmp_path / "a.zarr")
+    hf_train(tmp_path / "b", tmp_path / "b.zarr")  # the same script, recorded to another store
+    with TrajectoryStore.open(tmp_path / "a.zarr") as store:
+        before = store.read(slice(None))
+    with pytest.raises(StoreExistsError, match="recorded into run"):  # default TrainingArguments
+        hf_train(tmp_path / "b", tmp_path / "a.zarr", resume=str(tmp_path / "b" / "checkpoint-4"))
+    with TrajectoryStore.open(tmp_path / "a.zarr") as store:
+        np.testing.assert_array_equal(store.read(slice(None)), before)
+
+
+def test_a_resume_that_cannot_be_checked_warns(tmp_path):
+    from trajstore.recorder import UnverifiedResumeWarning
+
+    model = net()
+    with TrajectoryStore.create(tmp_path / "run.zarr", model) as store:
+        rec = Recorder(store, model, every_n_steps=5)
+        rec.start()
+        for _ in range(10):
+            rec.step()
+        with pytest.warns(UnverifiedResumeWarning, match="step 7"):
+            Recorder(store, model, every_n_steps=5).start(7)  # no snapshot at 7, no run id

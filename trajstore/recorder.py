@@ -51,6 +51,10 @@ def _remote_exists(url: str) -> bool:
     return fs.exists(f"{root.rstrip('/')}/zarr.json")
 
 
+class UnverifiedResumeWarning(UserWarning):
+    """A resume that could not be checked to continue the run the store holds."""
+
+
 class Recorder:
     """Snapshot ``model`` into ``store`` every N steps and/or every N epochs.
 
@@ -111,7 +115,7 @@ class Recorder:
     def _check_same_run(self, run_id: str | None) -> None:
         """Refuse to resume a checkpoint of another run into this store (it would mix the two)."""
         store, step = self.store, self.global_step
-        why = None
+        why, verified = None, run_id is not None
         if run_id is not None and run_id != store.run_id:
             why = f"the checkpoint was recorded into run {run_id}, the store holds run {store.run_id}"
         elif store.codec.lossless:
@@ -119,8 +123,15 @@ class Recorder:
             if len(at):
                 want = np.empty(store.n_params, store.dtype)
                 store.layout.flatten_into(self.model, want)
+                verified = True
                 if not np.array_equal(store.read(int(at[-1])), want, equal_nan=True):
                     why = f"its snapshot at step {step} differs from the weights this run resumes with"
+        if why is None and not verified:
+            warnings.warn(UnverifiedResumeWarning(
+                f"resuming {store.path} at step {step} without a way to check that it is the same run (the "
+                "checkpoint carries no trajstore run id and the store has no snapshot at that step): if this is "
+                "another run, the store now mixes two. Save Recorder.state_dict() with your checkpoints, or use "
+                "the Lightning / HF callbacks, to have this checked"), stacklevel=3)
         if why:
             raise StoreExistsError(
                 f"{store.path} holds another run than the one resuming at step {step} ({why}): continuing would "

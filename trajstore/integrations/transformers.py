@@ -6,52 +6,41 @@ import os
 
 from transformers import TrainerCallback
 
-try:  # transformers >= 4.42 saves the state of such callbacks in its checkpoints
-    from transformers.trainer_callback import ExportableState
-except ImportError:  # pragma: no cover - older transformers
-    class ExportableState:  # type: ignore[no-redef]
-        pass
-
 from ..recorder import RecordingSession
 
+STATE_KEY = "trajstore"  # our entry in TrainerState.stateful_callbacks (saved with each checkpoint)
 
-class TrajectoryCallback(TrainerCallback, ExportableState):
+
+class TrajectoryCallback(TrainerCallback):
     """Record the model's parameters every N steps and/or epochs into a store.
 
     ``trainer.train(resume_from_checkpoint=...)`` truncates the snapshots taken after the
     checkpoint's global step and continues without duplicates or gaps. A fresh ``train()`` into
     a path that already holds another run raises StoreExistsError, unless ``overwrite=True``.
     The Trainer has no exception hook: if training fails, snapshots already handed to the store
-    are still written by its background thread and committed at interpreter exit at the latest.
+    are still written by its background thread and committed at interpreter exit at the latest,
+    and the next callback to begin on the same path closes the store.
+
+    Every checkpoint carries the store's run id (in ``trainer_state.json``, under
+    ``stateful_callbacks["trajstore"]``), so resuming a checkpoint of another run into this store
+    is refused before anything is dropped.
     """
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
                  overwrite: bool = False, durable: bool = False):
-        self._args = dict(path=str(path), every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, codec=codec,
-                          buffers=buffers, record_initial=record_initial, overwrite=overwrite, durable=durable)
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
                                         overwrite, durable)
         self._logs: dict = {}
         self._pending: dict | None = None  # the step whose snapshot waits for that step's logs
 
-    def state(self) -> dict:
-        """Saved in checkpoints (with ``restore_callback_states_from_checkpoint=True``): the store's run
-        id, so resuming a checkpoint of another run into this store is refused."""
-        return {"args": self._args, "attributes": {"run_id": self.session.run_id}}
-
-    @property
-    def run_id(self) -> str | None:
-        return self.session.run_id
-
-    @run_id.setter
-    def run_id(self, value: str | None) -> None:
-        self.session.run_id = value
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._pending = None
+        saved = state.stateful_callbacks.setdefault(STATE_KEY, {}) if state.stateful_callbacks is not None else {}
         if state.is_world_process_zero:
+            self.session.run_id = saved.get("run_id")  # of the checkpoint resumed from, if any
             self.session.begin(model, state.global_step, _epoch(state))
+            saved["run_id"] = self.session.run_id  # written into every checkpoint from now on
 
     # The Trainer calls on_step_end *before* it logs that step (on_log), evaluates and saves. A due
     # snapshot is taken once that step's logs are in (the weights cannot change before the next
