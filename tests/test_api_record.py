@@ -195,3 +195,53 @@ def test_a_resume_that_cannot_be_checked_warns(tmp_path):
             rec.step()
         with pytest.warns(UnverifiedResumeWarning, match="step 7"):
             Recorder(store, model, every_n_steps=5).start(7)  # no snapshot at 7, no run id
+
+
+# -- review: a reader or an extraction that overlaps a truncation never mixes two versions ---------
+@pytest.mark.parametrize("codec", ["lossless", "xor-delta:4"])
+def test_a_reader_opened_before_a_truncation_raises_instead_of_mixing(tmp_path, codec):
+    from trajstore.errors import StoreChangedError
+
+    model, path = net(), tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, model, codec=codec) as writer:
+        for step in range(10):
+            writer.append(torch.full((model[0].weight.numel() + 3 + 6 + 2,), float(step)), step=step)
+    reader = TrajectoryStore.open(path)
+    with TrajectoryStore.open(path, "a") as writer:
+        writer.truncate(6)
+        for step in range(6, 10):
+            writer.append(torch.full((reader.n_params,), 100.0 + step), step=step)
+    for read in (lambda: reader.read(8), lambda: reader.steps, lambda: reader.read(slice(None))):
+        with pytest.raises(StoreChangedError, match="truncated or re-created"):
+            read()
+    reader.refresh()
+    assert reader.read(8)[0] == 108.0 and reader.steps.tolist() == list(range(10))
+
+
+def test_an_extraction_overlapping_a_truncation_fails_and_leaves_no_complete_subspace(tmp_path):
+    from pipeline import extract_subspace
+    from pipeline.subspace import open_subspace
+    from trajstore.errors import StoreChangedError, TrajstoreError
+
+    model, path = net(), tmp_path / "run.zarr"
+    rng = np.random.default_rng(0)
+    n = sum(p.numel() for p in model.parameters())
+    with TrajectoryStore.create(path, model, chunk_size=8, shard_size=8) as store:
+        for step in range(12):
+            store.append(rng.standard_normal(n).astype(np.float32), step=step)
+    writer = TrajectoryStore.open(path, "a")
+
+    def progress(done, total):
+        if done == 1 and writer.mode == "a" and len(writer) == 12:  # mid-pass: a resumed run rewrites rows 6..
+            writer.truncate(6)
+            for step in range(6, 12):
+                writer.append(rng.standard_normal(n).astype(np.float32), step=step)
+            writer.flush()
+
+    try:
+        with pytest.raises(StoreChangedError):
+            extract_subspace(path, dim=3, block_size=8, progress=progress)
+    finally:
+        writer.close()
+    with pytest.raises(TrajstoreError):
+        open_subspace(path, "default")  # nothing complete was published

@@ -10,6 +10,7 @@ from .errors import (  # noqa: E402
     NonFiniteError,
     NotAStoreError,
     SnapshotIndexError,
+    StoreChangedError,
     StaleLockError,
     StoreLockedError,
     StoreExistsError,
@@ -23,7 +24,7 @@ __all__ = [
     "TrajectoryStore", "ParamLayout", "CodecPreset", "get_preset", "PRESET_NAMES",
     "TrajstoreError", "NotAStoreError", "FormatVersionError", "StoreLockedError", "StaleLockError",
     "LayoutMismatchError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "StoreExistsError", "InvalidArgumentError",
-    "SnapshotIndexError",
+    "SnapshotIndexError", "StoreChangedError",
     "Recorder", "import_checkpoints",
 ]
 

@@ -46,6 +46,10 @@ class SnapshotIndexError(TrajstoreError, IndexError):
     """A snapshot index outside the committed snapshots."""
 
 
+class StoreChangedError(TrajstoreError):
+    """The store was truncated or re-created while it was being read: the rows read may mix versions."""
+
+
 class CorruptSnapshotError(TrajstoreError):
     """Stored bytes failed their checksum or could not be decoded."""
 
@@ -76,6 +80,11 @@ class SubspaceNotFoundError(TrajstoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we do not want that
         return str(self.args[0]) if self.args else ""
+
+
+class SubspaceChangedError(SubspaceNotFoundError):
+    """The subspace was deleted or replaced (``extract --overwrite`` / ``--follow``) while it was being
+    read, and kept changing over a few retries; load it again once that extraction has finished."""
 
 
 class RepairError(TrajstoreError):

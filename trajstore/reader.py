@@ -6,13 +6,15 @@ on threads or on dask.distributed workers, each worker opening the store read-on
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import zarr
 
 from .codecs import CodecPreset
-from .errors import CorruptMetadataError, CorruptSnapshotError
+from .errors import CorruptMetadataError, CorruptSnapshotError, StoreChangedError
 from .fastread import open_fast
-from .format import PARAMS, REFERENCE, local_dir, zarr_store
+from .format import ATTR, PARAMS, REFERENCE, local_dir, zarr_store
 
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError, ArithmeticError)
 CONTEXT_BYTES = 64 << 20  # memory for the decoding context of an xor-delta read (K rows x a column range)
@@ -126,14 +128,22 @@ class RowReader:
         start = self.preset.decode_start(r0)
         rows = r1 - start
         if start == r0 or rows * (c1 - c0) * self.dtype.itemsize <= CONTEXT_BYTES:
-            return self._read_decoded(r0, r1, c0, c1, out)
+            result = self._read_decoded(r0, r1, c0, c1, out)
+            self._check_unchanged()
+            return result
         result = np.empty((r1 - r0, c1 - c0), self.dtype) if out is None else out
         chunk = self._fast.chunk if self._fast is not None else 1 << 14
         width = max(1, CONTEXT_BYTES // (rows * self.dtype.itemsize)) // chunk * chunk or chunk  # whole chunks
         for s0 in range(c0, c1, width):
             s1 = min(c1, s0 + width)
             result[:, s0 - c0:s1 - c0] = self._read_decoded(r0, r1, s0, s1)
+        self._check_unchanged()
         return result
+
+    def _check_unchanged(self) -> None:
+        if self.token:
+            _, truncations, created = self.token.split("-", 2)
+            check_unchanged(self.path, self.storage_options, truncations, created)
 
     def _read_decoded(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
         preset = self.preset
@@ -190,3 +200,28 @@ class RowReader:
                     f"snapshot {i} of store {self.path} is corrupt: {inner}. The other snapshots are "
                     f"intact; run `trajstore verify {self.path}` to list every bad snapshot", index=i)
         return CorruptSnapshotError(f"reading snapshots {r0}..{r1 - 1} of {self.path} failed: {exc}")
+
+
+def check_unchanged(path: str, storage_options: dict | None, truncations: str, created: str) -> None:
+    """Raise StoreChangedError if the store at ``path`` was truncated or re-created since a reader took
+    its attributes (``truncations``: their count then, ``created``). Committed rows are only ever
+    rewritten after a truncation or a re-create, which commits first: a check after a read that finds
+    neither means the rows read were intact."""
+    local = local_dir(path)
+    try:
+        if local is not None:
+            doc = json.loads((local / "zarr.json").read_bytes())
+        else:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(path, **{"use_listings_cache": False, **(storage_options or {})})
+            doc = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
+        meta = doc["attributes"][ATTR]
+        now = (str(len(meta.get("truncations", []))), str(meta.get("created")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable now: the next open reports it; this read was checked by its checksums
+    if now != (str(truncations), str(created)):
+        raise StoreChangedError(
+            f"store {path} was truncated or re-created while it was being read (a resumed or restarted training "
+            "run?): the rows read may mix two versions of the trajectory. Read again after refresh() (a new "
+            "open); a dask computation or an extraction must be rerun")

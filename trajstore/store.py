@@ -35,7 +35,7 @@ from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_N
 from .layout import ParamLayout, strip_prefixes
 from .lock import WriterLock
 from .fastread import open_fast, row_layout_problem
-from .reader import RowReader
+from .reader import RowReader, check_unchanged
 from .writer import BackgroundWriter, Job
 
 if TYPE_CHECKING:
@@ -494,6 +494,9 @@ class TrajectoryStore:
                 "then restore it from a copy or `trajstore repair` it")
         try:
             values = arr[:t]
+            if self.mode == "r":  # a writer may have truncated and rewritten rows since this reader opened
+                check_unchanged(self.path, self.storage_options, len(self._meta.get("truncations", [])),
+                                self._meta.get("created"))
             backfilling = BACKFILL in arr.attrs and t <= int(arr.attrs[BACKFILL])  # all NaN so far, by design
         except (ValueError, RuntimeError, OSError, KeyError, TypeError, ArithmeticError) as exc:
             raise CorruptSnapshotError(
