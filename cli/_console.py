@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trajstore.errors import TrajstoreError
 
-err = Console(stderr=True)
-out = Console()
+# emoji=False: a message holding ``:-1:`` (``--snapshots 3:-1:-1``) is printed as it is, not as an emoji
+err = Console(stderr=True, emoji=False)
+out = Console(emoji=False)
 
 
 def print_json(obj: object) -> None:
@@ -32,14 +33,14 @@ def _default(o: object):
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
-    """Print ``error: message`` as one line on stderr (never wrapped, no markup) and return the exit."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` as one line on stderr (never wrapped, no markup, no emoji) and return the exit."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     return typer.Exit(code)
 
 
 def note(message: str) -> None:
     """A notice from the library (a resumed or waiting extraction) as one yellow line on stderr."""
-    err.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True, emoji=False)
 
 
 @contextmanager

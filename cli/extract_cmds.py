@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -10,10 +11,11 @@ import typer
 from rich.table import Table
 
 from pipeline import extract_subspace, open_subspace
-from pipeline.checks import check_int
+from pipeline.checks import check_int, check_output_file, check_scheduler
 from pipeline.compute import Interrupted, StopFlag
 from pipeline.dldr import check_extract_args, parse_snapshots
 from pipeline.follow import check_follow_args
+from trajstore.errors import TrajstoreError
 
 from ._console import err, errors_to_exit, fail, note, print_json, progress_bar
 
@@ -59,16 +61,27 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
         check_extract_args(dim=dim, variance=variance, method=method, name=name, block_size=block_size)
         if follow:
             check_follow_args(every=every, poll=poll)
-    if follow:
-        _follow(run, every, dim, variance, name, method, scheduler, poll, json)
-        return
-    with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
-        try:
-            sub = extract_subspace(run, dim=dim, variance=variance, snapshots=selection, name=name,
-                                   method=method, scheduler=scheduler, block_size=block_size, overwrite=overwrite,
-                                   progress=update, stop=stop, break_lock=break_lock, log=note)
-        except Interrupted:
-            raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
+        target = check_scheduler(scheduler) if scheduler is not None else None
+    client = _connect(scheduler, target)  # before the store is touched
+    try:
+        if follow:
+            _follow(run, every, dim, variance, name, method, client, poll, json)
+            return
+        with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
+            try:
+                sub = extract_subspace(run, dim=dim, variance=variance, snapshots=selection, name=name,
+                                       method=method, scheduler=client, block_size=block_size, overwrite=overwrite,
+                                       progress=update, stop=stop, break_lock=break_lock, log=note)
+            except Interrupted:
+                raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
+            except OSError as exc:
+                if client is None or isinstance(exc, (TrajstoreError, FileNotFoundError, FileExistsError)):
+                    raise
+                raise fail(f"extracting on --scheduler {scheduler!r} failed: {exc}; the finished blocks are kept: "
+                           "rerun the same command to resume", 1) from None
+    finally:
+        if client is not None:
+            client.close()
     summary = sub.summary()
     if json:
         print_json(summary)
@@ -76,6 +89,26 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
     err.print(f"subspace [bold]{name}[/]: d = {sub.dim} from {len(sub.snapshots)} snapshots, "
               f"explained variance {summary['explained_variance']:.2%}, "
               f"‖PᵀP − I‖ = {sub.orthonormality_error:.2e}, {summary['seconds']:.1f} s", highlight=False)
+
+
+def _connect(address: str | None, target: "tuple[str, str, int] | None"):
+    """A ``distributed.Client`` of the scheduler at ``address`` (None: threads); one line and exit 2 at
+    once when its host is unknown or nothing listens on its port, or when it does not answer in time."""
+    if address is None:
+        return None
+    if target is not None and target[0] != "ucx":
+        _, host, port = target
+        try:
+            socket.create_connection((host, port), timeout=10).close()
+        except OSError as exc:
+            raise fail(f"cannot reach the dask scheduler --scheduler {address!r}: {exc.strerror or exc}", 2) \
+                from None
+    from distributed import Client
+
+    try:
+        return Client(address)
+    except OSError as exc:  # TimeoutError too
+        raise fail(f"cannot connect to the dask scheduler --scheduler {address!r}: {exc}", 2) from None
 
 
 def _follow(run, every, dim, variance, name, method, scheduler, poll, json):
@@ -106,11 +139,14 @@ def spectrum(run: str = typer.Argument(...), name: str = typer.Option("default",
     """The spectrum of a subspace's trajectory: per-component and cumulative explained variance."""
     with errors_to_exit():
         check_int("top", top, 1)
+        if plot:
+            check_output_file("plot", plot)
         sub = open_subspace(run, name)
     if plot:
         from pipeline.plots import spectrum_plot
 
-        spectrum_plot(sub.explained_variance_ratio, plot, dim=sub.dim)
+        with _plot_errors(plot):
+            spectrum_plot(sub.explained_variance_ratio, plot, dim=sub.dim)
     if json:
         print_json({**sub.summary(), "cumulative": sub.cumulative_variance().tolist(), "plot": str(plot) if plot else None})
         return
@@ -132,11 +168,22 @@ def project(run: str = typer.Argument(...), name: str = typer.Option("default", 
     from pipeline.plots import trajectory_plot
 
     with errors_to_exit():
+        check_output_file("plot", plot)
         sub = open_subspace(run, name)
     if sub.dim < 2:
         raise fail(f"subspace {name!r} has d = 1; extract with --dim 2 or more to draw the PC plane", 2)
-    trajectory_plot(sub.coordinates(), sub.explained_variance_ratio, plot, steps=sub.attrs.get("steps"))
+    with _plot_errors(plot):
+        trajectory_plot(sub.coordinates(), sub.explained_variance_ratio, plot, steps=sub.attrs.get("steps"))
     err.print(f"wrote {plot}")
+
+
+@contextmanager
+def _plot_errors(plot: Path):
+    """A figure that cannot be written (permissions, a full disk, an unknown file type): one line, exit 1."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot write --plot {str(plot)!r}: {exc}", 1) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from trajstore import maintenance
@@ -36,12 +37,13 @@ def repair(run: str = typer.Argument(..., help="store path or URL"),
 
 def _print_repair(report: maintenance.RepairReport) -> None:
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
+        err.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False)
     for item in report.leftovers:
         verb = "found" if report.dry_run else "removed"
-        err.print(f"[yellow]{verb} leftover[/] {item.path} ({human_bytes(item.bytes)}): {item.reason}", highlight=False)
+        err.print(f"[yellow]{verb} leftover[/] {escape(str(item.path))} ({human_bytes(item.bytes)}): "
+                  f"{escape(str(item.reason))}", highlight=False)
     for problem in report.store_problems:
-        err.print(f"[red]store:[/] {problem}", highlight=False)
+        err.print(f"[red]store:[/] {escape(problem)}", highlight=False)
     if report.action == "none":
         err.print(f"[green]ok[/]: {report.committed_before} snapshots, all consistent; nothing to repair")
         return
@@ -51,15 +53,15 @@ def _print_repair(report: maintenance.RepairReport) -> None:
             table.add_column(col, overflow="fold")
         for note in report.dropped:
             table.add_row(str(note.index), "?" if note.step is None else str(note.step),
-                          "[red]bad[/]" if note.bad else "[yellow]good[/]", "; ".join(note.reasons))
+                          "[red]bad[/]" if note.bad else "[yellow]good[/]", escape("; ".join(note.reasons)))
         err.print(table)
     if report.moved:
         moves = ", ".join(f"{m.index}->{m.new_index} (step {m.step})" for m in report.moved)
         err.print(f"good snapshots {'to keep and move' if report.dry_run else 'kept and moved'} down: {moves}",
                   highlight=False)
     for node in report.derived_discarded:
-        err.print(f"[yellow]{'would not be' if report.dry_run else 'not'} carried over:[/] {node} (re-extract "
-                  "after the repair)", highlight=False)
+        err.print(f"[yellow]{'would not be' if report.dry_run else 'not'} carried over:[/] {escape(str(node))} "
+                  "(re-extract after the repair)", highlight=False)
     how = ("rebuilt without the bad snapshots" if report.action == "compact"
            else f"truncated to the first bad snapshot {report.committed_after}")
     if report.dry_run:
@@ -83,16 +85,16 @@ def gc(run: str = typer.Argument(..., help="store path or URL"),
         print_json(report.to_json())
         return
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
+        err.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False)
     if report.removed:
         table = Table(title="would remove" if dry_run else "removed", title_justify="left")
         for col in ("path", "size", "why"):
             table.add_column(col, overflow="fold")
         for item in report.removed:
-            table.add_row(item.path, human_bytes(item.bytes), item.reason)
+            table.add_row(escape(str(item.path)), human_bytes(item.bytes), escape(str(item.reason)))
         err.print(table)
     for kept in report.kept:
-        err.print(f"[cyan]kept:[/] {kept}", highlight=False)
+        err.print(f"[cyan]kept:[/] {escape(str(kept))}", highlight=False)
     freed = human_bytes(report.bytes_freed)
     err.print(f"[bold]dry run[/]: would free {freed}" if dry_run else f"[green]freed[/] {freed}", highlight=False)
 

@@ -6,12 +6,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from trajstore import inspect
+from trajstore.errors import InvalidArgumentError
 from trajstore.importers import import_checkpoints
 
 from ._console import err, errors_to_exit, human_bytes, print_json, progress_bar
+from .run_cmds import _recipes_from_cwd
 
 
 def info(run: str = typer.Argument(..., help="store path or URL"),
@@ -52,11 +55,11 @@ def verify(run: str = typer.Argument(..., help="store path or URL"),
         print_json(report.to_json())
     else:
         for problem in report.store_problems:
-            err.print(f"[red]store:[/] {problem}", highlight=False)
+            err.print(f"[red]store:[/] {escape(problem)}", highlight=False)
         for note in report.notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         for index, problems in sorted(report.problems.items()):
-            err.print(f"[red]snapshot {index}:[/] {'; '.join(problems)}", highlight=False)
+            err.print(f"[red]snapshot {index}:[/] {escape('; '.join(problems))}", highlight=False)
         if report.ok:
             err.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
     if not report.ok:
@@ -74,17 +77,35 @@ def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, hel
             like: Optional[str] = typer.Option(
                 None, "--like", help="take the parameters (tied weights once, buffers apart) from a STORE of the "
                 "same model, or from the model a recipe builds (digits-mlp, module:function, as for train)"),
+            steps: Optional[str] = typer.Option(
+                None, "--steps", help="the files' steps, one per file in natural order (0,100,200), or 'position' "
+                "(0, 1, 2, ...); default: trainer_state.json, else the step the file names label (step100, "
+                "checkpoint-100, iter_100, epoch=3) or their only number"),
             json: bool = typer.Option(False, "--json")) -> None:
     """Convert a folder of state_dicts (natural order of their paths; HF checkpoint-*/ folders too) into a store."""
+    _recipes_from_cwd()
+    with errors_to_exit():
+        given = _steps(steps)
     with errors_to_exit(), progress_bar("importing", quiet=json) as update:
         import_checkpoints(folder, run, pattern, like=_like(like), codec=codec, overwrite=overwrite, resume=resume,
-                           progress=update)
+                           steps=given, progress=update)
     with errors_to_exit():
         data = inspect.info(run)
     if json:
         print_json(data)
     else:
         err.print(f"imported {data['snapshots']} snapshots of {data['parameters']:,} parameters into {data['path']}")
+
+
+def _steps(value: str | None) -> "list[int] | str | None":
+    """``--steps``: ``position`` or a comma-separated list of steps."""
+    if value is None or value.strip() == "position":
+        return None if value is None else "position"
+    try:
+        return [int(s) for s in value.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(f"steps (--steps) must be 'position' or integers separated by commas "
+                                   f"(0,100,200), got {value!r}") from None
 
 
 def _like(value: str | None) -> object:

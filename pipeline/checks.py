@@ -7,6 +7,9 @@ Each raises :class:`~trajstore.errors.InvalidArgumentError` naming the argument 
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 from typing import Iterable
 
 from trajstore.errors import InvalidArgumentError
@@ -57,3 +60,64 @@ def check_node_name(name: str, value: object) -> None:
         raise InvalidArgumentError(
             f"{_label(name)} must be a plain name (no '/', not empty, '.' or '..', no leading '__', at most 200 "
             f"printable characters), got {value!r}")
+
+
+_SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+
+
+def check_scheduler(address: object, *, flag: str | None = None) -> "tuple[str, str, int] | None":
+    """``address`` is a dask.distributed scheduler address ``[PROTOCOL://]HOST:PORT`` (``inproc://...``
+    is taken as it is); returns ``(protocol, host, port)``, or None for ``inproc``. Nothing is contacted."""
+    label = _label("scheduler", flag)
+    usage = f"{label} must be a dask.distributed scheduler address [tcp://]HOST:PORT, got {address!r}"
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidArgumentError(usage)
+    scheme, sep, rest = address.strip().partition("://")
+    if not sep:
+        scheme, rest = "tcp", address.strip()
+    if scheme == "inproc" and rest:
+        return None
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:/\[\]@]+):(\d{1,5})", rest.rstrip("/"))
+    if scheme not in _SCHEDULER_SCHEMES or not m:
+        raise InvalidArgumentError(usage)
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 1 <= int(port) <= 65535:
+        raise InvalidArgumentError(f"{label}: port {port} of {address!r} is not in 1..65535")
+    return scheme, host, int(port)
+
+
+def check_output_file(name: str, path: "str | os.PathLike", *, flag: str | None = None) -> None:
+    """``path`` can be written as a new or replaced file: its folder exists and it is not a folder itself."""
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidArgumentError(f"{_label(name, flag)} {str(target)!r} is a folder; give a file name in it")
+    folder = target.parent
+    if not folder.is_dir():
+        why = "is not a folder" if folder.exists() else "does not exist"
+        raise InvalidArgumentError(f"{_label(name, flag)} {str(target)!r}: the folder {str(folder)!r} {why}; "
+                                   "create it first or write the file elsewhere")
+
+
+def selection_size(selection: "slice | list[int] | None", total: int | None) -> "int | None":
+    """How many snapshots ``selection`` (from ``parse_snapshots``) picks out of ``total`` (None:
+    not known yet): exact where ``total`` is known, else an upper bound where the selection itself
+    bounds it (``A:B`` with A, B >= 0, a list), else None. InvalidArgumentError when it reaches
+    beyond a known ``total``."""
+    if selection is None:
+        return total
+    if isinstance(selection, slice):
+        start, stop = selection.start, selection.stop
+        if total is not None:
+            if (start is not None and start >= total) or (stop is not None and stop > total):
+                raise InvalidArgumentError(
+                    f"snapshots (--snapshots) {start}:{stop} reach beyond the {total} snapshots the run records "
+                    f"(0..{total - 1})")
+            return len(range(total)[selection])
+        if start is not None and start < 0 or stop is None or stop < 0:
+            return None
+        return len(range(start or 0, stop, selection.step or 1))
+    rows = set(selection)
+    if total is not None and max(rows) >= total:
+        raise InvalidArgumentError(f"snapshots (--snapshots) {sorted(i for i in rows if i >= total)} are beyond "
+                                   f"the {total} snapshots the run records (0..{total - 1})")
+    return len(rows)

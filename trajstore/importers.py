@@ -3,10 +3,12 @@ folder ``checkpoint-<step>/model.safetensors``) into a store."""
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -16,6 +18,14 @@ from .layout import ParamLayout, strip_prefixes
 from .store import TrajectoryStore
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# a number a name labels as the step: step100, step=100, global_step100, checkpoint-100, ckpt_100, iter_100, it100
+_STEP_LABEL = re.compile(r"(?<![a-z])(?:global_step|steps?|checkpoint|ckpt|iterations?|iters?|it)[=_-]?(\d+)(?!\.\d)",
+                         re.IGNORECASE)
+_EPOCH_LABEL = re.compile(r"(?<![a-z])epochs?[=_-]?(\d+)(?!\.\d)", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_NAMING = ("name the files with a labelled step (step100_acc0.81.pt, global_step100, checkpoint-100/, iter_100), "
+           "or pass the steps: steps=[...] (--steps 100,200,..., one per file in natural order) or "
+           "steps='position' (--steps position: 0, 1, 2, ...)")
 
 
 def natural_key(path: "Path | str") -> tuple[list, str]:
@@ -48,28 +58,39 @@ def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
 def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", pattern: str = "*.pt", *,
                        like: "torch.nn.Module | str | os.PathLike | None" = None, codec: str = "lossless",
                        param_names: Iterable[str] | None = None, overwrite: bool = False, resume: bool = False,
+                       steps: "Sequence[int] | str | None" = None,
                        progress: Callable[[int, int], None] | None = None) -> TrajectoryStore:
     """Convert every file matching ``pattern`` under ``folder`` into a new store at ``path``.
 
     Files are taken in natural order of their path below ``folder`` (``checkpoint-7/`` before
-    ``checkpoint-14/``). A snapshot's step (recorded as its epoch too) is the ``global_step`` of
-    a ``trainer_state.json`` in the file's own subfolder (a Hugging Face Trainer checkpoint), else
-    the last number in the file name, else in its subfolder names, else its position; steps must
-    increase. Which tensors are parameters: ``like`` (an nn.Module, or the path of a store whose
-    layout to reuse) gives the model's own layout: tied weights once, a float buffer such as a
+    ``checkpoint-14/``). A snapshot's step is the ``global_step`` of a ``trainer_state.json`` in
+    the file's own subfolder (a Hugging Face Trainer checkpoint), else read from the file name, else
+    from its subfolder names (innermost first), else its position. In a name, a labelled number
+    wins (``step100``, ``step=100``, ``global_step100``, ``checkpoint-100``, ``ckpt_100``,
+    ``iter_100``, ``it100``; then ``epoch=3``), else its only integer; a name with several
+    unlabelled integers (``resnet18_5.pt``) or only a decimal (``acc0.81.pt``) is refused before
+    anything is written. ``steps`` overrides all that: one step per file in natural order, or
+    ``"position"`` (0, 1, 2, ...). Steps must increase. A snapshot's epoch is the Trainer's
+    (``trainer_state.json``'s ``epoch``, 0-based as the Trainer callback records it) or a name's
+    ``epoch`` label, else -1 (unknown). Which tensors are parameters: ``like`` (an nn.Module, or
+    the path of a store whose layout to reuse) gives the model's own layout: tied weights once, a float buffer such as a
     positional encoding apart. ``param_names`` names exactly the parameter keys. Without either,
     tied tensors of a ``.pt`` file count once, BN statistics and integer tensors are buffers, and
     any other float tensor counts as a parameter (a bare file cannot tell: pass ``like``).
     ``resume=True`` continues an interrupted import of the same folder and pattern after its last
-    committed snapshot. Returns the store, closed.
+    committed snapshot. A file whose tied keys (one tensor in the layout, e.g. ``lm_head.weight``
+    and ``wte.weight`` of ``like``) hold different values is refused (LayoutMismatchError): its
+    values would be dropped. Returns the store, closed.
     """
     root = Path(folder)
     files = sorted((p for p in root.glob(pattern) if p.is_file()), key=lambda p: natural_key(p.relative_to(root)))
     if not files:
         raise InvalidArgumentError(f"no files match {pattern!r} in {folder}")
-    steps = _steps(files, root)
+    steps = _steps(files, root, steps)
+    epochs = [_file_epoch(file, root) for file in files]
     first = load_state_dict(files[0])
     layout, buffer_layout = _layouts(first, files[0], like, param_names)
+    _check_ties(first, files[0], layout, buffer_layout)
     source = {"imported_from": str(Path(folder).absolute()), "pattern": pattern}
     if resume and _exists(path):
         store = TrajectoryStore.open(path, "a")
@@ -93,7 +114,8 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
             if i < done:
                 continue
             sd = first if i == 0 else load_state_dict(file)
-            store.append(sd, step=steps[i], epoch=steps[i])
+            _check_ties(sd, file, layout, buffer_layout)
+            store.append(sd, step=steps[i], epoch=epochs[i])
             if progress:
                 progress(i + 1, len(files))
     finally:
@@ -126,40 +148,129 @@ def _layouts(first: dict[str, torch.Tensor], file: Path, like: object,
     return layout, buffers
 
 
-def _steps(files: list[Path], root: Path) -> list[int]:
-    """The step of each file, checked to increase before anything is written."""
-    steps = [_file_step(file, root, i) for i, file in enumerate(files)]
+def _check_ties(sd: dict[str, torch.Tensor], file: Path, *layouts: ParamLayout) -> None:
+    """Each tied key ``sd`` holds besides its tensor's stored name holds the same values: the import
+    keeps only one of them, so a file of an untied model would lose the other's values."""
+    for layout in layouts:
+        for alias, target in layout.aliases.items():
+            a, t = sd.get(alias), sd.get(target)
+            if a is None or t is None or a is t or _same_values(a, t):
+                continue
+            raise LayoutMismatchError(
+                f"{file} holds different values under {alias!r} and {target!r}, which are one tied tensor in "
+                "this import's layout (from like, or shared in the first file); the file is not a checkpoint of "
+                "that tied model, and importing it would drop the values of "
+                f"{alias!r}: import it without like (each key its own parameter), or with another model as like")
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        a = a.to(b.dtype)
+    if torch.equal(a, b):
+        return True
+    return b.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _steps(files: list[Path], root: Path, given: "Sequence[int] | str | None" = None) -> list[int]:
+    """The step of each file (``given``: the caller's), checked to increase before anything is written."""
+    if given is None:
+        steps = [_file_step(file, root, i) for i, file in enumerate(files)]
+        where = "steps come from trainer_state.json, else the file's name or folders"
+    else:
+        steps = _given_steps(given, len(files))
+        where = "the steps given"
     for before, after, s, t in zip(files, files[1:], steps, steps[1:]):
         if t <= s:
             raise InvalidArgumentError(
                 f"{after} stands for step {t}, which does not follow step {s} of {before}, the file before it in "
-                "natural order (steps come from trainer_state.json, else the numbers in the path). Rename the "
-                "files or folders, or import them with separate patterns")
+                f"natural order ({where}). Rename the files or folders, import them with separate patterns, or "
+                "pass steps=[...] (--steps) in natural order")
     return steps
+
+
+def _given_steps(given: "Sequence[int] | str", n: int) -> list[int]:
+    if isinstance(given, str):
+        if given != "position":
+            raise InvalidArgumentError(f"steps (--steps) must be 'position' or one step per file, got {given!r}")
+        return list(range(n))
+    steps = list(given)
+    bad = [s for s in steps if not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 0]
+    if bad:
+        raise InvalidArgumentError(f"steps (--steps) must be integers >= 0, got {bad[0]!r}")
+    if len(steps) != n:
+        raise InvalidArgumentError(f"steps (--steps) gives {len(steps)} steps for {n} files; give one per file "
+                                   "in natural order, or 'position'")
+    return [int(s) for s in steps]
 
 
 def _file_step(file: Path, root: Path, position: int) -> int:
     """The step a checkpoint file stands for: ``global_step`` of a ``trainer_state.json`` in its own
-    subfolder, else the last number in its name, else in its subfolders' names (innermost first),
-    else its position."""
+    subfolder, else the step its name tells (:func:`_name_step`), else its subfolders' names
+    (innermost first), else its position."""
     folders = file.relative_to(root).parent.parts
     if folders:
         step = _trainer_step(file.parent / "trainer_state.json")
         if step is not None:
             return step
     for part in (file.stem, *reversed(folders)):
-        numbers = re.findall(r"\d+", part)
-        if numbers:
-            return int(numbers[-1])
+        step = _name_step(part, file)
+        if step is not None:
+            return step
     return position
+
+
+def _name_step(part: str, file: Path) -> int | None:
+    """The step one name (a file stem or a folder) tells: its labelled step, else its epoch label,
+    else its only integer; None when it holds no number; InvalidArgumentError when it is ambiguous."""
+    labelled = {int(m) for m in _STEP_LABEL.findall(part)}
+    if len(labelled) == 1:
+        return labelled.pop()
+    if labelled:
+        raise InvalidArgumentError(f"{file}: {part!r} labels several steps ({sorted(labelled)}); {_NAMING}")
+    epochs = {int(m) for m in _EPOCH_LABEL.findall(part)}
+    rest = _NUMBER.findall(_EPOCH_LABEL.sub(" ", part))
+    integers = [n for n in rest if "." not in n]
+    if len(epochs) == 1 and not integers:
+        return epochs.pop()
+    if not epochs and len(integers) == 1:
+        return int(integers[0])
+    if not epochs and not rest:
+        return None
+    raise InvalidArgumentError(
+        f"{file}: cannot tell which number of {part!r} is the step (it holds {', '.join(_NUMBER.findall(part))} "
+        f"and no step label); {_NAMING}")
+
+
+def _file_epoch(file: Path, root: Path) -> int:
+    """The 0-based epoch of a checkpoint: the Trainer's ``epoch`` in a ``trainer_state.json`` of its own
+    subfolder (which runs over (e, e + 1] in epoch e), else an ``epoch`` label of its name or folders
+    (innermost first), else -1 (unknown)."""
+    folders = file.relative_to(root).parent.parts
+    if folders:
+        epoch = _trainer_state(file.parent / "trainer_state.json").get("epoch")
+        if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch) and epoch >= 0:
+            return max(0, math.ceil(epoch - 1e-6) - 1)
+    for part in (file.stem, *reversed(folders)):
+        epochs = {int(m) for m in _EPOCH_LABEL.findall(part)}
+        if len(epochs) == 1:
+            return epochs.pop()
+    return -1
+
+
+def _trainer_state(file: Path) -> dict:
+    """A Hugging Face ``trainer_state.json``; {} without a readable one."""
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _trainer_step(file: Path) -> int | None:
     """The ``global_step`` of a Hugging Face ``trainer_state.json``; None without a usable one."""
-    try:
-        step = json.loads(file.read_text()).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        return None
+    step = _trainer_state(file).get("global_step")
     return step if type(step) is int and step >= 0 else None
 
 

@@ -69,8 +69,8 @@ def resolve_recipe(name: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidArgumentError(f"cannot load recipe {name!r}: {exc}; run from the folder that holds "
-                                   f"{module_name.split('.')[0]} (`trajstore train` imports from the current "
-                                   "directory), or add that folder to PYTHONPATH") from None
+                                   f"{module_name.split('.')[0]} (`trajstore train` and `import --like` import "
+                                   "from the current directory), or add that folder to PYTHONPATH") from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise InvalidArgumentError(f"cannot load recipe {name!r}: module {module_name!r} has no function "

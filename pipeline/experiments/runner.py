@@ -23,12 +23,14 @@ from trajstore.errors import InvalidArgumentError
 from trajstore.recorder import Recorder
 
 from ..basis import Basis, random_subspace_basis
-from ..checks import check_choice, check_fraction, check_int, check_positive
+from ..checks import check_choice, check_fraction, check_int, check_positive, selection_size
 from ..dldr import extract_subspace, parse_snapshots
 from ..optim import SubspaceBFGS, SubspaceSGD
+from ..subspace import SUBSPACES
 from .recipes import Recipe, build_recipe
 
 SUBSPACE_METHODS = ("psgd", "pbfgs", "random-subspace")
+_EXTRACTION_FIELDS = {"dim", "variance", "snapshots"}  # used first by the extract phase
 
 
 @dataclass
@@ -89,11 +91,21 @@ class RunConfig:
         check_fraction("momentum", self.momentum, zero_ok=True, flag="")
         check_fraction("label_noise", self.label_noise, zero_ok=True)
         check_device(self.device)
-        if self.sample_every is None and self.dim is not None and self.snapshots is None \
-                and self.dim >= self.sample_epochs + 1:
+        # how many snapshots the extraction gets: known now unless --sample-every decides it
+        size = selection_size(parse_snapshots(self.snapshots),
+                              self.sample_epochs + 1 if self.sample_every is None else None)
+        if size == 0:
+            raise InvalidArgumentError(f"snapshots (--snapshots) {self.snapshots!r} selects no snapshot; give "
+                                       "START:STOP with START < STOP, e.g. 0:10")
+        if self.dim is not None and size is not None and self.dim >= size:
+            if self.snapshots is None:
+                raise InvalidArgumentError(
+                    f"dim {self.dim} needs more than {self.dim} snapshots, but {self.sample_epochs} sampling epochs "
+                    f"record {self.sample_epochs + 1}; sample more epochs, use --sample-every, or lower --dim")
             raise InvalidArgumentError(
-                f"dim {self.dim} needs more than {self.dim} snapshots, but {self.sample_epochs} sampling epochs "
-                f"record {self.sample_epochs + 1}; sample more epochs, use --sample-every, or lower --dim")
+                f"dim (--dim) {self.dim} needs more than {self.dim} snapshots, but --snapshots {self.snapshots!r} "
+                f"selects {'at most ' if self.sample_every is not None else ''}{size}; select more snapshots"
+                + (f" or give --dim {size - 1} or less" if size > 1 else ""))
 
 
 def check_device(device: str) -> None:
@@ -211,8 +223,10 @@ class Run:
         mine = asdict(self.config)
         if cfg_file.exists():
             theirs = json.loads(cfg_file.read_text())
-            if theirs != mine:
-                changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            # a run refused for too few snapshots continues with new extraction settings: nothing used them yet
+            adopt = bool(changed) and set(changed) <= _EXTRACTION_FIELDS and self._before_extraction()
+            if changed and not adopt:
                 raise InvalidArgumentError(
                     f"run directory {self.dir} was used with a different configuration (differs in: "
                     f"{', '.join(changed)}); use a new --run directory or the original options")
@@ -222,6 +236,10 @@ class Run:
                     raise InvalidArgumentError(
                         f"run directory {self.dir} holds an unfinished run (phase {state['phase']}, epoch "
                         f"{state['epoch']}); add --resume to continue it, or use a new --run directory")
+                if adopt:
+                    self.log(f"run {self.dir}: continuing with the new {', '.join(changed)} (nothing was extracted "
+                             "yet)")
+                    cfg_file.write_text(json.dumps(mine, indent=2))
                 return state
         elif any(self.dir.glob("*")) if self.dir.exists() else False:
             raise InvalidArgumentError(f"{self.dir} is not empty and holds no run configuration")
@@ -233,6 +251,13 @@ class Run:
         state = {"phase": "sample", "epoch": 0, "history": {}, "timing": {}}
         _atomic_save(state, self.ckpt_path)
         return state
+
+    def _before_extraction(self) -> bool:
+        """Whether this run is still sampling or extracting and holds no extracted subspace."""
+        if not self.ckpt_path.exists():
+            return False
+        phase = torch.load(self.ckpt_path, weights_only=True)["phase"]
+        return phase in ("sample", "extract") and not (self.store_path / SUBSPACES / "dldr").exists()
 
     def _advance(self, state: dict, phase: str) -> dict:
         state = {"phase": phase, "epoch": 0, "history": state["history"], "timing": state["timing"]}
@@ -277,9 +302,16 @@ class Run:
         began = time.perf_counter()
         with TrajectoryStore.open(self.store_path) as store:
             t = len(store)
-            if c.dim is not None and c.dim > t - 1:
-                raise InvalidArgumentError(
-                    f"dim {c.dim} needs at least {c.dim + 1} snapshots; the sampling phase recorded {t}")
+        retry = ("; the sampled trajectory is kept: rerun with --resume and a lower --dim, another --snapshots "
+                 "or --variance")
+        try:
+            size = selection_size(parse_snapshots(c.snapshots), t)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{exc}{retry}") from None
+        if c.dim is not None and c.dim >= size:
+            selected = f" and --snapshots {c.snapshots!r} selects {size}" if c.snapshots else ""
+            raise InvalidArgumentError(f"dim (--dim) {c.dim} needs at least {c.dim + 1} snapshots; the sampling "
+                                       f"phase recorded {t}{selected}{retry}")
         if not _complete(self.store_path):
             self.log(f"extracting a {c.dim or f'{c.variance:.0%}-variance'}-dimensional subspace from {t} snapshots")
             extract_subspace(self.store_path, dim=c.dim, variance=c.variance, snapshots=parse_snapshots(c.snapshots),
