@@ -278,7 +278,7 @@ def _enospc_run(path: Path, start: int, count: int, limit: str) -> dict:
 def concurrent_readers(work: Path, snapshots: int, readers: int) -> dict:
     path = work / "live.zarr"
     writer = _popen([PY, "-m", "tests.writer_proc", str(path), "lossless", str(N)])
-    seconds = 60.0
+    seconds = 150.0  # the writer must reach `snapshots` within it, on a loaded 2-core machine too
     procs = [_popen([PY, "-m", "tests.reader_proc", str(path), str(N), str(seconds)]) for _ in range(readers)]
     while True:  # the store exists once it opens (a reader may see it half-created before)
         try:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,10 +22,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from trajstore.errors import InvalidArgumentError, LayoutMismatchError, StoreWriteError
+from trajstore.errors import (
+    InvalidArgumentError,
+    LayoutMismatchError,
+    StoreWriteError,
+    SubspaceChangedError,
+    TrajstoreError,
+)
 from trajstore.layout import ParamLayout
 
-from .subspace import open_subspace
+from .subspace import ATTEMPTS, BasisDigest, Subspace, block_rows, open_subspace
 
 Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in block, end)
 
@@ -49,6 +56,7 @@ class Basis:
         self._segments = [self._segments_of(r0, min(n, r0 + self.block_rows)) for r0 in range(0, n, self.block_rows)]
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
         self._buffers: list[torch.Tensor] | None = None
+        self._digest: str | None = None  # of the whole of P (see pipeline.subspace.BasisDigest); computed when needed
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -63,24 +71,32 @@ class Basis:
         written once per store and subspace, in ``<store>/subspaces/<name>/`` or a folder of its own
         under ``cache_dir``; checked against the subspace before use and rebuilt when stale, see
         :func:`_mmap_copy`); ``"auto"`` picks pinned when P takes less than half the free RAM, else mmap.
+
+        The basis returned is exactly one complete extraction's: what is read is checked against the digest
+        the extraction recorded (a subspace written before digests: against its attributes, re-read after
+        P, and for NaN/Inf). A subspace replaced meanwhile (``extract --overwrite`` / ``--follow``) is read
+        again, a few times, then :class:`~trajstore.errors.SubspaceChangedError`.
         """
-        sub = open_subspace(path, name)
-        from trajstore import TrajectoryStore
-
-        with TrajectoryStore.open(sub.path, "r") as store:
-            layout = store.layout
-        if host == "auto":  # a P larger than half the free RAM is memory-mapped from disk instead
-            import psutil
-
-            host = "mmap" if sub.n_params * sub.dim * 4 > 0.5 * psutil.virtual_memory().available else "pinned"
-        if host == "mmap":
-            data = _mmap_copy(sub, cache_dir)
-        else:
-            data = _read_rows(sub.basis)
-            if torch.cuda.is_available() and torch.device(device).type == "cuda" and mode != "resident":
-                data = torch.from_numpy(data).pin_memory()
-        return cls(data, layout, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
-                   name=f"{sub.path}::{name}")
+        if host not in ("auto", "pinned", "mmap"):
+            raise InvalidArgumentError(f"host must be 'auto', 'pinned' or 'mmap', got {host!r}")
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                time.sleep(0.05 * 2 ** (attempt - 1))
+            sub = open_subspace(path, name)
+            try:
+                data, digest = _host_copy(sub, host, cache_dir)
+                break
+            except SubspaceChangedError:
+                if attempt == ATTEMPTS - 1:
+                    raise
+        layout = sub.store.layout if sub.store is not None else _layout_of(sub.path)
+        if isinstance(data, np.ndarray) and data.flags.writeable and torch.cuda.is_available() \
+                and torch.device(device).type == "cuda" and mode != "resident":
+            data = torch.from_numpy(data).pin_memory()
+        basis = cls(data, layout, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
+                    name=f"{sub.path}::{name}")
+        basis._digest = digest
+        return basis
 
     @classmethod
     def from_array(cls, p: "np.ndarray | torch.Tensor", layout_or_model: object, **kwargs) -> "Basis":
@@ -104,8 +120,29 @@ class Basis:
         if len(params) > len(self.layout.specs):
             raise LayoutMismatchError(f"the optimizer has {len(params)} tensors, the basis covers {len(self.layout.specs)}")
 
+    @property
+    def digest(self) -> str:
+        """``"blake2b-128:<hex>"`` of the whole of P's float32 values: the one its extraction recorded
+        (from_store), else computed once over P."""
+        if self._digest is None:
+            digest = BasisDigest()
+            rows = block_rows((self.n, self.d))
+            for r0 in range(0, self.n, rows):
+                block = self._host[r0:r0 + rows]
+                digest.update(block.numpy() if isinstance(block, torch.Tensor) else block)
+            self._digest = digest.hexdigest()
+        return self._digest
+
     def fingerprint(self) -> torch.Tensor:
-        """(n, d, hash) as a float64 tensor: lets an optimizer state refuse a different basis."""
+        """(n, d, h1, h2) as a float64 tensor, h1 and h2 two 48-bit parts of :attr:`digest` (exact in
+        float64): lets an optimizer state refuse a different basis, whatever rows they share."""
+        hexa = self.digest.rsplit(":", 1)[-1]
+        return torch.tensor([self.n, self.d, float(int(hexa[:12], 16)), float(int(hexa[12:24], 16))],
+                            dtype=torch.float64)
+
+    def legacy_fingerprint(self) -> torch.Tensor:
+        """The (n, d, hash of the first 64 rows) that earlier versions saved: it cannot tell apart bases
+        that agree on those rows (a tensor frozen while recording makes them zero in every subspace)."""
         head = np.asarray(self._host[: min(self.n, 64)], dtype=np.float32).tobytes()
         digest = int(hashlib.sha1(head).hexdigest()[:12], 16)
         return torch.tensor([self.n, self.d, float(digest)], dtype=torch.float64)
@@ -241,34 +278,64 @@ def _choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float) 
     return "resident" if nbytes <= fraction * free else "streamed"
 
 
-def _read_rows(basis, rows: int = 1 << 20) -> np.ndarray:
-    """The zarr basis (n, d) as one float32 array, read in row blocks."""
-    n, d = basis.shape
-    out = np.empty((n, d), np.float32)
-    for r0 in range(0, n, rows):
-        out[r0:r0 + rows] = basis[r0:r0 + rows, :]
-    return out
+def _layout_of(path: str) -> ParamLayout:
+    from trajstore import TrajectoryStore
+
+    with TrajectoryStore.open(path, "r") as store:
+        return store.layout
 
 
-def _mmap_copy(sub, cache_dir: "str | os.PathLike | None") -> np.ndarray:
-    """The subspace's basis as an uncompressed (n, d) float32 .npy, memory-mapped read-only.
+def _host_copy(sub: Subspace, host: str, cache_dir: "str | os.PathLike | None") -> tuple[np.ndarray, str]:
+    """(P in host memory or memory-mapped, its digest), checked: see :meth:`Subspace.read`."""
+    if host == "auto":  # a P larger than half the free RAM is memory-mapped from disk instead
+        import psutil
+
+        host = "mmap" if sub.n_params * sub.dim * 4 > 0.5 * psutil.virtual_memory().available else "pinned"
+    if host == "mmap":
+        return _mmap_copy(sub, cache_dir)
+    return sub.read()
+
+
+def _mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None") -> tuple[np.ndarray, str]:
+    """The subspace's basis as an uncompressed (n, d) float32 .npy, memory-mapped read-only, and its digest.
 
     Each store and subspace has a folder of its own: ``<store>/subspaces/<name>/`` by default, or
     ``<cache_dir>/<store name>-<hash of its path>/<name>/`` (also under ``./.trajstore-cache`` for a
-    remote store). The file name carries a fingerprint of the subspace (its attributes, spectrum and
-    shape), and the shape and first and last rows of a file are checked against the store before use,
-    so a file of another store, subspace or extraction is rebuilt, never used. Each writer fills a
-    private temp file and renames it into place: concurrent loaders are safe (identical copies, the
-    last rename wins) and a killed one leaves only its ``*.partial`` file.
+    remote store). The file is ``basis-<fingerprint>-<digest>.f32.npy``: the fingerprint hashes the
+    subspace's attributes, spectrum and shape, the digest is the whole basis's (the one its extraction
+    recorded; for a subspace written before digests, the one computed while the copy was made from a
+    checked read). Before use the whole file is hashed and must give that digest, so a file of another
+    store, subspace or extraction, or a damaged one, is rebuilt, never used. Each writer fills a private
+    temp file, checks what it copied (see :meth:`Subspace.verify`) and renames it into place: concurrent
+    loaders are safe (identical copies, the last rename wins) and a killed one leaves only its ``*.partial``.
     """
     folder = _cache_folder(sub, cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"basis-{_subspace_fingerprint(sub)}.f32.npy"
-    data = _open_cached(target, sub)
+    prefix = f"basis-{_subspace_fingerprint(sub)}-"
+    expected = sub.digest
+    candidates = [folder / f"{prefix}{_hex(expected)}.f32.npy"] if expected is not None else \
+        sorted(folder.glob(f"{prefix}*.f32.npy"))  # an older subspace: the digest is in the file's name
+    data = target = None
+    for candidate in candidates:
+        data = _open_cached(candidate, sub, expected or _digest_in_name(candidate, prefix))
+        if data is not None:
+            target, digest = candidate, expected or _digest_in_name(candidate, prefix)
+            break
     if data is None:
-        _write_cached(target, sub)
-        data = _open_cached(target, sub)
+        try:
+            if not folder.is_dir():
+                if cache_dir is None:  # the subspace's own folder: gone with it (do not create it again)
+                    sub.check_unchanged()
+                folder.mkdir(parents=True, exist_ok=True)
+            target, digest = _write_cached(folder, prefix, sub)
+        except (OSError, ValueError) as exc:  # e.g. its folder went with a subspace deleted meanwhile
+            if isinstance(exc, TrajstoreError):
+                raise
+            sub.check_unchanged()
+            raise StoreWriteError(f"could not write the memory-mapped copy of subspace {sub.name!r} into {folder} "
+                                  f"({exc}); free space there, pass another cache_dir, or use host='pinned'") from exc
+        data = _open_cached(target, sub, digest)
         if data is None:
+            sub.check_unchanged()  # its folder may have gone with the subspace
             raise StoreWriteError(
                 f"the memory-mapped copy of subspace {sub.name!r} written to {target} does not read back as the "
                 "store's basis; check that disk, pass another cache_dir, or use host='pinned'")
@@ -278,7 +345,16 @@ def _mmap_copy(sub, cache_dir: "str | os.PathLike | None") -> np.ndarray:
                 old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
             except OSError:
                 pass
-    return data
+    return data, digest
+
+
+def _hex(digest: str) -> str:
+    return digest.rsplit(":", 1)[-1]
+
+
+def _digest_in_name(path: Path, prefix: str) -> str | None:
+    hexa = path.name[len(prefix):].removesuffix(".f32.npy")
+    return f"blake2b-128:{hexa}" if re.fullmatch(r"[0-9a-f]{32}", hexa) else None
 
 
 def _cache_folder(sub, cache_dir: "str | os.PathLike | None") -> Path:
@@ -302,31 +378,36 @@ def _subspace_fingerprint(sub) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_cached(target: Path, sub, rows: int = 64) -> np.ndarray | None:
-    """The cached copy, memory-mapped, or None when it is missing, unreadable or not this basis."""
+def _open_cached(target: Path, sub: Subspace, digest: str | None) -> np.ndarray | None:
+    """The cached copy, memory-mapped, or None when it is missing, unreadable or not the basis whose
+    whole digest is ``digest`` (every row is hashed: a hole anywhere is found)."""
+    if digest is None:
+        return None
     try:
         data = np.load(target, mmap_mode="r")  # (n, d)
     except (OSError, ValueError):
         return None
-    n = sub.basis.shape[0]
     if data.shape != tuple(sub.basis.shape) or data.dtype != np.float32 or not data.flags.c_contiguous:
         return None
-    k = min(n, rows)
-    if not (np.array_equal(data[:k], sub.basis[:k, :]) and np.array_equal(data[n - k:], sub.basis[n - k:, :])):
-        return None
-    return data
+    found = BasisDigest()
+    rows = block_rows(data.shape)
+    for r0 in range(0, data.shape[0], rows):
+        found.update(data[r0:r0 + rows])
+    return data if found.hexdigest() == digest else None
 
 
-def _write_cached(target: Path, sub, rows: int = 1 << 20) -> None:
-    """Copy the basis into a private temp file, then rename it to ``target`` (atomic)."""
-    tmp = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+def _write_cached(folder: Path, prefix: str, sub: Subspace) -> tuple[Path, str]:
+    """Copy the basis into a private temp file, check it (:meth:`Subspace.verify`), then rename it to
+    ``<prefix><digest>.f32.npy`` (atomic); returns that path and the digest."""
+    tmp = folder / f"{prefix}copy.f32.npy.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=sub.basis.shape)
-        for r0 in range(0, sub.basis.shape[0], rows):
-            out[r0:r0 + rows] = sub.basis[r0:r0 + rows, :]
+        _, digest = sub.read(out)  # raises, before the rename, when what was copied is not the extraction's basis
         out.flush()
         del out
+        target = folder / f"{prefix}{_hex(digest)}.f32.npy"
         os.replace(tmp, target)
+        return target, digest
     finally:
         tmp.unlink(missing_ok=True)
 

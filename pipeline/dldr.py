@@ -6,12 +6,17 @@ Vᵀ1 = 0 the orthonormal basis is P = D_Sᵀ V_d Λ_d^{-1/2} for any shift of t
 mean is subtracted from the data and no second copy of the trajectory is made. P is
 computed per column block straight into ``subspaces/<name>/basis``; finished blocks are
 flagged, so a killed extraction resumes where it stopped and gives the identical result.
+``complete`` is set together with ``basis_digest`` (the digest of the whole basis as read back; each
+extraction also has an ``extraction_id``): readers check what they read against them. ``--overwrite``
+deletes the old subspace first (on a local store by one rename into the trash) and extracts in place.
 """
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
+import uuid
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,7 +30,7 @@ from .checks import check_choice, check_fraction, check_int, check_node_name
 from .compute import Progress, StopFlag, run_tasks
 from .gram import SUB_BLOCK, block_columns, column_blocks, read_rows, scratch, update_gram, widen_shifted
 from .locking import extraction_access
-from .subspace import SUBSPACES, Subspace, open_subspace
+from .subspace import SUBSPACES, BasisDigest, Subspace, open_subspace
 
 
 def resolve_snapshots(snapshots: "slice | Sequence[int] | None", t: int) -> list[int]:
@@ -219,7 +224,7 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                 root.require_group(SUBSPACES)
         subspaces = root[SUBSPACES]
         if name in subspaces and "complete" not in subspaces[name].attrs:
-            del subspaces[name]  # killed while creating the group (its attributes come last): start afresh
+            _discard(store, subspaces, name)  # killed while creating the group (its attributes come last): afresh
         if name in subspaces:
             attrs = subspaces[name].attrs.asdict()
             if attrs.get("complete") and not overwrite:
@@ -227,9 +232,9 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                     f"subspace {name!r} already exists in {store.path}; pass overwrite=True (--overwrite) "
                     "or choose another --name")
             if overwrite:
-                del subspaces[name]
+                _discard(store, subspaces, name)
             elif attrs.get("store_state") != state and all(attrs.get(k) == v for k, v in requested.items()):
-                del subspaces[name]  # its rows were truncated or re-recorded since: its partial basis is stale
+                _discard(store, subspaces, name)  # its rows were truncated or re-recorded since: partial basis stale
                 if log:
                     log(f"discarded the interrupted extraction {name!r}: the store was truncated or re-created "
                         "since it started; extracting afresh")
@@ -303,7 +308,49 @@ def _extract(store, access, rows, dim, variance, name, settings, scheduler, bloc
     for b in range(len(blocks)):
         ptp += group["_ptp"][b]
     group.attrs.update({"orthonormality_error": float(np.linalg.norm(ptp - np.eye(d))), "complete": True,
-                        "basis_blocks_resumed": offset})
+                        "basis_blocks_resumed": offset, "basis_digest": _digest_of(group["basis"], name, store)})
+
+
+def _digest_of(basis: zarr.Array, name: str, store: TrajectoryStore) -> str:
+    """The digest of the written basis (read back in row blocks; readers check what they read against it).
+    Refuses a basis with NaN or Inf (a block that never got written): it must not be marked complete."""
+    digest = BasisDigest()
+    rows = int(basis.chunks[0])  # one chunk at a time: no more memory than one basis task held
+    for r0 in range(0, basis.shape[0], rows):
+        block = basis[r0:r0 + rows, :]
+        if not np.isfinite(block).all():
+            raise NonFiniteError(
+                f"the basis written for subspace {name!r} of {store.path} holds NaN or Inf in rows {r0}.."
+                f"{r0 + len(block) - 1} (a lost write?); extract it again with overwrite=True (--overwrite)")
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _discard(store: TrajectoryStore, subspaces: zarr.Group, name: str) -> None:
+    """Delete ``subspaces/<name>``. Locally it is first renamed into the store's trash (atomic), so a reader
+    never sees half of it deleted and a memory-map copy a reader writes into its folder meanwhile cannot
+    make the deletion fail; object stores delete it in place (readers check what they read, see subspace.py)."""
+    from trajstore._scan import TRASH
+    from trajstore.format import local_dir
+
+    local = local_dir(store.path)
+    if local is None:
+        del subspaces[name]
+        return
+    source, target = local / SUBSPACES / name, local / TRASH / f"subspace-{uuid.uuid4().hex}"
+    for attempt in range(5):
+        (local / TRASH).mkdir(exist_ok=True)
+        try:
+            os.rename(source, target)
+            break
+        except FileNotFoundError:  # the trash folder was just removed by an extraction into another name
+            if attempt == 4 or not source.exists():
+                raise
+    shutil.rmtree(target, ignore_errors=True)  # a reader's file appearing meanwhile: gc removes the rest
+    try:
+        (local / TRASH).rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectoryStore, d: int, lam: np.ndarray,
@@ -325,7 +372,8 @@ def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectorySt
     steps = store.steps
     group.attrs.update({**settings, "dim": d, "eigenvalues": lam.tolist(), "total_variance": total,
                         "steps": [int(steps[i]) for i in settings["snapshots"]], "complete": False,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "orthonormality_error": None})
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "orthonormality_error": None,
+                        "extraction_id": uuid.uuid4().hex})
     return group
 
 

@@ -1,24 +1,61 @@
 """Subspace: an extracted basis P (n, d) and its spectrum, as stored under ``subspaces/<name>/``."""
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 
 from trajstore import TrajectoryStore
-from trajstore.errors import SubspaceNotFoundError
+from trajstore.errors import CorruptSnapshotError, SubspaceChangedError, SubspaceNotFoundError
 
 SUBSPACES = "subspaces"
+DIGEST = "blake2b-128"  # the ``basis_digest`` attribute: "blake2b-128:<hex>" of P's float32 bytes, row-major
+ATTEMPTS = 5  # reads of a subspace that changed under them are retried this many times (50 ms, 100 ms, ...)
+_BLOCK_BYTES = 8 << 20  # rows of P read (and hashed) at a time: bounds the extra memory of a checked read
+
+
+class BasisDigest:
+    """The digest of a basis P (n, d): blake2b-128 of its float32 bytes in row-major order, fed in row
+    blocks of any size (the result does not depend on how P is split)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def update(self, rows: np.ndarray) -> "BasisDigest":
+        self._hash.update(memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B"))
+        return self
+
+    def hexdigest(self) -> str:
+        return f"{DIGEST}:{self._hash.hexdigest()}"
+
+
+def block_rows(shape: tuple[int, ...], chunk_rows: int = 1) -> int:
+    """Rows of an (n, d) float32 basis to read at a time: about 8 MiB, a multiple of ``chunk_rows``."""
+    d = max(1, int(shape[1]))
+    return max(1, _BLOCK_BYTES // (d * 4 * chunk_rows)) * chunk_rows
+
+
+def identity(attrs: dict | None) -> object:
+    """What tells one extraction from another: its ``extraction_id`` and digest, or (a subspace written
+    before those existed) all its attributes but ``seconds`` (set just after ``complete``)."""
+    if attrs is None:
+        return None
+    if "extraction_id" in attrs:
+        return attrs["extraction_id"], attrs.get("basis_digest")
+    return {k: v for k, v in attrs.items() if k != "seconds"}
 
 
 @dataclass
 class Subspace:
     """The result of :func:`pipeline.extract_subspace`.
 
-    ``basis`` (n, d) float32 and ``mean`` (n,) stay on disk as zarr arrays (read them in row
-    blocks, or whole with ``np.asarray``); the spectrum is small and held in memory.
+    ``basis`` (n, d) float32 and ``mean`` (n,) stay on disk as zarr arrays; the spectrum is small and
+    held in memory. Read the basis with :meth:`read` / :meth:`to_numpy`, which check it against the
+    extraction's digest and refuse a basis replaced meanwhile; slicing ``basis`` directly is unchecked.
     """
 
     path: str
@@ -29,6 +66,7 @@ class Subspace:
     explained_variance_ratio: np.ndarray  # (t,) float64: the whole spectrum
     eigenvectors: np.ndarray  # (t, d) float64: V of the centred Gram
     attrs: dict
+    store: TrajectoryStore | None = field(default=None, repr=False, compare=False)  # to re-check the attributes
 
     @property
     def dim(self) -> int:
@@ -59,9 +97,69 @@ class Subspace:
     def cumulative_variance(self) -> np.ndarray:
         return np.cumsum(self.explained_variance_ratio)
 
+    @property
+    def digest(self) -> str | None:
+        """``"blake2b-128:<hex>"`` of the whole basis, recorded by the extraction (None: an older subspace)."""
+        return self.attrs.get("basis_digest")
+
     def to_numpy(self) -> np.ndarray:
-        """The whole basis as an (n, d) float32 array (only when it fits in memory)."""
-        return self.basis[:, :]
+        """The whole basis as an (n, d) float32 array (only when it fits in memory), checked: see :meth:`read`."""
+        return self.read()[0]
+
+    def read(self, out: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+        """Read the whole basis into ``out`` (or a new (n, d) float32 array); returns it and its digest.
+
+        Never returns a partly written or replaced basis: the digest of what was read must be the one the
+        extraction recorded, the subspace must still be this extraction afterwards (else
+        :class:`SubspaceChangedError`: an ``extract --overwrite`` or ``--follow`` replaced it meanwhile; read
+        it again through :func:`open_subspace`), and a subspace without a recorded digest must be finite.
+        """
+        n, d = self.basis.shape
+        out = np.empty((n, d), np.float32) if out is None else out
+        digest, finite = BasisDigest(), True
+        rows = block_rows((n, d), int(self.basis.chunks[0]))
+        for r0 in range(0, n, rows):
+            block = out[r0:r0 + rows]
+            block[...] = self.basis[r0:r0 + rows, :]
+            digest.update(block)
+            finite = finite and bool(np.isfinite(block).all())
+        self.verify(digest.hexdigest(), finite)
+        return out, digest.hexdigest()
+
+    def current_attrs(self) -> dict | None:
+        """The subspace's attributes as stored now (None when it is gone)."""
+        store = self.store if self.store is not None else TrajectoryStore.open(self.path, "r")
+        try:
+            return store.group[f"{SUBSPACES}/{self.name}"].attrs.asdict()
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`SubspaceChangedError` when the stored subspace is no longer this extraction."""
+        now = self.current_attrs()
+        if now is None or not now.get("complete") or identity(now) != identity(self.attrs):
+            raise SubspaceChangedError(
+                f"subspace {self.name!r} of {self.path} was replaced or deleted while it was being read (an "
+                "`extract --overwrite` or `extract --follow` rewrote it); open it again (Basis.from_store and "
+                "open_subspace retry by themselves) once that extraction has finished")
+
+    def verify(self, digest: str, finite: bool) -> None:
+        """Check a whole read of the basis: ``digest`` of what was read, ``finite`` whether it had no NaN/Inf.
+
+        Raises :class:`SubspaceChangedError` when the subspace changed meanwhile, and
+        :class:`CorruptSnapshotError` when it did not but the data disagrees with its digest (or, without
+        a digest, holds NaN/Inf): damaged on disk.
+        """
+        if self.digest == digest and finite:
+            return
+        self.check_unchanged()  # without a digest, this re-read of the attributes is what ties P to them
+        if self.digest is None and finite:
+            return
+        what = (f"does not match the digest its extraction recorded ({self.digest})" if self.digest is not None
+                else "holds NaN or Inf")
+        raise CorruptSnapshotError(
+            f"the basis of subspace {self.name!r} in {self.path} {what}: its files are damaged. Extract it again: "
+            f"`trajstore extract {self.path} --dim {self.dim} --name {self.name} --overwrite`")
 
     def summary(self) -> dict:
         """A JSON-friendly description."""
@@ -77,23 +175,59 @@ class Subspace:
 
 
 def open_subspace(path: "str | os.PathLike | TrajectoryStore", name: str = "default") -> Subspace:
-    """Read back a subspace written by :func:`pipeline.extract_subspace`."""
+    """Read back a subspace written by :func:`pipeline.extract_subspace`.
+
+    A subspace deleted or replaced while it is opened (``extract --overwrite`` / ``--follow``) is opened
+    again, a few times; :class:`SubspaceChangedError` when it keeps changing. Read the basis through
+    :meth:`Subspace.read` / :meth:`Subspace.to_numpy` (checked against the extraction's digest);
+    ``basis`` and ``mean`` are the raw zarr arrays.
+    """
     store = path if isinstance(path, TrajectoryStore) else TrajectoryStore.open(path, "r")
+    seen = False  # listed (or complete) on an earlier try: going missing now means it is being replaced
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            time.sleep(0.05 * 2 ** (attempt - 1))
+        sub, seen = _open_once(store, name, seen)
+        if sub is not None:
+            return sub
+    raise SubspaceChangedError(
+        f"subspace {name!r} of {store.path} was replaced or deleted while it was being opened, {ATTEMPTS} times "
+        "in a row: an extraction (`extract --overwrite` or `extract --follow`) is rewriting it now. Open it again "
+        "once that extraction has finished")
+
+
+def _open_once(store: TrajectoryStore, name: str, seen: bool) -> tuple[Subspace | None, bool]:
+    """(the subspace, True), or (None, True) when it changed while being opened; raises when it is
+    missing or unfinished, unless ``seen`` (then it is being replaced: (None, True))."""
     group = store.group
     key = f"{SUBSPACES}/{name}"
-    available = sorted(group[SUBSPACES].group_keys()) if SUBSPACES in group else []
+    try:
+        available = sorted(group[SUBSPACES].group_keys()) if SUBSPACES in group else []
+    except (KeyError, FileNotFoundError):  # a folder renamed away while it was listed
+        return None, True
     if name not in available:
+        if seen:
+            return None, True
         raise SubspaceNotFoundError(
             f"no subspace {name!r} in {store.path}; available: {available or 'none'}. "
             f"Run `trajstore extract {store.path} --dim D --name {name}`")
-    sub = group[key]
-    attrs = sub.attrs.asdict()
-    if not attrs.get("complete"):
-        raise SubspaceNotFoundError(
-            f"subspace {name!r} in {store.path} is unfinished (its extraction was interrupted); "
-            "rerun the same extract command to resume it")
-    return Subspace(store.path, name, sub["basis"], sub["mean"], sub["singular_values"][:],
-                    sub["explained_variance_ratio"][:], sub["eigenvectors"][:], attrs)
+    try:
+        sub = group[key]
+        attrs = sub.attrs.asdict()
+        if not attrs.get("complete"):
+            if seen:
+                return None, True
+            raise SubspaceNotFoundError(
+                f"subspace {name!r} in {store.path} is unfinished (an extraction is writing it now, or was "
+                "interrupted); wait for it, or rerun the same extract command to resume it")
+        found = Subspace(store.path, name, sub["basis"], sub["mean"], sub["singular_values"][:],
+                         sub["explained_variance_ratio"][:], sub["eigenvectors"][:], attrs, store)
+    except (KeyError, FileNotFoundError):  # deleted between the listing and the reads
+        return None, True
+    now = found.current_attrs()
+    if now is None or not now.get("complete") or identity(now) != identity(attrs):
+        return None, True  # the spectrum just read may be the next extraction's
+    return found, True
 
 
 def list_subspaces(store: TrajectoryStore) -> list[str]:

@@ -261,6 +261,7 @@ def test_peak_rss_stays_flat_when_n_grows_tenfold(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 def test_extraction_at_scale_20m_parameters(tmp_path):
     """Scale test (skipped in CI): n = 20M, t = 12; exact against a float64 reference on a column sample."""
     import json

@@ -323,6 +323,7 @@ def test_a_damaged_store_reads_exactly_or_raises_a_typed_error(templates, data):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 @settings(max_examples=FULL_CASES, **_SETTINGS)
 @given(data=st.data())
 def test_a_damaged_store_reads_exactly_or_raises_a_typed_error_at_volume(templates, data):

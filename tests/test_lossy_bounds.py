@@ -127,6 +127,7 @@ def test_encode_decode_keeps_the_stated_bound(spec, pair):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 @settings(max_examples=FULL_CASES, **_SETTINGS)
 @given(spec=st.sampled_from(LOSSY), pair=row_pairs())
 def test_encode_decode_keeps_the_stated_bound_at_volume(spec, pair):
@@ -205,6 +206,7 @@ def test_a_real_store_keeps_the_stated_bound(tmp_path, spec, pair, nonfinite, da
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 @settings(max_examples=FULL_CASES, **_SETTINGS)
 @given(spec=st.sampled_from(LOSSY), pair=row_pairs(max_n=40), nonfinite=st.booleans(), data=st.data())
 def test_a_real_store_keeps_the_stated_bound_at_volume(tmp_path, spec, pair, nonfinite, data):
@@ -271,6 +273,7 @@ def test_the_module_docstring_states_the_same_bounds():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 @settings(max_examples=FULL_CASES, **_SETTINGS)
 @given(spec=st.sampled_from(LOSSY), pair=row_pairs(max_n=16), data=st.data())
 def test_nan_and_inf_in_a_later_snapshot_touch_no_other_element_at_volume(spec, pair, data):

@@ -338,6 +338,7 @@ def test_kill_9_during_drop_bad_only_leaves_the_old_or_the_new_store(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 def test_kill_9_during_drop_bad_only_many_instants(tmp_path):
     kill_trials(tmp_path, [(i / 10, (i + 1) / 10) for i in range(13)] + [(.9, 1.1)] * 7)
 

@@ -238,6 +238,7 @@ def start_writer(url, *flags):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # at volume, on a loaded 2-core machine
 def test_kill_9_on_s3_loses_nothing_committed_and_resumes(s3):
     url, rng, seen = s3.url("kill.zarr"), random.Random(4321), []
     for trial in range(20):

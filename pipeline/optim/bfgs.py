@@ -142,6 +142,7 @@ class SubspaceBFGS(SubspaceOptimizer):
         return loss
 
     def _step(self, group: dict, params: list[torch.Tensor | None], f0: float, evaluate, loss_only: bool) -> None:
+        params = self.updated(params)  # after f₀'s backward: a parameter it left without a gradient stays put
         grads = self.grads(params)
         g = self.basis.project(grads)  # (d,) float64
         state = self._init_state()

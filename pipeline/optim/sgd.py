@@ -38,7 +38,7 @@ class SubspaceSGD(SubspaceOptimizer):
         """One step; the closure (if any) is evaluated first, then the gradient is projected."""
         loss = closure_loss(closure)
         group = self.param_groups[0]
-        params = self.trainable()  # per basis tensor; None: frozen, never written
+        params = self.updated()  # per basis tensor; None: frozen or no gradient now, never written
         grads = self.grads(params)
         if group["weight_decay"]:
             grads = [None if p is None else g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, params)]
