@@ -21,7 +21,6 @@ from trajstore import TrajectoryStore
 from trajstore.errors import InvalidArgumentError, LayoutMismatchError
 from trajstore.importers import import_checkpoints
 
-from .synthetic import trajectory, write_store
 from .test_api_import import HF_PATTERN, TinyGPT, hf_folder, params_of, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,15 +173,7 @@ def test_epoch_is_unknown_unless_the_trainer_state_or_the_name_gives_it(tmp_path
 
 # -- 12: extract --scheduler ----------------------------------------------------------------------
 
-@pytest.fixture
-def store12(tmp_path) -> Path:
-    path = tmp_path / "run.zarr"
-    write_store(path, trajectory(12, 5_000, rank=3))
-    return path
-
-
-def untouched(path: Path) -> bool:
-    return not (path / "gram").exists() and not (path / "subspaces").exists()
+from .test_api_cli import store12, untouched  # noqa: E402,F401 -- the same store and check
 
 
 def _closed_port() -> int:
