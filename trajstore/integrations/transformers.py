@@ -36,7 +36,8 @@ class TrajectoryCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._pending = None
-        saved = state.stateful_callbacks.setdefault(STATE_KEY, {}) if state.stateful_callbacks is not None else {}
+        kept = getattr(state, "stateful_callbacks", None)  # saved with each checkpoint (transformers >= 4.41)
+        saved = kept.setdefault(STATE_KEY, {}) if isinstance(kept, dict) else {}
         if state.is_world_process_zero:
             self.session.run_id = saved.get("run_id")  # of the checkpoint resumed from, if any
             self.session.begin(model, state.global_step, _epoch(state))
