@@ -245,3 +245,35 @@ def test_an_extraction_overlapping_a_truncation_fails_and_leaves_no_complete_sub
         writer.close()
     with pytest.raises(TrajstoreError):
         open_subspace(path, "default")  # nothing complete was published
+
+
+def test_hf_commits_every_earlier_snapshot_before_a_checkpoint_is_written(tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Probe(TrainerCallback):  # runs after the trajstore callback, just before the Trainer saves
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                with TrajectoryStore.open(tmp_path / "run.zarr") as store:
+                    seen.append((state.global_step, store.steps.tolist()))
+
+    trainer = hf_trainer(tmp_path / "out", tmp_path / "run.zarr", every_n_steps=1)
+    trainer.args.save_strategy, trainer.args.save_steps = "steps", 5
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert seen and all(steps == list(range(step)) for step, steps in seen), seen
+
+
+def test_lightning_commits_every_earlier_snapshot_before_a_checkpoint_is_written(tmp_path):
+    import lightning.pytorch as pl
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            with TrajectoryStore.open(tmp_path / "l.zarr") as store:
+                seen.append((trainer.global_step, store.steps.tolist()))
+
+    lightning_fit(tmp_path / "l", tmp_path / "l.zarr", 2, every_n_epochs=None, extra_callbacks=[Probe()])
+    assert seen and all(steps == list(range(0, step + 1, 2)) for step, steps in seen), seen

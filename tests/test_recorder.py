@@ -73,7 +73,7 @@ def test_recorder_rejects_a_different_model(tmp_path):
 
 
 # -- Lightning ---------------------------------------------------------------------------
-def lightning_fit(root, store_path, max_epochs, ckpt_path=None, every_n_epochs=1):
+def lightning_fit(root, store_path, max_epochs, ckpt_path=None, every_n_epochs=1, extra_callbacks=()):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
@@ -99,7 +99,8 @@ def lightning_fit(root, store_path, max_epochs, ckpt_path=None, every_n_epochs=1
     trainer = pl.Trainer(max_epochs=max_epochs, default_root_dir=root, enable_progress_bar=False, logger=False,
                          enable_model_summary=False, accelerator="cpu", deterministic=True,
                          callbacks=[ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1),
-                                    TrajectoryCallback(store_path, every_n_steps=2, every_n_epochs=every_n_epochs)])
+                                    TrajectoryCallback(store_path, every_n_steps=2, every_n_epochs=every_n_epochs),
+                                    *extra_callbacks])
     trainer.fit(Module(), loader, ckpt_path=ckpt_path)
 
 

@@ -356,3 +356,17 @@ def test_a_creator_that_loses_the_race_never_clears_the_winner(tmp_path, monkeyp
     monkeypatch.undo()
     with TrajectoryStore.open(path) as store:
         assert len(store) == 1 and store.read(0)[0] == 7
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "ep1.pt").write_bytes(b"weights")
+    (folder / "sub" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="no trajstore store"):
+        TrajectoryStore.create(folder, layout(), overwrite=True)
+    assert (folder / "ep1.pt").read_bytes() == b"weights" and (folder / "sub" / "notes.txt").exists()
+    with TrajectoryStore.create(tmp_path / "run.zarr", layout()) as store:
+        store.append(np.ones(1000, np.float32), step=0)
+    with TrajectoryStore.create(tmp_path / "run.zarr", layout(), overwrite=True) as store:  # a store: replaced
+        assert len(store) == 0

@@ -28,7 +28,7 @@ from ._lazy import is_module, is_tensor, torch as _torch
 from .codecs import CodecPreset, get_preset
 from .durability import commit_files, fsync_paths, row_files
 from .errors import (CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError,
-                     NonFiniteError, SnapshotIndexError, StoreExistsError, TrajstoreError)
+                     NonFiniteError, NotAStoreError, SnapshotIndexError, StoreExistsError, TrajstoreError)
 from .format import (ATTR, BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION,
                      LOCK_NAME, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, ROW_DTYPES, ROW_CHUNK, STEP, WALL_TIME,
                      clear_except_lock, create_rows, local_dir, normalize, open_root, zarr_store)
@@ -122,10 +122,20 @@ class TrajectoryStore:
             local.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
         try:  # the existence check runs under the lock: two creators never clear each other's store
-            if not overwrite and _holds_data(path, storage_options):
+            holds_data = _holds_data(path, storage_options)
+            if not overwrite and holds_data:
                 raise StoreExistsError(
                     f"{path} already exists; pass overwrite=True to replace it, open it with mode='a' to "
                     "append, or choose a new path")
+            if holds_data:
+                try:
+                    open_root(path, "r", storage_options)
+                except NotAStoreError:  # overwrite replaces a store, never a folder of other files
+                    raise StoreExistsError(
+                        f"{path} holds files but no trajstore store: overwrite=True replaces a store and never "
+                        "deletes anything else. Choose a new path (or delete that folder yourself)") from None
+                except CorruptMetadataError:
+                    pass  # a damaged store: replacing it is what overwrite is for
             with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
                 clear_except_lock(path, storage_options)  # never under a running extraction
             group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")

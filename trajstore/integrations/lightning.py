@@ -38,6 +38,12 @@ class TrajectoryCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.session.end()
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Commit every snapshot queued so far before the checkpoint is written: a kill after it
+        must not leave a resume with a gap before the checkpoint's step."""
+        if self.session.store is not None:
+            self.session.store.flush()
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: the store's run id, so a resume into another run's store is refused."""
         return {"run_id": self.session.run_id}

@@ -50,6 +50,7 @@ class TrajectoryCallback(TrainerCallback):
         self._flush()
         if self.session.recorder is not None:
             self._pending, self._logs = {"step": state.global_step, "epoch": _epoch(state), "epoch_end": False}, {}
+            self._commit_before_save(control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending is not None and state.global_step == self._pending["step"]:
@@ -61,6 +62,14 @@ class TrajectoryCallback(TrainerCallback):
                 self._flush()
                 self._pending, self._logs = {"step": state.global_step, "epoch": _epoch(state)}, {}
             self._pending["epoch_end"] = True  # epoch-end evaluation logs come after this call
+            self._commit_before_save(control)
+
+    def _commit_before_save(self, control) -> None:
+        """The Trainer writes its checkpoint right after this call when ``should_save``: commit every
+        snapshot queued before it, so a kill after the checkpoint leaves no gap before its step (the
+        checkpoint step's own snapshot is re-recorded on resume if it was lost)."""
+        if control.should_save and self.session.store is not None:
+            self.session.store.flush()
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
