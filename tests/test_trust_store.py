@@ -370,3 +370,23 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path):
         store.append(np.ones(1000, np.float32), step=0)
     with TrajectoryStore.create(tmp_path / "run.zarr", layout(), overwrite=True) as store:  # a store: replaced
         assert len(store) == 0
+
+
+def test_a_create_killed_before_its_attributes_is_created_again_without_overwrite(tmp_path):
+    import json
+
+    path = tmp_path / "run.zarr"
+    TrajectoryStore.create(path, layout()).close()
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"] = {}  # the state a kill leaves between creating the arrays and writing the attributes
+    (path / "zarr.json").write_text(json.dumps(root))
+    with TrajectoryStore.create(path, layout()) as store:
+        store.append(np.ones(1000, np.float32), step=0)
+    with TrajectoryStore.open(path) as store:
+        assert len(store) == 1
+    (path / "mine.txt").write_text("not ours")  # anything else in the folder: never cleared
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"] = {}
+    (path / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(StoreExistsError):
+        TrajectoryStore.create(path, layout())

@@ -123,6 +123,10 @@ class TrajectoryStore:
         lock = WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
         try:  # the existence check runs under the lock: two creators never clear each other's store
             holds_data = _holds_data(path, storage_options)
+            if holds_data and not overwrite and _interrupted_create(path):
+                holds_data = False  # a create killed before its attributes were written: nothing committed
+                with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
+                    clear_except_lock(path, storage_options)
             if not overwrite and holds_data:
                 raise StoreExistsError(
                     f"{path} already exists; pass overwrite=True to replace it, open it with mode='a' to "
@@ -645,6 +649,22 @@ def _holds_data(path: str, storage_options: dict | None) -> bool:
     except FileNotFoundError:
         return False
     return any(not str(entry).rstrip("/").endswith(LOCK_NAME) for entry in entries)
+
+
+def _interrupted_create(path: str) -> bool:
+    """Whether the local folder ``path`` holds only what :meth:`TrajectoryStore.create` writes, without
+    the trajstore attributes it writes last: a create that was killed, holding no snapshot."""
+    local = local_dir(path)
+    ours = {"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS, METRICS, LOCK_NAME, DERIVED_LOCK_NAME}
+    if local is None or not all(entry.name in ours for entry in local.iterdir()):
+        return False
+    try:
+        open_root(path, "r")
+    except NotAStoreError as exc:
+        return "no 'trajstore' attributes" in str(exc) or "no zarr group" in str(exc)
+    except CorruptMetadataError:
+        return False
+    return False
 
 
 def _torch_version() -> str:
