@@ -294,7 +294,7 @@ def _extract(store, access, rows, dim, variance, name, settings, scheduler, bloc
         group.attrs.update(extra)
     weights = vec / np.sqrt(lam[:d])[None, :]  # (t_S, d) = V Λ^{-1/2}
     width = int(group["basis"].chunks[0])
-    blocks = column_blocks(store.n_params, width)
+    blocks = column_blocks(store.n_columns, width)
     done = group["_done"][:]
     pending = [b for b in range(len(blocks)) if not done[b]]
     reader = store.reader()
@@ -355,8 +355,11 @@ def _discard(store: TrajectoryStore, subspaces: zarr.Group, name: str) -> None:
 
 def _create_subspace_group(subspaces: zarr.Group, name: str, store: TrajectoryStore, d: int, lam: np.ndarray,
                            vec: np.ndarray, total: float, settings: dict, block_size: int | None = None) -> zarr.Group:
-    """Arrays of a new subspace (basis, mean, spectrum) and its attributes; ``complete`` comes last."""
-    n = store.n_params
+    """Arrays of a new subspace (basis, mean, spectrum) and its attributes; ``complete`` comes last.
+
+    P's rows follow the store's columns: the parameter order, or for a store recorded sharded its
+    rank-major order with zero padding rows (``store.columns`` maps them; see trajstore/columns.py)."""
+    n = store.n_columns
     width = block_columns(store, block_size)
     group = subspaces.create_group(name)
     group.create_array("basis", shape=(n, d), chunks=(min(width, n), d), dtype="float32", fill_value=np.nan)

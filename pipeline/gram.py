@@ -170,7 +170,7 @@ def update_gram(store: TrajectoryStore, root: zarr.Group, *, scheduler: object =
     m = cached_rows(store, root)
     gram = root.require_group(GRAM)
     width = block_columns(store, block_size)
-    blocks = column_blocks(store.n_params, width)
+    blocks = column_blocks(store.n_columns, width)
     target = _unfinished_target(gram, m, t, width, len(blocks), store)
     if target is not None and target < t:
         _, first = _update_to(store, root, gram, m, target, blocks, width, scheduler, progress, stop, began)

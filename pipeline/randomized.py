@@ -58,7 +58,7 @@ def randomized_spectrum(store: TrajectoryStore, rows: list[int], k: int, *, sche
     k = min(k, t - 1)
     oversample = min(t - 1, k + 10)
     reader = store.reader()
-    blocks = column_blocks(store.n_params, block_columns(store, block_size))
+    blocks = column_blocks(store.n_columns, block_columns(store, block_size))
     passes = 2 + n_power_iter
     done = {"passes": 0}
 

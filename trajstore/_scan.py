@@ -190,7 +190,7 @@ def scan(store: TrajectoryStore, files: Files, progress: Callable[[int, int], No
 def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows: int,
                  progress: Callable[[int, int], None] | None) -> None:
     """Decode every params row: checksums, finiteness, and a digest of each good row."""
-    preset, reader, n = store.codec, store.reader(), store.n_params
+    preset, reader, n = store.codec, store.reader(), store.n_columns
     reader.committed = rows  # the rows that exist: a reader refuses a params array shorter than committed
     k = preset.keyframe_interval if preset.transform == "xor" else 1
     for g0 in range(0, rows, k):

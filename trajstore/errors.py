@@ -67,6 +67,11 @@ class StoreWriteError(TrajstoreError, OSError):
     """The background writer failed (disk full, permission, ...); committed data is intact."""
 
 
+class RankFailedError(TrajstoreError):
+    """Another rank of a torch.distributed job failed in a collective store operation; the message
+    quotes its error (a trajstore error of another rank is raised as its own type instead)."""
+
+
 class InvalidArgumentError(TrajstoreError, ValueError):
     """An argument is out of range or inconsistent with the store's contents."""
 

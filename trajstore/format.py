@@ -1,4 +1,7 @@
-"""Store format version 1: where things live in the zarr group, and how to open it.
+"""Store format (versions 1 and 2): where things live in the zarr group, and how to open it.
+
+Version 2 adds one optional attribute, ``columns``: the column map of a store recorded sharded
+(see columns.py). Stores without one are still written as version 1, so older trajstores read them.
 
 Group attribute ``trajstore`` (JSON) holds the format version, layouts, codec, user
 metadata and the ``committed`` count. See ``shared/design.md`` for the commit protocol.
@@ -15,7 +18,7 @@ from zarr.storage import FsspecStore, LocalStore
 from .codecs import CodecPreset
 from .errors import CorruptMetadataError, FormatVersionError, NotAStoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a "columns" map (stores recorded sharded); unsharded stores are still written as 1
 ATTR = "trajstore"
 LOCK_NAME = ".trajstore.lock"
 DERIVED_LOCK_NAME = ".trajstore.derived.lock"
@@ -144,6 +147,12 @@ def check_meta(meta: dict, path: str) -> None:
         if meta.get("buffer_layout") is not None:
             ParamLayout.from_json(meta["buffer_layout"])
         CodecPreset.from_json(meta["codec"])
+        if meta.get("columns") is not None or meta["format_version"] >= 2:
+            from .columns import ColumnMap
+
+            if meta["format_version"] < 2:
+                raise ValueError("a column map in a format-1 store (readers of format 1 would misread it)")
+            ColumnMap.from_json(layout.n, meta.get("columns"))
         if not isinstance(meta.get("metadata", {}), dict):
             raise ValueError("metadata is not a mapping")
         truncations = meta.get("truncations", [])

@@ -134,12 +134,12 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
         for g0 in range(0, t, group):
             g1 = min(t, g0 + group)
             try:
-                bad_values = _check_rows(reader, g0, g1, store.n_params)
+                bad_values = _check_rows(reader, g0, g1, store.n_columns)
             except CorruptSnapshotError:
                 bad_values = {}
                 for i in range(g0, g1):  # find every bad row of the group, and what depends on it
                     try:
-                        bad_values.update(_check_rows(reader, i, i + 1, store.n_params))
+                        bad_values.update(_check_rows(reader, i, i + 1, store.n_columns))
                     except CorruptSnapshotError as exc:
                         reason = (f"unreadable: {exc}" if exc.index in (None, i) else
                                   f"cannot be decoded: it is stored relative to corrupt snapshot {exc.index}")

@@ -148,10 +148,17 @@ def _create_like(store: TrajectoryStore, target: Path) -> TrajectoryStore:
         from ._template import LayoutTemplate
 
         source = LayoutTemplate(store.layout, store.buffer_layout)
-    new = TrajectoryStore.create(target, source, codec=store.codec, metadata=store.metadata,
-                                 buffers=store.buffer_layout is not None, chunk_size=int(params.chunks[1]),
-                                 shard_size=int((params.shards or params.chunks)[1]))
-    if new.layout != store.layout or new.buffer_layout != store.buffer_layout or new.dtype != store.dtype:
+    settings = dict(codec=store.codec, metadata=store.metadata, buffers=store.buffer_layout is not None,
+                    chunk_size=int(params.chunks[1]), shard_size=int((params.shards or params.chunks)[1]))
+    if store.columns.is_identity:
+        new = TrajectoryStore.create(target, source, process_group=None, **settings)
+    else:  # recorded sharded: the same column map, so the job's ranks can go on recording into it
+        group, meta, lock = TrajectoryStore._create_files(
+            str(target), source, overwrite=False, storage_options=None, durable=False, break_lock=False,
+            columns=store.columns, **settings)
+        new = TrajectoryStore(str(target), group, meta, "a", lock, None)
+    if (new.layout != store.layout or new.buffer_layout != store.buffer_layout or new.dtype != store.dtype
+            or new.columns != store.columns):
         new.close()
         raise RepairError(f"cannot rebuild {store.path} with the same parameter/buffer layout; it is unchanged")
     # the same run, compacted: trainer checkpoints that carry its run id still resume into it ("created"
@@ -188,9 +195,9 @@ def _compact(store: TrajectoryStore, keep: list[int], found: Scan) -> None:
         for j, (i, row) in enumerate(_good_rows(store, keep)):
             if digest(row) != found.digests[i]:
                 raise RepairError(f"snapshot {i} decoded differently on a second read; {store.path} is unchanged")
-            source: object = row
+            source: object = store.columns.to_global(row)  # (n,) in parameter order
             if store.buffer_layout is not None:
-                source = {**store.layout.unflatten(row), **store.buffer_layout.unflatten(g[BUFFERS][i, :])}
+                source = {**store.layout.unflatten(source), **store.buffer_layout.unflatten(g[BUFFERS][i, :])}
             new.append(source, step=int(columns[STEP][j]), epoch=int(columns[EPOCH][j]),
                        metrics={m: float(columns[f"{METRICS}/{m}"][j]) for m in metrics},
                        allow_nonfinite=bool(columns[NONFINITE][j]))

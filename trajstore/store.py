@@ -18,14 +18,16 @@ import time
 import uuid
 import weakref
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
 
 from . import __version__
+from . import distributed
 from ._lazy import is_module, is_tensor, torch as _torch
 from .codecs import CodecPreset, get_preset
+from .columns import ColumnMap
 from .durability import commit_files, fsync_paths, row_files
 from .errors import (CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError,
                      NonFiniteError, NotAStoreError, SnapshotIndexError, StoreExistsError, TrajstoreError)
@@ -49,7 +51,7 @@ def _close_at_exit() -> None:
     exception) without ``close()``: the writer thread is a daemon and would die with the interpreter."""
     for store in list(_OPEN_WRITERS):
         try:
-            store.close()
+            store._close_local()  # no collectives at exit: the other ranks may be gone
         except Exception as exc:  # noqa: BLE001 -- report, keep closing the others
             sys.stderr.write(f"trajstore: closing {store.path} at exit failed: {exc}\n")
 
@@ -66,7 +68,8 @@ class TrajectoryStore:
     """A trajectory of parameter snapshots on disk. Create with :meth:`create`, open with :meth:`open`."""
 
     def __init__(self, path: str, group: zarr.Group, meta: dict, mode: str, lock: WriterLock | None,
-                 storage_options: dict | None, queue_depth: int = 2, durable: bool = False):
+                 storage_options: dict | None, queue_depth: int = 2, durable: bool = False,
+                 context: "distributed.RankContext | None" = None):
         self.path, self.mode, self.storage_options = path, mode, storage_options
         self.durable = durable  # fsync each snapshot before its commit, the commit after (local stores)
         self._local_root = local_dir(path)
@@ -75,19 +78,30 @@ class TrajectoryStore:
         self.buffer_layout = ParamLayout.from_json(meta["buffer_layout"]) if meta.get("buffer_layout") else None
         self.codec: CodecPreset = CodecPreset.from_json(meta["codec"])
         self.dtype = np.dtype(meta["dtype"])
+        self.columns = ColumnMap.from_json(self.layout.n, meta.get("columns"))  # where each parameter is stored
         self._writer: BackgroundWriter | None = None
         self._closed = False
+        self._ctx = context  # a multi-process recording (distributed.py), else None
+        if context is not None and context.sharded and len(self.columns.rank_columns) != context.world:
+            raise InvalidArgumentError(
+                f"{path} was recorded sharded over {len(self.columns.rank_columns)} ranks; this job has "
+                f"{context.world}: record it with that many ranks, or into a new store")
+        self._cols = (distributed.write_range(self.columns, context.rank) if context is not None and context.sharded
+                      else (0, self.n_columns))  # the columns this process writes
         if mode == "a":
-            self._prev: np.ndarray | None = None  # decoded last row (xor transform)
-            self._reference: np.ndarray | None = None  # decoded row 0 (delta transform)
+            self._prev: np.ndarray | None = None  # decoded last row, our columns (xor transform)
+            self._reference: np.ndarray | None = None  # decoded row 0, our columns (delta transform)
+            if context is None or context.rank == 0:  # the rank that commits heals what a kill left
+                self._check_row_arrays()
+                self._ensure_capacity(len(self))  # heal arrays left at different sizes by a kill mid-resize
+                for name in self.metric_names():  # a metric created just before a kill: finish its backfill
+                    arr = self._group[f"{METRICS}/{name}"]
+                    if BACKFILL in arr.attrs:
+                        _backfill(arr, int(arr.attrs[BACKFILL]))
             self._load_encoder_state()
-            self._check_row_arrays()
-            self._ensure_capacity(len(self))  # heal arrays left at different sizes by a kill mid-resize
-            for name in self.metric_names():  # a metric created just before a kill: finish its backfill
-                arr = self._group[f"{METRICS}/{name}"]
-                if BACKFILL in arr.attrs:
-                    _backfill(arr, int(arr.attrs[BACKFILL]))
-            self._writer = BackgroundWriter(self.n_params, self.dtype, self._write_row, depth=queue_depth)
+            if context is None or context.is_writer:
+                width = self._cols[1] - self._cols[0]
+                self._writer = BackgroundWriter(width, self.dtype, self._write_row, depth=queue_depth)
             _OPEN_WRITERS.add(self)  # flushed at interpreter exit if the script never closes it
 
     # -- construction -------------------------------------------------------------------
@@ -96,19 +110,79 @@ class TrajectoryStore:
                metadata: dict | None = None, overwrite: bool = False, buffers: bool = False,
                chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD, queue_depth: int = 2,
                storage_options: dict | None = None, durable: bool = False,
-               break_lock: bool = False) -> "TrajectoryStore":
+               break_lock: bool = False, process_group: object = "auto") -> "TrajectoryStore":
         """Create a store for the parameters of ``source`` (nn.Module, state_dict or ParamLayout).
 
         ``buffers=True`` also records the module's buffers (BN running statistics) in a separate
         array. ``durable=True`` fsyncs each snapshot before its commit and the commit after, so
         committed snapshots survive a power loss, not only a killed process (see durability.py).
         Returns the store open for appending (mode ``"a"``).
+
+        In a torch.distributed job (``process_group="auto"``: the default group, when initialised
+        with more than one rank) this is collective: every rank calls it, and later ``append``,
+        ``flush``, ``truncate`` and ``close``. Replicated (DDP) parameters are written by rank 0;
+        FSDP2 shards by every rank, into columns of its own (see trajstore/distributed.py).
+        ``process_group=None`` records from this process alone.
         """
-        path = normalize(path)
+        kwargs = dict(codec=codec, metadata=metadata, overwrite=overwrite, buffers=buffers, chunk_size=chunk_size,
+                      shard_size=shard_size, storage_options=storage_options, durable=durable, break_lock=break_lock)
+        context = distributed.resolve(process_group, source)
+        if context is not None:
+            return cls._create_collective(context, normalize(path), source, queue_depth, kwargs)
+        group, meta, lock = cls._create_files(normalize(path), source, **kwargs)
+        try:
+            return cls(normalize(path), group, meta, "a", lock, storage_options, queue_depth, durable)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _create_collective(cls, context: "distributed.RankContext", path: str, source: object, queue_depth: int,
+                           kwargs: dict) -> "TrajectoryStore":
+        """Every rank: rank 0 creates the files, the others open them; any rank's error is every rank's."""
+        columns, error = None, None
+        try:
+            layout = ParamLayout.of(source)
+            if context.sharded:
+                distributed.check_shards(layout, source, context.rank, context.world)
+                chunk, shard = _chunking(layout.n, kwargs["chunk_size"], kwargs["shard_size"])
+                columns = ColumnMap.rank_major(layout.n, distributed.rank_pieces(layout, context.world), shard)
+        except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
+            error = exc
+        context.exchange(error)
+        created = context.run_on_zero(lambda: cls._create_files(path, source, columns=columns, **kwargs))
+        store, error = None, None
+        try:
+            if created is not None:
+                store = cls(path, created[0], created[1], "a", created[2], kwargs["storage_options"], queue_depth,
+                            kwargs["durable"], context)
+            else:
+                group, meta = open_root(path, "a", kwargs["storage_options"])
+                store = cls(path, group, meta, "a", None, kwargs["storage_options"], queue_depth, kwargs["durable"],
+                            context)
+        except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
+            error = exc
+        try:
+            context.exchange(error)
+        except BaseException:
+            if store is not None:
+                store._close_local()
+            elif created is not None:
+                created[2].release()
+            raise
+        return store
+
+    @classmethod
+    def _create_files(cls, path: str, source: object, *, codec: "str | CodecPreset", metadata: dict | None,
+                      overwrite: bool, buffers: bool, chunk_size: int, shard_size: int, storage_options: dict | None,
+                      durable: bool, break_lock: bool, columns: ColumnMap | None = None
+                      ) -> tuple[zarr.Group, dict, WriterLock]:
+        """Write an empty store at ``path``; returns its root group, attributes and the writer lock held."""
         preset = get_preset(codec)
         layout = ParamLayout.of(source)
         if layout.n == 0:
             raise LayoutMismatchError("the source has no parameters to record")
+        columns = columns if columns is not None and not columns.is_identity else None
         buffer_layout = None
         if buffers:
             if is_module(source):
@@ -144,9 +218,8 @@ class TrajectoryStore:
                 clear_except_lock(path, storage_options)  # never under a running extraction
             group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
             dtype = layout.storage_dtype()
-            n = layout.n
-            chunk = min(chunk_size, n)
-            shard = chunk * math.ceil(min(shard_size, n) / chunk)
+            chunk, shard = _chunking(layout.n, chunk_size, shard_size)
+            n = columns.n_columns if columns is not None else layout.n  # the params array's width
             create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
             if preset.transform == "delta":
                 create_rows(group, REFERENCE, n, dtype, chunk, shard, get_preset("lossless"), rows=1)
@@ -157,7 +230,7 @@ class TrajectoryStore:
                 _create_row_array(group, name, 0, ROW_DTYPES[name], _ROW_FILL[name])
             group.create_group(METRICS)
             meta = {
-                "format_version": FORMAT_VERSION,
+                "format_version": FORMAT_VERSION if columns is not None else 1,  # unsharded: readable by format-1 readers
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "run_id": uuid.uuid4().hex,  # tells this run from another later recorded at the same path
                 "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch_version()},
@@ -170,35 +243,62 @@ class TrajectoryStore:
                 "truncations": [],
                 "all_chunks_written": True,  # every chunk of a committed row exists; row arrays carry crc32c
             }
+            if columns is not None:
+                meta["columns"] = columns.to_json()
             group.attrs[ATTR] = meta
         except BaseException:
             lock.release()
             raise
         if durable and local is not None:
             fsync_paths([*sorted(local.rglob("*"), reverse=True), local, local.parent])  # the new tree
-        try:
-            return cls(path, group, meta, "a", lock, storage_options, queue_depth, durable)
-        except BaseException:
-            lock.release()
-            raise
+        return group, meta, lock
 
     @classmethod
     def open(cls, path: "str | os.PathLike", mode: str = "r", *, break_lock: bool = False,
-             queue_depth: int = 2, storage_options: dict | None = None, durable: bool = False) -> "TrajectoryStore":
+             queue_depth: int = 2, storage_options: dict | None = None, durable: bool = False,
+             process_group: object = "auto") -> "TrajectoryStore":
         """Open an existing store: ``mode="r"`` to read, ``"a"`` to append (takes the writer lock).
 
         ``durable=True`` (append only) fsyncs every snapshot before its commit, as in :meth:`create`.
+        In a torch.distributed job, opening to append is collective (see :meth:`create`): rank 0
+        takes the lock, and a store recorded sharded is written by every rank again.
         """
         if mode not in ("r", "a"):
             raise InvalidArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
         path = normalize(path)
+        context = distributed.resolve(process_group) if mode == "a" else None
+        if context is None:
+            return cls._open_locked(path, mode, break_lock, queue_depth, storage_options, durable, None)
+        joined = lambda meta: distributed.with_sharding(context, meta.get("columns") is not None)  # noqa: E731
+        opened = context.run_on_zero(lambda: cls._open_locked(path, mode, break_lock, queue_depth, storage_options,
+                                                               durable, joined))
+        store, error = opened, None  # rank 0 has healed what a kill left before the others open
+        if opened is None:
+            try:
+                group, meta = open_root(path, mode, storage_options)
+                store = cls(path, group, meta, mode, None, storage_options, queue_depth, durable, joined(meta))
+            except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
+                error = exc
+        try:
+            context.exchange(error)
+        except BaseException:
+            if store is not None:
+                store._close_local()
+            raise
+        return store
+
+    @classmethod
+    def _open_locked(cls, path: str, mode: str, break_lock: bool, queue_depth: int, storage_options: dict | None,
+                     durable: bool, context: "Callable[[dict], distributed.RankContext] | None"
+                     ) -> "TrajectoryStore":
         group, meta = open_root(path, mode, storage_options)
         lock = (WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
                 if mode == "a" else None)
         try:
             if lock is not None:  # re-read under the lock: the previous writer may have committed since
                 group, meta = open_root(path, mode, storage_options)
-            return cls(path, group, meta, mode, lock, storage_options, queue_depth, durable)
+            return cls(path, group, meta, mode, lock, storage_options, queue_depth, durable,
+                       context(meta) if context is not None else None)
         except BaseException:
             if lock is not None:  # a store that fails to open (damage) must not stay locked by this process
                 lock.release()
@@ -208,7 +308,10 @@ class TrajectoryStore:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        if exc[0] is not None and self._ctx is not None:
+            self._close_local()  # leaving on an error: the other ranks may never reach a collective close
+        else:
+            self.close()
 
     def __repr__(self) -> str:
         return f"TrajectoryStore({self.path!r}, mode={self.mode!r}, snapshots={len(self)}, n={self.n_params})"
@@ -219,7 +322,15 @@ class TrajectoryStore:
 
     @property
     def n_params(self) -> int:
+        """Length of the parameter vector (what ``read()`` returns)."""
         return self.layout.n
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of the stored rows: ``n_params``, or more for a store recorded sharded (its rows hold the
+        parameters rank-major, with padding: see :attr:`columns`). Readers (``reader()``, ``to_dask()``)
+        and extraction work on these columns; ``read()`` and ``state_dict()`` give the parameter order."""
+        return self.columns.n_columns
 
     @property
     def metadata(self) -> dict:
@@ -309,9 +420,10 @@ class TrajectoryStore:
             lock.release()
 
     def reader(self) -> RowReader:
-        """A picklable decoding view (t, n) of the committed snapshots."""
+        """A picklable decoding view (t, n_columns) of the committed snapshots, in stored column order
+        (the parameter order, except for a store recorded sharded: see :attr:`columns`)."""
         token = f"{len(self)}-{len(self._meta.get('truncations', []))}-{self._meta.get('created')}"
-        return RowReader(self.path, len(self), self.n_params, self.dtype.name, self._meta["codec"],
+        return RowReader(self.path, len(self), self.n_columns, self.dtype.name, self._meta["codec"],
                          self.storage_options, token, strict=bool(self._meta.get("all_chunks_written")))
 
     def read(self, index: "int | slice | Sequence[int]") -> np.ndarray:
@@ -322,16 +434,21 @@ class TrajectoryStore:
             r0, r1, step = index.indices(t)
             if r1 <= r0:
                 return np.empty((0, self.n_params), self.dtype)
-            return self.reader().read_block(r0, r1)[::step] if step > 0 else self.read(list(range(r0, r1, step)))
+            if step < 0:
+                return self.read(list(range(r0, r1, step)))
+            return self.columns.to_global(self.reader().read_block(r0, r1)[::step])
         if isinstance(index, (int, np.integer)):
             i = self._check_index(int(index))
-            return self.reader().read_block(i, i + 1)[0]
+            return self.columns.to_global(self.reader().read_block(i, i + 1)[0])
         rows = [self._check_index(int(i)) for i in index]
         reader = self.reader()
-        return np.stack([reader.read_block(i, i + 1)[0] for i in rows]) if rows else np.empty((0, self.n_params), self.dtype)
+        if not rows:
+            return np.empty((0, self.n_params), self.dtype)
+        return self.columns.to_global(np.stack([reader.read_block(i, i + 1)[0] for i in rows]))
 
     def to_dask(self, row_block: int | None = None, col_block: int | None = None):
-        """The committed snapshots as a dask array (t, n), decoded lazily block by block."""
+        """The committed snapshots as a dask array (t, n_columns), decoded lazily block by block, in
+        stored column order (the parameter order unless the store was recorded sharded: :attr:`columns`)."""
         import dask.array as da
 
         t = len(self)
@@ -382,6 +499,28 @@ class TrajectoryStore:
                     tensor.copy_(value.to(tensor.dtype))
         return model
 
+    def holds(self, source: object, index: int) -> bool:
+        """Whether snapshot ``index`` equals ``source``'s parameters bit for bit (NaN equal to NaN).
+
+        Collective in a multi-process recording: every rank compares the columns it writes (rank 0
+        all of them when parameters are replicated) and every rank gets the same answer."""
+        if self._ctx is None:
+            want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+            return bool(np.array_equal(self.read(index), want, equal_nan=True))
+        same, error = True, None
+        try:
+            if self._ctx.sharded:
+                i, (lo, hi) = self._check_index(index), self._cols
+                want = np.empty(hi - lo, self.dtype)
+                distributed.flatten_local(self.layout, source, want)
+                same = bool(np.array_equal(self.reader().read_block(i, i + 1, lo, hi)[0], want, equal_nan=True))
+            elif self._ctx.rank == 0:
+                want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+                same = bool(np.array_equal(self.read(index), want, equal_nan=True))
+        except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+            error = exc
+        return all(self._ctx.exchange(error, same))
+
     # -- writing ------------------------------------------------------------------------
     def append(self, source: object, *, step: int, epoch: int | None = None,
                metrics: Mapping[str, float] | None = None, allow_nonfinite: bool = False) -> int:
@@ -394,6 +533,35 @@ class TrajectoryStore:
         self._check_writable()
         # everything is validated before a row index or a staging buffer is taken: a refused
         # append leaves the store exactly as it was
+        if self._ctx is None:
+            buf, nonfinite, buffers, step, epoch, metrics = self._prepare(source, step, epoch, metrics, allow_nonfinite)
+        else:  # collective: every rank stops with the first error any rank had, or none does
+            prepared, error = None, None
+            try:
+                prepared = self._prepare(source, step, epoch, metrics, allow_nonfinite)
+            except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+                error = exc
+            try:
+                flags = self._ctx.exchange(error, prepared[1] if prepared else False)
+            except BaseException:
+                if prepared is not None and prepared[0] is not None:
+                    self._writer.release(prepared[0])
+                raise
+            buf, _, buffers, step, epoch, metrics = prepared
+            nonfinite = any(flags)  # the row is non-finite when any rank's part is
+        index = self._next_index
+        self._next_index += 1
+        self._last_step = step
+        if self._writer is not None:
+            self._writer.submit(Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite))
+        return index
+
+    def _prepare(self, source: object, step: object, epoch: object, metrics: Mapping | None,
+                 allow_nonfinite: bool) -> tuple:
+        """Check one snapshot and copy this process's columns of it into a staging buffer.
+
+        Returns (buffer or None, non-finite, buffers row, step, epoch, metrics); raises, with the
+        buffer given back, when the snapshot cannot be recorded."""
         step, epoch, metrics = _check_step(step, "step"), _check_epoch(epoch), _check_metrics(metrics)
         if self._last_step is not None and step <= self._last_step:
             raise InvalidArgumentError(
@@ -403,10 +571,20 @@ class TrajectoryStore:
         _check_source(source)
         if is_module(source):
             self.layout.check_same(ParamLayout.from_module(source), "model")
+        sharded = self._ctx is not None and self._ctx.sharded
+        if sharded:
+            distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
+        if self._writer is None:
+            return None, False, None, step, epoch, metrics  # a rank that writes nothing (DDP, rank > 0)
         buf = self._writer.acquire()
         try:
             try:
-                self.layout.flatten_into(source, buf)
+                if sharded:
+                    distributed.flatten_local(self.layout, source, buf)
+                elif self.columns.is_identity:
+                    self.layout.flatten_into(source, buf)
+                else:  # a replicated model appending to a store recorded sharded
+                    buf[:] = self.columns.to_stored(self.layout.flatten_into(source, np.empty(self.n_params, self.dtype)))
             except (TypeError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
                 if isinstance(exc, TrajstoreError):
                     raise
@@ -414,26 +592,50 @@ class TrajectoryStore:
                                           f"({type(exc).__name__}: {exc}); nothing was recorded") from None
             nonfinite = not np.isfinite(buf).all()
             if nonfinite and not allow_nonfinite:
+                where = "this rank's shards" if sharded else self._first_nonfinite(buf)
                 raise NonFiniteError(
-                    f"snapshot at step {step} holds NaN or Inf in {self._first_nonfinite(buf)}; it was not "
-                    "recorded (training has diverged?). Pass allow_nonfinite=True to record it anyway")
-            buffers = self._flatten_buffers(source)
+                    f"snapshot at step {step} holds NaN or Inf in {where}; it was not recorded (training has "
+                    "diverged?). Pass allow_nonfinite=True to record it anyway")
+            buffers = self._flatten_buffers(source) if self._ctx is None or self._ctx.rank == 0 else None
         except BaseException:
             self._writer.release(buf)
             raise
-        index = self._next_index
-        self._next_index += 1
-        self._last_step = step
-        self._writer.submit(Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite))
-        return index
+        return buf, nonfinite, buffers, step, epoch, metrics
 
     def flush(self) -> None:
-        """Block until every queued snapshot is committed; raises a background error if one occurred."""
-        if self._writer is not None:
-            self._writer.flush()
+        """Block until every queued snapshot is committed; raises a background error if one occurred.
+        Collective in a multi-process recording: every rank raises the first rank's error."""
+        if self._ctx is None:
+            if self._writer is not None:
+                self._writer.flush()
+            return
+        error = None
+        try:
+            if self._writer is not None:
+                self._writer.flush()
+        except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+            error = exc
+        self._ctx.exchange(error)
+        if self._ctx.rank:  # rank 0 commits: take the count (and truncations) it wrote
+            self._meta = open_root(self.path, "r", self.storage_options)[1]
 
     def close(self) -> None:
-        """Flush, stop the writer and release the lock. Raises a background error if one occurred."""
+        """Flush, stop the writer and release the lock. Raises a background error if one occurred.
+        Collective in a multi-process recording (see :meth:`flush`)."""
+        if self._closed:
+            return
+        error = None
+        if self._ctx is not None and distributed.is_alive():
+            try:
+                self.flush()
+            except BaseException as exc:  # noqa: BLE001 -- raised after the local close
+                error = exc
+        self._close_local()
+        if error is not None:
+            raise error
+
+    def _close_local(self) -> None:
+        """Stop this process's writer (after it wrote what was queued) and release the lock it holds."""
         if self._closed:
             return
         self._closed = True
@@ -448,17 +650,35 @@ class TrajectoryStore:
     def truncate(self, length: int) -> None:
         """Drop every snapshot from index ``length`` on (a resumed run replaces what came after its checkpoint)."""
         self._check_writable()
-        length = _check_step(length, "length")
         self.flush()
-        if not 0 <= length <= len(self):
-            raise InvalidArgumentError(f"cannot truncate to {length}: the store holds {len(self)} snapshots")
+        error = None
+        try:
+            length = _check_step(length, "length")
+            if not 0 <= length <= len(self):
+                raise InvalidArgumentError(f"cannot truncate to {length}: the store holds {len(self)} snapshots")
+        except BaseException as exc:  # noqa: BLE001 -- every rank raises it (or this one alone)
+            error = exc
+        if self._ctx is not None:
+            self._ctx.exchange(error)
+        elif error is not None:
+            raise error
         if length == len(self):
             return
         meta = dict(self._meta)
         meta["committed"] = length
         meta["truncations"] = list(meta.get("truncations", [])) + [length]
-        self._commit_meta(meta)
-        self._load_encoder_state()
+        if self._ctx is None:
+            self._commit_meta(meta)
+            self._load_encoder_state()
+            return
+        self._ctx.run_on_zero(lambda: self._commit_meta(meta))
+        self._meta = meta
+        error = None
+        try:
+            self._load_encoder_state()
+        except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+            error = exc
+        self._ctx.exchange(error)
 
     def truncate_after_step(self, step: int) -> int:
         """Drop every snapshot with a step greater than ``step``; returns the new length."""
@@ -558,14 +778,17 @@ class TrajectoryStore:
         t = len(self)
         self._next_index = t
         self._last_step: int | None = int(self._row_values(STEP)[-1]) if t else None  # appends must exceed it
+        if self._ctx is not None and not self._ctx.is_writer:
+            return  # a rank that writes nothing needs no decoded rows
+        lo, hi = self._cols
         if self.codec.transform == "xor" and t > 0:
-            self._prev = self.reader().read_block(t - 1, t)[0].copy()
+            self._prev = self.reader().read_block(t - 1, t, lo, hi)[0].copy()
         if self.codec.transform == "delta" and t > 0:
             reference = self.array(REFERENCE)
-            if reference.shape != (1, self.n_params):
-                raise self._damaged(REFERENCE, ValueError(f"shape {reference.shape}, not (1, {self.n_params})"))
+            if reference.shape != (1, self.n_columns):
+                raise self._damaged(REFERENCE, ValueError(f"shape {reference.shape}, not (1, {self.n_columns})"))
             try:
-                self._reference = reference[0, :]
+                self._reference = reference[0, lo:hi]
             except (ValueError, RuntimeError, OSError, IndexError, ArithmeticError) as exc:  # checksum, decode
                 raise self._damaged(REFERENCE, exc) from None
 
@@ -592,13 +815,67 @@ class TrajectoryStore:
 
     def _write_row(self, job: Job) -> None:
         """Runs on the writer thread: data rows first, the commit last."""
-        i, row = job.index, job.row
-        self._ensure_capacity(i + 1)
+        if self._ctx is not None and self._ctx.sharded:
+            return self._write_row_sharded(job)
+        self._ensure_capacity(job.index + 1)
+        self._write_params(job)
+        self._write_row_arrays(job)
+        if self.durable and self._local_root is not None:
+            fsync_paths(row_files(self._local_root, job.index, self.metric_names()))  # data on disk before the commit
+        self._commit_meta({**self._meta, "committed": job.index + 1})
+
+    def _write_row_sharded(self, job: Job) -> None:
+        """Every rank writes its columns of row ``job.index``; rank 0 grows the arrays first and commits
+        last, once every rank has written. Each phase ends in a collective over the writers' group, so
+        any rank's failure is every rank's and no rank commits a row another rank did not write."""
+        ctx, i, zero = self._ctx, job.index, self._ctx.rank == 0
+
+        def phase(work) -> None:
+            error = None
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+                error = exc
+            ctx.exchange(error, group=ctx.writer_group)
+
+        phase(lambda: self._ensure_capacity(i + 1) if zero else None)
+
+        def write() -> None:
+            self._write_params(job)
+            if zero:
+                self._write_row_arrays(job)
+
+        phase(write)
+
+        def commit() -> None:
+            if zero:
+                if self.durable and self._local_root is not None:  # every rank's files, written by now
+                    fsync_paths(row_files(self._local_root, i, self.metric_names()))
+                self._commit_meta({**self._meta, "committed": i + 1})
+
+        phase(commit)
+        if not zero:
+            self._meta = {**self._meta, "committed": i + 1}
+
+    def _write_params(self, job: Job) -> None:
+        """This process's columns of row ``job.index`` (and of the reference row, for delta codecs)."""
+        i, row = job.index, job.row  # row: (hi - lo,) this process's columns
+        lo, hi = self._cols
+        if hi == lo:
+            return  # a rank that holds no elements
         if self.codec.transform == "delta" and i == 0:
-            self._writable(REFERENCE)[0, :] = row
+            self._writable(REFERENCE)[0, lo:hi] = row
             self._reference = row.copy()
         stored = self.codec.encode(row, i, self._prev, self._reference)
-        self._writable(PARAMS)[i, :] = stored
+        self._writable(PARAMS)[i, lo:hi] = stored
+        if self.codec.transform == "xor":
+            if self._prev is None:
+                self._prev = np.empty_like(row)
+            self._prev[:] = row
+
+    def _write_row_arrays(self, job: Job) -> None:
+        """Buffers, step, epoch, wall time, non-finite flag and metrics of row ``job.index``."""
+        i = job.index
         if job.buffers is not None:
             self._writable(BUFFERS)[i, :] = job.buffers
         self._writable(STEP)[i] = job.step
@@ -614,15 +891,6 @@ class TrajectoryStore:
                 if i:
                     _backfill(arr, i)
             self._writable(f"{METRICS}/{name}")[i] = job.metrics.get(name, float("nan"))
-        if self.codec.transform == "xor":
-            if self._prev is None:
-                self._prev = np.empty_like(row)
-            self._prev[:] = row
-        if self.durable and self._local_root is not None:
-            fsync_paths(row_files(self._local_root, i, self.metric_names()))  # data on disk before the commit
-        meta = dict(self._meta)
-        meta["committed"] = i + 1
-        self._commit_meta(meta)
 
     def _writable(self, name: str) -> zarr.Array:
         """Array ``name`` writing every chunk, even one equal to the fill value (a frozen layer's
@@ -634,6 +902,12 @@ class TrajectoryStore:
         self._meta = meta
         if self.durable and self._local_root is not None:
             fsync_paths(commit_files(self._local_root))
+
+
+def _chunking(n: int, chunk_size: int, shard_size: int) -> tuple[int, int]:
+    """Elements per inner chunk and per shard file of the params array, for ``n`` parameters."""
+    chunk = min(chunk_size, n)
+    return chunk, chunk * math.ceil(min(shard_size, n) / chunk)
 
 
 def _holds_data(path: str, storage_options: dict | None) -> bool:

@@ -1,0 +1,151 @@
+"""One rank of a 2-process gloo job recording through trajstore (tests/test_distributed_record.py).
+
+usage: python -m tests.dist_record_proc SCENARIO RANK WORLD PORT STORE [ARGS...]
+
+Scenarios:
+  train KIND CODEC OUT   real training (KIND fsdp or ddp), one snapshot a step; rank 0 saves the full
+                         parameters each rank gathered after each append to OUT (.npy, (t, n)); then
+                         a resume (truncate, more steps) and a NaN on one rank only
+  kill CODEC             deterministic weights (rows of :func:`row`) appended until killed
+  resume CODEC K         reopen, append K more deterministic rows, close
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from trajstore import NonFiniteError, TrajectoryStore
+
+CHUNKS = dict(chunk_size=64, shard_size=128)  # several shards per rank, shard edges inside tensors
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 33), torch.nn.Tanh(), torch.nn.Linear(33, 7))  # odd sizes
+
+
+def wrap(model: torch.nn.Module, kind: str, world: int) -> torch.nn.Module:
+    if kind == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return DistributedDataParallel(model)
+
+
+def row(step: int) -> list[torch.Tensor]:
+    """The deterministic global weights of snapshot ``step``, one tensor per parameter."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen) for p in make_model().parameters()]
+
+
+def set_weights(model: torch.nn.Module, tensors: list[torch.Tensor], rank: int, world: int) -> None:
+    """Copy global ``tensors`` into the model: this rank's dim-0 rows of each FSDP2 shard."""
+    with torch.no_grad():
+        for p, full in zip(model.parameters(), tensors):
+            local = p.to_local()
+            size = -(-full.shape[0] // world)
+            local.copy_(full[rank * size:rank * size + local.shape[0]])
+
+
+def full_vector(model: torch.nn.Module) -> np.ndarray:
+    """Every parameter gathered in full (collective under FSDP2), flattened in order."""
+    parts = []
+    for p in model.parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        parts.append(t.detach().reshape(-1).numpy())
+    return np.concatenate(parts)
+
+
+def train(rank: int, world: int, path: str, kind: str, codec: str, out: str) -> None:
+    model = wrap(make_model(), kind, world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(7 + rank)  # each rank its own batches
+    store = TrajectoryStore.create(path, model, codec=codec, **CHUNKS)
+    expected = []
+    for step in range(6):
+        if step:
+            x = torch.randn(16, 10, generator=gen)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        store.append(model, step=step, epoch=0, metrics={"loss": float(step)})
+        expected.append(full_vector(model))
+    store.flush()
+    lengths = [len(store)]
+    # resume: drop steps after 3, then go on (the weights go on from where training is)
+    store.truncate_after_step(3)
+    expected = expected[:4]
+    for step in (10, 11):
+        store.append(model, step=step)
+        expected.append(full_vector(model))
+    # a NaN in one rank's shard only: every rank refuses the snapshot, nothing is recorded
+    p = next(model.parameters())
+    local = p.to_local() if hasattr(p, "to_local") else p
+    saved = local.detach().clone()
+    if rank == 1 or kind == "ddp":
+        with torch.no_grad():
+            local.view(-1)[0] = float("nan")
+    try:
+        store.append(model, step=12)
+        refused = None
+    except NonFiniteError as exc:
+        refused = str(exc)
+    with torch.no_grad():
+        local.copy_(saved)
+    store.append(model, step=13)
+    expected.append(full_vector(model))
+    store.close()
+    lengths.append(len(store))
+    if rank == 0:
+        np.save(out, np.stack(expected))
+    print(json.dumps({"rank": rank, "lengths": lengths, "refused": refused}), flush=True)
+
+
+def kill(rank: int, world: int, path: str, codec: str) -> None:
+    model = wrap(make_model(), "fsdp", world)
+    store = TrajectoryStore.create(path, model, codec=codec, **CHUNKS)
+    step = 0
+    while True:
+        set_weights(model, row(step), rank, world)
+        store.append(model, step=step)
+        step += 1
+
+
+def resume(rank: int, world: int, path: str, codec: str, more: int) -> None:
+    model = wrap(make_model(), "fsdp", world)
+    store = TrajectoryStore.open(path, "a", break_lock=True)
+    start = len(store)
+    step = int(store.steps[-1]) + 1 if start else 0
+    for k in range(more):
+        set_weights(model, row(step + k), rank, world)
+        store.append(model, step=step + k)
+    store.close()
+    print(json.dumps({"rank": rank, "start": start, "end": len(store)}), flush=True)
+
+
+def main() -> None:
+    scenario, rank, world, port, path, *args = sys.argv[1:]
+    rank, world = int(rank), int(world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if scenario == "train":
+            train(rank, world, path, *args)
+        elif scenario == "kill":
+            kill(rank, world, path, *args)
+        else:
+            resume(rank, world, path, args[0], int(args[1]))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Recording from a multi-process job (torch.distributed): who writes what, and agreeing on errors.
+
+When a process group is initialised with more than one rank, :meth:`TrajectoryStore.create`,
+:meth:`TrajectoryStore.open` (append), ``append``, ``flush``, ``truncate`` and ``close`` are
+collective: every rank calls them, in the same order.
+
+* **Replicated parameters** (DDP, or plain modules): rank 0 writes; the other ranks check their
+  arguments and learn rank 0's outcome, so every rank raises the same error or none.
+* **Sharded parameters** (FSDP2 ``fully_shard``: DTensors with ``Shard(0)`` on a 1-D mesh): each
+  rank writes the elements it holds into a column range of its own (see columns.py), in its own
+  background thread; a snapshot is committed by rank 0 only once every rank has written its part.
+
+The background threads talk over a gloo group of their own, and the callers' collectives go over
+another: collectives from two threads on one group could interleave differently on each rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from . import errors
+from ._lazy import is_module, is_tensor, torch as _torch
+from .columns import ColumnMap
+from .errors import InvalidArgumentError, LayoutMismatchError, RankFailedError, TrajstoreError
+from .layout import ParamLayout, strip_prefixes
+
+if TYPE_CHECKING:
+    import numpy as np
+
+T = TypeVar("T")
+
+
+@dataclass
+class RankContext:
+    """This process's place in the job: rank, world size, and the groups trajstore talks over."""
+
+    rank: int
+    world: int
+    group: object  # collectives from the caller's thread
+    writer_group: object  # collectives from the background writer thread
+    sharded: bool  # parameters are FSDP2 shards: every rank writes its own columns
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes rows (rank 0 always; every rank when sharded)."""
+        return self.sharded or self.rank == 0
+
+    def exchange(self, error: BaseException | None, value: object = None, group: object | None = None) -> list:
+        """Collective: raise on every rank the first error any rank had (rank order), else return
+        every rank's ``value`` in rank order.
+
+        The rank that had the error re-raises its own exception; the others raise the same trajstore
+        error type with the rank named, so every rank stops at the same point.
+        """
+        status = None if error is None else (type(error).__name__, str(error))
+        gathered: list = [None] * self.world
+        _dist().all_gather_object(gathered, (status, value), group=group or self.group)
+        for rank, (found, _) in enumerate(gathered):
+            if found is None:
+                continue
+            if rank == self.rank and error is not None:
+                raise error
+            kind = getattr(errors, found[0], None)
+            cls = kind if isinstance(kind, type) and issubclass(kind, TrajstoreError) else RankFailedError
+            raise cls(f"rank {rank} of the job: {found[1]}")
+        return [value for _, value in gathered]
+
+    def run_on_zero(self, fn: Callable[[], T]) -> T | None:
+        """Collective: run ``fn`` on rank 0, raise its error on every rank; returns its result on
+        rank 0 and None elsewhere."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 -- shared with every rank below
+                error = exc
+        self.exchange(error)
+        return result
+
+    def broadcast(self, value: T, group: object | None = None) -> T:
+        """Collective: rank 0's ``value`` on every rank."""
+        box = [value if self.rank == 0 else None]
+        _dist().broadcast_object_list(box, src=0, group=group or self.group)
+        return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        """Collective: every rank's ``value``, in rank order."""
+        out: list = [None] * self.world
+        _dist().all_gather_object(out, value, group=self.group)
+        return out
+
+
+def is_alive() -> bool:
+    """Whether torch.distributed is still initialised (collectives can run)."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def with_sharding(context: RankContext, sharded: bool) -> RankContext:
+    """``context`` for a store whose rows every rank writes (``sharded``) or rank 0 alone."""
+    return RankContext(context.rank, context.world, context.group, context.writer_group, sharded)
+
+
+_CONTEXTS: dict[int, RankContext] = {}  # by id of the process group, so groups are made once
+
+
+def resolve(process_group: object = "auto", source: object = None) -> RankContext | None:
+    """The rank context to record with, or None for a single-process recording.
+
+    ``"auto"``: the default group when torch.distributed is initialised with more than one rank.
+    ``None``: single-process, even inside a job (only this process records). A process group:
+    that group. Collective (the first call makes two gloo groups) when a context is returned.
+    """
+    if process_group is None:
+        return None
+    if "torch" not in __import__("sys").modules and process_group == "auto":
+        return None  # torch never imported: no process group can exist
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group != "auto":
+            raise InvalidArgumentError("process_group was given but torch.distributed is not initialised")
+        return None
+    group = dist.group.WORLD if process_group == "auto" else process_group
+    world = dist.get_world_size(group)
+    if world == 1:
+        return None
+    sharded = _is_sharded(source)
+    context = _CONTEXTS.get(id(group))
+    if context is None:
+        ranks = dist.get_process_group_ranks(group)
+        context = RankContext(dist.get_rank(group), world, dist.new_group(ranks, backend="gloo"),
+                              dist.new_group(ranks, backend="gloo"), False)
+        _CONTEXTS[id(group)] = context
+    return RankContext(context.rank, context.world, context.group, context.writer_group, sharded)
+
+
+def _dist():
+    return _torch().distributed
+
+
+def _is_sharded(source: object) -> bool:
+    """Whether ``source`` (module or state_dict) holds DTensor parameters."""
+    return any(_is_dtensor(t) for _, t in _named(source))
+
+
+def _is_dtensor(t: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover -- torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _named(source: object) -> list[tuple[str, object]]:
+    if is_module(source):
+        return [(strip_prefixes(k), v) for k, v in source.named_parameters()]
+    if isinstance(source, dict):
+        return [(strip_prefixes(k), v) for k, v in source.items() if is_tensor(v)]
+    return []
+
+
+def rank_pieces(layout: ParamLayout, world: int) -> list[list[tuple[int, int]]]:
+    """``(global_lo, length)`` of the piece of each tensor every rank holds under ``fully_shard``
+    (dim 0 split as ``torch.chunk`` splits it: ceil(rows / world) rows a rank, the last ones fewer
+    or none), per rank, in layout order. A pure function: no collective."""
+    pieces: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    for spec, lo in zip(layout.specs, layout.offsets):
+        rows = spec.shape[0] if spec.shape else 1
+        per_row = spec.numel // rows if rows else 0
+        size = -(-rows // world)
+        for r in range(world):
+            r0, r1 = min(rows, r * size), min(rows, (r + 1) * size)
+            pieces[r].append((lo + r0 * per_row, (r1 - r0) * per_row))
+    return pieces
+
+
+def check_shards(layout: ParamLayout, source: object, rank: int, world: int) -> None:
+    """Raise unless every tensor of ``source`` on this rank is the ``fully_shard`` shard
+    :func:`rank_pieces` expects: a DTensor, ``Shard(0)`` on a 1-D mesh of the job's ranks."""
+    from torch.distributed.tensor import Shard
+
+    expected = rank_pieces(layout, world)[rank]
+    for spec, tensor, (_, length) in zip(layout.specs, _tensors(layout, source), expected):
+        if not _is_dtensor(tensor):
+            raise LayoutMismatchError(
+                f"tensor {spec.name!r} is not an FSDP2 shard (DTensor) on rank {rank}, but this store is recorded "
+                "sharded: shard every parameter with fully_shard, as when the store was created")
+        mesh = tensor.device_mesh
+        if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),) or mesh.size() != world:
+            raise InvalidArgumentError(
+                f"tensor {spec.name!r} is placed {tuple(tensor.placements)} on a {mesh.ndim}-D mesh of {mesh.size()} "
+                f"ranks; trajstore records FSDP2 shards on dim 0 of a 1-D mesh of all {world} ranks (fully_shard's "
+                "default). For HSDP or other placements, record a replicated copy or import DCP checkpoints")
+        if mesh.get_local_rank() != rank or tensor.to_local().numel() != length:
+            raise LayoutMismatchError(
+                f"rank {rank} holds {tensor.to_local().numel()} elements of {spec.name!r}, not the {length} an even "
+                f"dim-0 split over {world} ranks gives (mesh rank {mesh.get_local_rank()}): uneven or reordered "
+                "shards cannot be recorded")
+
+
+def _tensors(layout: ParamLayout, source: object) -> list:
+    named = dict(_named(source))
+    out = []
+    for spec in layout.specs:
+        t = named.get(spec.name)
+        if t is None:
+            t = next((named[a] for a, target in layout.aliases.items() if target == spec.name and a in named), None)
+        if t is None:
+            raise LayoutMismatchError(f"source lacks tensor {spec.name!r} {spec.shape} of the store's layout")
+        out.append(t)
+    return out
+
+
+def write_range(columns: ColumnMap, rank: int) -> tuple[int, int]:
+    """Columns ``[lo, hi)`` rank ``rank`` writes: its pieces and the padding up to the next rank's."""
+    lo = columns.rank_columns[rank][0]
+    hi = columns.rank_columns[rank + 1][0] if rank + 1 < len(columns.rank_columns) else columns.n_columns
+    return lo, max(lo, hi)
+
+
+def flatten_local(layout: ParamLayout, source: object, out: "np.ndarray") -> None:
+    """Copy this rank's local shard of each tensor of ``source`` into ``out`` (its column range), in
+    layout order; the padding after them is set to zero."""
+    dst = _torch().from_numpy(out)
+    col = 0
+    for tensor in _tensors(layout, source):
+        local = tensor.to_local().detach().reshape(-1)
+        dst[col:col + local.numel()].copy_(local)
+        col += local.numel()
+    dst[col:].zero_()
