@@ -70,7 +70,9 @@ def verify(run: str = typer.Argument(..., help="store path or URL"),
 
 def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of checkpoints"),
             run: str = typer.Argument(..., help="new store path or URL"),
-            pattern: str = typer.Option("*.pt", "--pattern", help="glob of checkpoint files, e.g. '*.safetensors'"),
+            pattern: Optional[str] = typer.Option(
+                None, "--pattern", help="glob of checkpoint files or DCP folders, e.g. '*.safetensors', 'step_*'; "
+                "default: '*.pt', else the DCP checkpoint folders (holding .metadata) in FOLDER"),
             codec: str = typer.Option("lossless", "--codec"),
             overwrite: bool = typer.Option(False, "--overwrite"),
             resume: bool = typer.Option(False, "--resume", help="continue an interrupted import into RUN"),
@@ -81,14 +83,18 @@ def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, hel
                 None, "--steps", help="the files' steps, one per file in natural order (0,100,200), or 'position' "
                 "(0, 1, 2, ...); default: trainer_state.json, else the step the file names label (step100, "
                 "checkpoint-100, iter_100, epoch=3) or their only number"),
+            key: Optional[str] = typer.Option(
+                None, "--key", help="where the model's weights are in a nested state dict: the tensors under this "
+                "dotted prefix (model, app.model); default for DCP: 'model', else the top level"),
             json: bool = typer.Option(False, "--json")) -> None:
-    """Convert a folder of state_dicts (natural order of their paths; HF checkpoint-*/ folders too) into a store."""
+    """Convert a folder of state_dicts (natural order of their paths; HF checkpoint-*/ folders and
+    torch.distributed.checkpoint folders too) into a store."""
     _recipes_from_cwd()
     with errors_to_exit():
         given = _steps(steps)
     with errors_to_exit(), progress_bar("importing", quiet=json) as update:
         import_checkpoints(folder, run, pattern, like=_like(like), codec=codec, overwrite=overwrite, resume=resume,
-                           steps=given, progress=update)
+                           steps=given, key=key, progress=update)
     with errors_to_exit():
         data = inspect.info(run)
     if json:

@@ -1,5 +1,6 @@
-"""Import a folder of checkpoints (``0.pt, 1.pt, ..., 10.pt``, or a Hugging Face Trainer output
-folder ``checkpoint-<step>/model.safetensors``) into a store."""
+"""Import a folder of checkpoints (``0.pt, 1.pt, ..., 10.pt``, a Hugging Face Trainer output folder
+``checkpoint-<step>/model.safetensors``, or ``torch.distributed.checkpoint`` folders ``step_100/``)
+into a store."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ._dcp import METADATA_FILE, choose_model_keys, is_dcp_checkpoint, load_dcp_state_dict
 from ._template import LayoutTemplate
 from .errors import InvalidArgumentError, LayoutMismatchError, TrajstoreError
 from .layout import ParamLayout, strip_prefixes
@@ -35,8 +37,16 @@ def natural_key(path: "Path | str") -> tuple[list, str]:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", text)], text
 
 
-def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """Load a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` state_dict."""
+def load_state_dict(file: Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` state_dict, or the
+    model's tensors of a DCP checkpoint folder (:func:`trajstore._dcp.load_dcp_state_dict`).
+
+    ``key`` names where the model's weights are in a nested state dict (``model``, ``app.model``);
+    without it a DCP checkpoint's ``model`` entry, else its top level, and a file's ``state_dict``,
+    ``model_state_dict``, ``model`` or ``module`` entry, else its top level."""
+    if is_dcp_checkpoint(file):
+        sd = load_dcp_state_dict(file, key)
+        return {strip_prefixes(k): v for k, v in sd.items()}
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -46,26 +56,90 @@ def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise TrajstoreError(f"cannot load {file} with torch.load(weights_only=True): {exc}") from None
-    for key in _NESTED_KEYS:  # Lightning / common training-script checkpoints nest the weights
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
+    if key is not None:
+        tensors = dict(_nested_tensors(sd))
+        names = choose_model_keys({name: path for name, (path, _) in tensors.items()}, key, str(file))
+        sd = {names[name]: tensor for name, (_, tensor) in tensors.items() if name in names}
+    else:
+        for nested in _NESTED_KEYS:  # Lightning / common training-script checkpoints nest the weights
+            if isinstance(sd, dict) and isinstance(sd.get(nested), dict):
+                sd = sd[nested]
+                break
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TrajstoreError(f"{file} does not hold a state_dict of tensors")
     return {strip_prefixes(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", pattern: str = "*.pt", *,
+def _nested_tensors(obj: object, path: tuple[str, ...] = ()
+                    ) -> Iterable[tuple[str, tuple[tuple[str, ...], torch.Tensor]]]:
+    """The tensors of nested dicts as (dotted key, (path, tensor)), as DCP flattens a state dict."""
+    if isinstance(obj, torch.Tensor) and path:
+        yield ".".join(path), (path, obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _nested_tensors(v, (*path, str(k)))
+
+
+def find_checkpoints(root: Path, pattern: str | None) -> tuple[list[Path], str]:
+    """The checkpoints under ``root`` in natural order of their relative paths, and the pattern used.
+
+    A match is a checkpoint file, a DCP checkpoint folder (holding ``.metadata``), or a ``.metadata``
+    file (its folder). Without a pattern: the ``*.pt`` files, else the DCP folders in ``root``
+    (``*/.metadata``). A matched folder holding ``.distcp`` files but no ``.metadata`` (an unfinished
+    save) is refused; other matched folders are left out."""
+    if not root.is_dir():
+        raise InvalidArgumentError(f"{root} is not a folder: pass the folder that holds the checkpoints")
+    default = pattern is None
+    if default:
+        if is_dcp_checkpoint(root):
+            raise InvalidArgumentError(
+                f"{root} is one DCP checkpoint (it holds {METADATA_FILE}); import the folder that holds the "
+                f"checkpoint folders, e.g. {root.parent} with pattern={root.name!r} (--pattern {root.name!r})")
+        pattern = "*.pt" if any(p.is_file() for p in root.glob("*.pt")) else f"*/{METADATA_FILE}"
+    found: set[Path] = set()
+    others: list[Path] = []
+    matches = list(root.glob(pattern))
+    if default and pattern != "*.pt":  # the DCP folders: an unfinished one among them is no checkpoint to skip
+        matches += [folder for folder in root.iterdir() if folder.is_dir() and not is_dcp_checkpoint(folder)]
+    for match in matches:
+        if match.name == METADATA_FILE and match.is_file():
+            found.add(match.parent)
+        elif is_dcp_checkpoint(match) or match.is_file():
+            found.add(match)
+        elif match.is_dir():
+            if any(match.glob("*.distcp")):
+                raise InvalidArgumentError(
+                    f"{match} holds .distcp files but no {METADATA_FILE}: a DCP save that did not finish, or a "
+                    "damaged checkpoint; remove that folder, or import without it (--pattern)")
+            others.append(match)
+    if not found:
+        if others and not default:
+            raise InvalidArgumentError(
+                f"{pattern!r} matches only folders in {root} that are not DCP checkpoints (no {METADATA_FILE}), "
+                f"e.g. {others[0].name}; match checkpoint files (--pattern '*/model.safetensors') or DCP folders")
+        where = (f"'*.pt' in {root}, and no folder in it is a DCP checkpoint (holding {METADATA_FILE})" if default
+                 else f"{pattern!r} in {root} (nor DCP checkpoint folders)")
+        raise InvalidArgumentError(f"no files match {where}; pass the checkpoints' pattern (--pattern)")
+    return sorted(found, key=lambda p: natural_key(p.relative_to(root))), pattern
+
+
+def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", pattern: str | None = None, *,
                        like: "torch.nn.Module | str | os.PathLike | None" = None, codec: str = "lossless",
                        param_names: Iterable[str] | None = None, overwrite: bool = False, resume: bool = False,
-                       steps: "Sequence[int] | str | None" = None,
+                       steps: "Sequence[int] | str | None" = None, key: str | None = None,
                        progress: Callable[[int, int], None] | None = None) -> TrajectoryStore:
-    """Convert every file matching ``pattern`` under ``folder`` into a new store at ``path``.
+    """Convert every checkpoint matching ``pattern`` under ``folder`` into a new store at ``path``.
 
-    Files are taken in natural order of their path below ``folder`` (``checkpoint-7/`` before
-    ``checkpoint-14/``). A snapshot's step is the ``global_step`` of a ``trainer_state.json`` in
-    the file's own subfolder (a Hugging Face Trainer checkpoint), else read from the file name, else
-    from its subfolder names (innermost first), else its position. In a name, a labelled number
+    A checkpoint is a ``.pt``/``.safetensors`` file or a ``torch.distributed.checkpoint`` (DCP) folder
+    (one holding ``.metadata``; FSDP-sharded saves are read whole, one checkpoint at a time, without a
+    process group). Without ``pattern``: the ``*.pt`` files in ``folder``, else its DCP folders. ``key``
+    names the model's weights in a nested state dict (``"model"``, ``"app.model"``: the tensors under
+    that dotted prefix, which is dropped); a DCP checkpoint defaults to its ``model`` entry, else its
+    top level, leaving optimizer state out. Checkpoints are taken in natural order of their path
+    below ``folder`` (``checkpoint-7/`` before ``checkpoint-14/``). A snapshot's step is the
+    ``global_step`` of a ``trainer_state.json`` in the file's own subfolder (a Hugging Face Trainer
+    checkpoint), else read from the file name, else from its subfolder names (innermost first), else
+    its position. In a name, a labelled number
     wins (``step100``, ``step=100``, ``global_step100``, ``checkpoint-100``, ``ckpt_100``,
     ``iter_100``, ``it100``; then ``epoch=3``), else its only integer; a name with several
     unlabelled integers (``resnet18_5.pt``) or only a decimal (``acc0.81.pt``) is refused before
@@ -83,15 +157,15 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
     values would be dropped. Returns the store, closed.
     """
     root = Path(folder)
-    files = sorted((p for p in root.glob(pattern) if p.is_file()), key=lambda p: natural_key(p.relative_to(root)))
-    if not files:
-        raise InvalidArgumentError(f"no files match {pattern!r} in {folder}")
+    files, pattern = find_checkpoints(root, pattern)
     steps = _steps(files, root, steps)
     epochs = [_file_epoch(file, root) for file in files]
-    first = load_state_dict(files[0])
+    first: dict[str, torch.Tensor] | None = load_state_dict(files[0], key)
     layout, buffer_layout = _layouts(first, files[0], like, param_names)
     _check_ties(first, files[0], layout, buffer_layout)
     source = {"imported_from": str(Path(folder).absolute()), "pattern": pattern}
+    if key is not None:
+        source["key"] = key
     if resume and _exists(path):
         store = TrajectoryStore.open(path, "a")
         t = len(store)
@@ -112,8 +186,10 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
     try:
         for i, file in enumerate(files):
             if i < done:
+                first = None
                 continue
-            sd = first if i == 0 else load_state_dict(file)
+            sd = first if first is not None else load_state_dict(file, key)
+            first = None  # one checkpoint's tensors in memory at a time
             _check_ties(sd, file, layout, buffer_layout)
             store.append(sd, step=steps[i], epoch=epochs[i])
             if progress:
