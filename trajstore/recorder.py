@@ -21,11 +21,13 @@ from .store import TrajectoryStore, metric_key
 
 def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch.nn.Module, *,
                        codec: str = "lossless", buffers: bool = False, metadata: dict | None = None,
-                       break_lock: bool = False, overwrite: bool = False, durable: bool = False) -> TrajectoryStore:
+                       break_lock: bool = False, overwrite: bool = False, durable: bool = False,
+                       process_group: object = "auto") -> TrajectoryStore:
     """Open ``path`` for appending, creating the store when it does not exist yet.
 
     ``overwrite=True`` replaces an existing store with a new, empty one (a fresh run);
-    ``durable=True`` fsyncs every snapshot before its commit (survives power loss).
+    ``durable=True`` fsyncs every snapshot before its commit (survives power loss). Collective in
+    a torch.distributed job (see :meth:`TrajectoryStore.create`): every rank calls it.
     """
     if isinstance(path, TrajectoryStore):
         return path
@@ -34,8 +36,8 @@ def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch
     exists = (local / "zarr.json").exists() if local is not None else _remote_exists(path)
     if not exists or overwrite:
         return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata,
-                                      overwrite=overwrite, durable=durable)
-    store = TrajectoryStore.open(path, "a", break_lock=break_lock, durable=durable)
+                                      overwrite=overwrite, durable=durable, process_group=process_group)
+    store = TrajectoryStore.open(path, "a", break_lock=break_lock, durable=durable, process_group=process_group)
     try:
         store.layout.check_same(ParamLayout.from_module(model), "model")
     except BaseException:
@@ -218,14 +220,14 @@ class RecordingSession:
         A fresh start (step 0) on a store that holds snapshots raises StoreExistsError unless the
         session was made with ``overwrite=True``; a resume (step > 0) never overwrites.
         """
-        self.end()  # a trainer restarted in the same process (a notebook) after a failure
+        self.end(failed=True)  # a trainer restarted in the same process (a notebook) after a failure
         key = normalize(self.path)
         earlier = _SESSIONS.get(key)
         if earlier is not None and earlier is not self and earlier.store is not None:
             # another callback's session, left open by a trainer that raised (the HF Trainer has no
             # exception hook): it is finished, commit what it queued and free the store's lock
             warnings.warn(f"closing {self.path}, left open by an earlier trainer in this process", stacklevel=2)
-            earlier.end()
+            earlier.end(failed=True)
         _SESSIONS[key] = self
         fresh = int(global_step) == 0
         self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers,
@@ -234,15 +236,16 @@ class RecordingSession:
         try:
             self.recorder.start(global_step, epoch=epoch, run_id=None if fresh else self.run_id)
         except BaseException:
-            self.end()
+            self.end(failed=True)
             raise
         self.run_id = self.store.run_id
         return self.recorder
 
-    def end(self) -> None:
-        """Flush and close the store (idempotent)."""
+    def end(self, failed: bool = False) -> None:
+        """Flush and close the store (idempotent). ``failed``: training stopped on an error, which the
+        other ranks of a job may not have had: close without collectives (what was queued is written)."""
         if self.store is not None:
             store, self.store, self.recorder = self.store, None, None
             if _SESSIONS.get(normalize(self.path)) is self:
                 del _SESSIONS[normalize(self.path)]
-            store.close()
+            store._close_local() if failed else store.close()

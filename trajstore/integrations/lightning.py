@@ -23,8 +23,8 @@ class TrajectoryCallback(pl.Callback):
                                         overwrite, durable)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.session.begin(pl_module, trainer.global_step, trainer.current_epoch)
+        # every rank: under DDP rank 0 writes and the others agree on errors; FSDP2 shards are written by each
+        self.session.begin(pl_module, trainer.global_step, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -52,4 +52,4 @@ class TrajectoryCallback(pl.Callback):
         self.session.run_id = state_dict.get("run_id")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.session.end()
+        self.session.end(failed=True)

@@ -38,10 +38,10 @@ class TrajectoryCallback(TrainerCallback):
         self._pending = None
         kept = getattr(state, "stateful_callbacks", None)  # saved with each checkpoint (transformers >= 4.41)
         saved = kept.setdefault(STATE_KEY, {}) if isinstance(kept, dict) else {}
-        if state.is_world_process_zero:
-            self.session.run_id = saved.get("run_id")  # of the checkpoint resumed from, if any
-            self.session.begin(model, state.global_step, _epoch(state))
-            saved["run_id"] = self.session.run_id  # written into every checkpoint from now on
+        # every rank (each loads trainer_state.json): under DDP rank 0 writes and the others agree on errors
+        self.session.run_id = saved.get("run_id")  # of the checkpoint resumed from, if any
+        self.session.begin(model, state.global_step, _epoch(state))
+        saved["run_id"] = self.session.run_id  # written into every checkpoint from now on
 
     # The Trainer calls on_step_end *before* it logs that step (on_log), evaluates and saves. A due
     # snapshot is taken once that step's logs are in (the weights cannot change before the next
