@@ -283,10 +283,10 @@ def test_durable_mode_fsyncs_each_snapshot_before_its_commit_and_the_commit_afte
 
 # -- found by review: the edges of the fixes above -----------------------------------------
 def test_a_metric_created_just_before_a_kill_is_healed_on_reopen(tmp_path, monkeypatch):
-    import trajstore.store
-    from trajstore.store import BACKFILL, _create_row_array
+    import trajstore._creating
+    from trajstore._creating import BACKFILL, create_row_array as _create_row_array
 
-    monkeypatch.setattr(trajstore.store, "ROW_CHUNK", 4)  # small row chunks: the backfill spans two
+    monkeypatch.setattr(trajstore._creating, "ROW_CHUNK", 4)  # small row chunks: the backfill spans two
     path = tmp_path / "run.zarr"
     with TrajectoryStore.create(path, layout()) as store:
         for i in range(6):
@@ -337,10 +337,10 @@ def test_import_resume_refuses_when_the_folder_changed(tmp_path):
 def test_a_creator_that_loses_the_race_never_clears_the_winner(tmp_path, monkeypatch):
     """Hole 5, with the losing interleaving forced: the other creator finishes after this one
     looked at the path and before it took the lock."""
-    import trajstore.store
+    import trajstore._creating
 
     path = tmp_path / "run.zarr"
-    real_lock, raced = trajstore.store.WriterLock, []
+    real_lock, raced = trajstore._creating.WriterLock, []
 
     class LateLock(real_lock):
         def acquire(self):
@@ -350,7 +350,7 @@ def test_a_creator_that_loses_the_race_never_clears_the_winner(tmp_path, monkeyp
                     winner.append(np.full(1000, 7, np.float32), step=0)
             return super().acquire()
 
-    monkeypatch.setattr(trajstore.store, "WriterLock", LateLock)
+    monkeypatch.setattr(trajstore._creating, "WriterLock", LateLock)
     with pytest.raises(StoreExistsError):
         TrajectoryStore.create(path, layout())
     monkeypatch.undo()

@@ -46,7 +46,7 @@ def open_locked(path: str, storage_options: dict | None, break_lock: bool = Fals
     """The store under its writer lock, and the lock warnings (a broken stale lock) as notes."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock)
+        store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock, process_group=None)
     return store, [str(w.message) for w in caught]
 
 

@@ -33,6 +33,7 @@ from ._scan import (TRASH, Files, Scan, derived_locked, digest, open_locked, row
 from .errors import LocalPathRequiredError, RepairError, StoreLockedError, SubspaceNotFoundError
 from .format import (BUFFERS, EPOCH, GRAM, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, SUBSPACES,
                      WALL_TIME, local_dir, normalize)
+from ._creating import create_files
 from .store import TrajectoryStore
 
 __all__ = ["repair", "gc", "RepairReport", "GcReport", "GcItem", "SnapshotNote"]
@@ -153,7 +154,7 @@ def _create_like(store: TrajectoryStore, target: Path) -> TrajectoryStore:
     if store.columns.is_identity:
         new = TrajectoryStore.create(target, source, process_group=None, **settings)
     else:  # recorded sharded: the same column map, so the job's ranks can go on recording into it
-        group, meta, lock = TrajectoryStore._create_files(
+        group, meta, lock = create_files(
             str(target), source, overwrite=False, storage_options=None, durable=False, break_lock=False,
             columns=store.columns, **settings)
         new = TrajectoryStore(str(target), group, meta, "a", lock, None)

@@ -1,0 +1,381 @@
+"""The write side of :class:`~trajstore.store.TrajectoryStore`: append, flush, truncate, close, and
+the background writer's row writes with the commit last (single process, or every rank of a job)."""
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import time
+import weakref
+from typing import Mapping
+
+import numpy as np
+import zarr
+
+from . import distributed
+from ._creating import BACKFILL, backfill, create_row_array
+from ._lazy import is_module
+from ._values import check_epoch, check_metrics, check_source, check_step
+from .durability import commit_files, fsync_paths, row_files
+from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
+from .format import ATTR, BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, WALL_TIME, open_root
+from .layout import ParamLayout
+from .writer import Job
+
+OPEN_WRITERS: "weakref.WeakSet[Appending]" = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """Commit what ``append()`` acknowledged when a script ends (normally or by an uncaught
+    exception) without ``close()``: the writer thread is a daemon and would die with the interpreter."""
+    for store in list(OPEN_WRITERS):
+        try:
+            store._close_local()  # no collectives at exit: the other ranks may be gone
+        except Exception as exc:  # noqa: BLE001 -- report, keep closing the others
+            sys.stderr.write(f"trajstore: closing {store.path} at exit failed: {exc}\n")
+
+
+# Run before the interpreter shuts down thread pools (which zarr's I/O needs): the hook that
+# concurrent.futures itself uses. Plain atexit runs too late for that; it stays as the fallback.
+getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+
+
+class Appending:
+    """Mixin of TrajectoryStore: everything that writes rows. The store's reading side provides
+    ``_row_values``, ``reader``, ``read``, ``array``, ``metric_names`` and ``_check_index``."""
+
+    def holds(self, source: object, index: int) -> bool:
+        """Whether snapshot ``index`` equals ``source``'s parameters bit for bit (NaN equal to NaN).
+
+        Collective in a multi-process recording: every rank compares the columns it writes (rank 0
+        all of them when parameters are replicated) and every rank gets the same answer."""
+        if self._ctx is None:
+            want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+            return bool(np.array_equal(self.read(index), want, equal_nan=True))
+        same, error = True, None
+        try:
+            if self._ctx.sharded:
+                i, (lo, hi) = self._check_index(index), self._cols
+                want = np.empty(hi - lo, self.dtype)
+                distributed.flatten_local(self.layout, source, want)
+                same = bool(np.array_equal(self.reader().read_block(i, i + 1, lo, hi)[0], want, equal_nan=True))
+            elif self._ctx.rank == 0:
+                want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+                same = bool(np.array_equal(self.read(index), want, equal_nan=True))
+        except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+            error = exc
+        return all(self._ctx.exchange(error, same))
+
+    def append(self, source: object, *, step: int, epoch: int | None = None,
+               metrics: Mapping[str, float] | None = None, allow_nonfinite: bool = False) -> int:
+        """Queue one snapshot; returns its index. The copy is taken now, writing happens in the background.
+
+        ``source``: nn.Module, state_dict, or a flat tensor/array (n,). Raises LayoutMismatchError
+        on a wrong length or layout, NonFiniteError on NaN/Inf (unless ``allow_nonfinite``), and
+        any error of an earlier background write.
+        """
+        self._check_writable()
+        # everything is validated before a row index or a staging buffer is taken: a refused
+        # append leaves the store exactly as it was
+        if self._ctx is None:
+            buf, nonfinite, buffers, step, epoch, metrics = self._prepare(source, step, epoch, metrics, allow_nonfinite)
+        else:  # collective: every rank stops with the first error any rank had, or none does
+            prepared, error = None, None
+            try:
+                prepared = self._prepare(source, step, epoch, metrics, allow_nonfinite)
+            except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+                error = exc
+            try:
+                flags = self._ctx.exchange(error, prepared[1] if prepared else False)
+            except BaseException:
+                if prepared is not None and prepared[0] is not None:
+                    self._writer.release(prepared[0])
+                raise
+            buf, _, buffers, step, epoch, metrics = prepared
+            nonfinite = any(flags)  # the row is non-finite when any rank's part is
+        index = self._next_index
+        self._next_index += 1
+        self._last_step = step
+        if self._writer is not None:
+            self._writer.submit(Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite))
+        return index
+
+    def _prepare(self, source: object, step: object, epoch: object, metrics: Mapping | None,
+                 allow_nonfinite: bool) -> tuple:
+        """Check one snapshot and copy this process's columns of it into a staging buffer.
+
+        Returns (buffer or None, non-finite, buffers row, step, epoch, metrics); raises, with the
+        buffer given back, when the snapshot cannot be recorded."""
+        step, epoch, metrics = check_step(step, "step"), check_epoch(epoch), check_metrics(metrics)
+        if self._last_step is not None and step <= self._last_step:
+            raise InvalidArgumentError(
+                f"step {step} does not follow step {self._last_step}, the store's last snapshot: steps must "
+                "strictly increase. A resumed run drops the later snapshots first (truncate_after_step, or "
+                "Recorder.start(step)); a new run records to a new path")
+        check_source(source)
+        if is_module(source):
+            self.layout.check_same(ParamLayout.from_module(source), "model")
+        sharded = self._ctx is not None and self._ctx.sharded
+        if sharded:
+            distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
+        if self._writer is None:
+            return None, False, None, step, epoch, metrics  # a rank that writes nothing (DDP, rank > 0)
+        buf = self._writer.acquire()
+        try:
+            try:
+                if sharded:
+                    distributed.flatten_local(self.layout, source, buf)
+                elif self.columns.is_identity:
+                    self.layout.flatten_into(source, buf)
+                else:  # a replicated model appending to a store recorded sharded
+                    buf[:] = self.columns.to_stored(self.layout.flatten_into(source, np.empty(self.n_params, self.dtype)))
+            except (TypeError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
+                if isinstance(exc, TrajstoreError):
+                    raise
+                raise LayoutMismatchError(f"snapshot at step {step} does not fit the store's layout "
+                                          f"({type(exc).__name__}: {exc}); nothing was recorded") from None
+            nonfinite = not np.isfinite(buf).all()
+            if nonfinite and not allow_nonfinite:
+                where = "this rank's shards" if sharded else self._first_nonfinite(buf)
+                raise NonFiniteError(
+                    f"snapshot at step {step} holds NaN or Inf in {where}; it was not recorded (training has "
+                    "diverged?). Pass allow_nonfinite=True to record it anyway")
+            buffers = self._flatten_buffers(source) if self._ctx is None or self._ctx.rank == 0 else None
+        except BaseException:
+            self._writer.release(buf)
+            raise
+        return buf, nonfinite, buffers, step, epoch, metrics
+
+    def flush(self) -> None:
+        """Block until every queued snapshot is committed; raises a background error if one occurred.
+        Collective in a multi-process recording: every rank raises the first rank's error."""
+        if self._ctx is None:
+            if self._writer is not None:
+                self._writer.flush()
+            return
+        error = None
+        try:
+            if self._writer is not None:
+                self._writer.flush()
+        except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+            error = exc
+        self._ctx.exchange(error)
+        if self._ctx.rank:  # rank 0 commits: take the count (and truncations) it wrote
+            self._meta = open_root(self.path, "r", self.storage_options)[1]
+
+    def close(self) -> None:
+        """Flush, stop the writer and release the lock. Raises a background error if one occurred.
+        Collective in a multi-process recording (see :meth:`flush`)."""
+        if self._closed:
+            return
+        error = None
+        if self._ctx is not None and distributed.is_alive():
+            try:
+                self.flush()
+            except BaseException as exc:  # noqa: BLE001 -- raised after the local close
+                error = exc
+        self._close_local()
+        if error is not None:
+            raise error
+
+    def _close_local(self) -> None:
+        """Stop this process's writer (after it wrote what was queued) and release the lock it holds."""
+        if self._closed:
+            return
+        self._closed = True
+        OPEN_WRITERS.discard(self)
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def truncate(self, length: int) -> None:
+        """Drop every snapshot from index ``length`` on (a resumed run replaces what came after its checkpoint)."""
+        self._check_writable()
+        self.flush()
+        error = None
+        try:
+            length = check_step(length, "length")
+            if not 0 <= length <= len(self):
+                raise InvalidArgumentError(f"cannot truncate to {length}: the store holds {len(self)} snapshots")
+        except BaseException as exc:  # noqa: BLE001 -- every rank raises it (or this one alone)
+            error = exc
+        if self._ctx is not None:
+            self._ctx.exchange(error)
+        elif error is not None:
+            raise error
+        if length == len(self):
+            return
+        meta = dict(self._meta)
+        meta["committed"] = length
+        meta["truncations"] = list(meta.get("truncations", [])) + [length]
+        if self._ctx is None:
+            self._commit_meta(meta)
+            self._load_encoder_state()
+            return
+        self._ctx.run_on_zero(lambda: self._commit_meta(meta))
+        self._meta = meta
+        error = None
+        try:
+            self._load_encoder_state()
+        except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+            error = exc
+        self._ctx.exchange(error)
+
+    def truncate_after_step(self, step: int) -> int:
+        """Drop every snapshot with a step greater than ``step``; returns the new length."""
+        self._check_writable()
+        step = check_step(step, "step")
+        self.flush()  # the snapshots still queued count: without this they were committed, then cut
+        later = self.steps > step  # (t,)
+        keep = int(np.argmax(later)) if later.any() else len(later)
+        self.truncate(keep)
+        return keep
+
+
+    def _first_nonfinite(self, buf: np.ndarray) -> str:
+        for spec, lo, hi in zip(self.layout.specs, self.layout.offsets, self.layout.offsets[1:]):
+            if not np.isfinite(buf[lo:hi]).all():
+                return f"tensor {spec.name!r}"
+        return "the snapshot"
+
+    def _flatten_buffers(self, source: object) -> np.ndarray | None:
+        if self.buffer_layout is None:
+            return None
+        if not (is_module(source) or isinstance(source, Mapping)):
+            raise InvalidArgumentError("this store records buffers: append a module or state_dict, not a flat vector")
+        out = np.empty(self.buffer_layout.n, np.float64)
+        return self.buffer_layout.flatten_into(source, out)
+
+    def _load_encoder_state(self) -> None:
+        """Where the next append goes, and the decoded rows the row transform needs."""
+        t = len(self)
+        self._next_index = t
+        self._last_step: int | None = int(self._row_values(STEP)[-1]) if t else None  # appends must exceed it
+        if self._ctx is not None and not self._ctx.is_writer:
+            return  # a rank that writes nothing needs no decoded rows
+        lo, hi = self._cols
+        if self.codec.transform == "xor" and t > 0:
+            self._prev = self.reader().read_block(t - 1, t, lo, hi)[0].copy()
+        if self.codec.transform == "delta" and t > 0:
+            reference = self.array(REFERENCE)
+            if reference.shape != (1, self.n_columns):
+                raise self._damaged(REFERENCE, ValueError(f"shape {reference.shape}, not (1, {self.n_columns})"))
+            try:
+                self._reference = reference[0, lo:hi]
+            except (ValueError, RuntimeError, OSError, IndexError, ArithmeticError) as exc:  # checksum, decode
+                raise self._damaged(REFERENCE, exc) from None
+
+    def _check_row_arrays(self) -> None:
+        """Damaged metadata of a per-snapshot array is a typed error before anything is written."""
+        for name in self._row_array_names():
+            if name not in (PARAMS, BUFFERS):
+                self._row_values(name)
+
+    def _row_array_names(self) -> list[str]:
+        """Every array with one row per snapshot (params, reference excluded: it has one row)."""
+        names = [PARAMS, *([BUFFERS] if self.buffer_layout is not None else []), *ROW_ARRAYS]  # always there
+        return names + [f"{METRICS}/{name}" for name in self.metric_names()]
+
+    def _ensure_capacity(self, rows: int) -> None:
+        """Grow every per-snapshot array to hold ``rows`` rows. Each array is checked on its own: a
+        writer killed between two resizes leaves them at different sizes, and that must heal."""
+        arrays = [self.array(name) for name in self._row_array_names()]
+        largest = max(arr.shape[0] for arr in arrays)
+        capacity = largest if largest >= rows else max(rows, 2 * largest, 16)
+        for arr in arrays:
+            if arr.shape[0] < capacity:
+                arr.resize((capacity, *arr.shape[1:]))
+
+    def _write_row(self, job: Job) -> None:
+        """Runs on the writer thread: data rows first, the commit last."""
+        if self._ctx is not None and self._ctx.sharded:
+            return self._write_row_sharded(job)
+        self._ensure_capacity(job.index + 1)
+        self._write_params(job)
+        self._write_row_arrays(job)
+        if self.durable and self._local_root is not None:
+            fsync_paths(row_files(self._local_root, job.index, self.metric_names()))  # data on disk before the commit
+        self._commit_meta({**self._meta, "committed": job.index + 1})
+
+    def _write_row_sharded(self, job: Job) -> None:
+        """Every rank writes its columns of row ``job.index``; rank 0 grows the arrays first and commits
+        last, once every rank has written. Each phase ends in a collective over the writers' group, so
+        any rank's failure is every rank's and no rank commits a row another rank did not write."""
+        ctx, i, zero = self._ctx, job.index, self._ctx.rank == 0
+
+        def phase(work) -> None:
+            error = None
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
+                error = exc
+            ctx.exchange(error, group=ctx.writer_group)
+
+        phase(lambda: self._ensure_capacity(i + 1) if zero else None)
+
+        def write() -> None:
+            self._write_params(job)
+            if zero:
+                self._write_row_arrays(job)
+
+        phase(write)
+
+        def commit() -> None:
+            if zero:
+                if self.durable and self._local_root is not None:  # every rank's files, written by now
+                    fsync_paths(row_files(self._local_root, i, self.metric_names()))
+                self._commit_meta({**self._meta, "committed": i + 1})
+
+        phase(commit)
+        if not zero:
+            self._meta = {**self._meta, "committed": i + 1}
+
+    def _write_params(self, job: Job) -> None:
+        """This process's columns of row ``job.index`` (and of the reference row, for delta codecs)."""
+        i, row = job.index, job.row  # row: (hi - lo,) this process's columns
+        lo, hi = self._cols
+        if hi == lo:
+            return  # a rank that holds no elements
+        if self.codec.transform == "delta" and i == 0:
+            self._writable(REFERENCE)[0, lo:hi] = row
+            self._reference = row.copy()
+        stored = self.codec.encode(row, i, self._prev, self._reference)
+        self._writable(PARAMS)[i, lo:hi] = stored
+        if self.codec.transform == "xor":
+            if self._prev is None:
+                self._prev = np.empty_like(row)
+            self._prev[:] = row
+
+    def _write_row_arrays(self, job: Job) -> None:
+        """Buffers, step, epoch, wall time, non-finite flag and metrics of row ``job.index``."""
+        i = job.index
+        if job.buffers is not None:
+            self._writable(BUFFERS)[i, :] = job.buffers
+        self._writable(STEP)[i] = job.step
+        self._writable(EPOCH)[i] = job.epoch
+        self._writable(WALL_TIME)[i] = job.wall_time
+        self._writable(NONFINITE)[i] = job.nonfinite
+        capacity = self._group[PARAMS].shape[0]
+        metrics_group = self._group[METRICS]
+        for name in set(job.metrics) | set(metrics_group.array_keys()):
+            if name not in metrics_group:
+                arr = create_row_array(metrics_group, name, capacity, "float64", float("nan"),
+                                        {BACKFILL: i} if i else None)
+                if i:
+                    backfill(arr, i)
+            self._writable(f"{METRICS}/{name}")[i] = job.metrics.get(name, float("nan"))
+
+    def _writable(self, name: str) -> zarr.Array:
+        """Array ``name`` writing every chunk, even one equal to the fill value (a frozen layer's
+        xor chunk is all zero bits): on read, a missing chunk of a committed row is damage."""
+        return self._group[name].with_config({"write_empty_chunks": True})
+
+    def _commit_meta(self, meta: dict) -> None:
+        self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically
+        self._meta = meta
+        if self.durable and self._local_root is not None:
+            fsync_paths(commit_files(self._local_root))
+

@@ -1,0 +1,177 @@
+"""Writing a new, empty store: the arrays, the attributes, under the writer lock."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import uuid
+from typing import Mapping
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .codecs import CodecPreset, get_preset
+from .columns import ColumnMap
+from .durability import fsync_paths
+from .errors import CorruptMetadataError, InvalidArgumentError, LayoutMismatchError, NotAStoreError, StoreExistsError
+from .format import (ATTR, BUFFERS, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS, NONFINITE, PARAMS,
+                     REFERENCE, ROW_ARRAYS, ROW_CHUNK, ROW_DTYPES, STEP, WALL_TIME, clear_except_lock, create_rows,
+                     local_dir, open_root, zarr_store)
+from ._lazy import is_module
+from .layout import ParamLayout
+from .lock import WriterLock
+
+ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
+
+
+def create_files(path: str, source: object, *, codec: "str | CodecPreset", metadata: dict | None,
+    overwrite: bool, buffers: bool, chunk_size: int, shard_size: int, storage_options: dict | None,
+    durable: bool, break_lock: bool, columns: ColumnMap | None = None
+    ) -> tuple[zarr.Group, dict, WriterLock]:
+    """Write an empty store at ``path``; returns its root group, attributes and the writer lock held."""
+    preset = get_preset(codec)
+    layout = ParamLayout.of(source)
+    if layout.n == 0:
+        raise LayoutMismatchError("the source has no parameters to record")
+    columns = columns if columns is not None and not columns.is_identity else None
+    buffer_layout = None
+    if buffers:
+        if is_module(source):
+            buffer_layout = ParamLayout.buffers_of(source)
+        elif isinstance(source, Mapping):
+            buffer_layout = ParamLayout.from_state_dict(source)[1]
+        else:
+            raise InvalidArgumentError("buffers=True needs an nn.Module or a state_dict as source")
+    local = local_dir(path)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
+    try:  # the existence check runs under the lock: two creators never clear each other's store
+        holds_data = _holds_data(path, storage_options)
+        if holds_data and not overwrite and _interrupted_create(path):
+            holds_data = False  # a create killed before its attributes were written: nothing committed
+            with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
+                clear_except_lock(path, storage_options)
+        if not overwrite and holds_data:
+            raise StoreExistsError(
+                f"{path} already exists; pass overwrite=True to replace it, open it with mode='a' to "
+                "append, or choose a new path")
+        if holds_data:
+            try:
+                open_root(path, "r", storage_options)
+            except NotAStoreError:  # overwrite replaces a store, never a folder of other files
+                raise StoreExistsError(
+      f"{path} holds files but no trajstore store: overwrite=True replaces a store and never "
+      "deletes anything else. Choose a new path (or delete that folder yourself)") from None
+            except CorruptMetadataError:
+                pass  # a damaged store: replacing it is what overwrite is for
+        with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
+            clear_except_lock(path, storage_options)  # never under a running extraction
+        group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
+        dtype = layout.storage_dtype()
+        chunk, shard = chunking(layout.n, chunk_size, shard_size)
+        n = columns.n_columns if columns is not None else layout.n  # the params array's width
+        create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
+        if preset.transform == "delta":
+            create_rows(group, REFERENCE, n, dtype, chunk, shard, get_preset("lossless"), rows=1)
+        if buffer_layout is not None and buffer_layout.n:
+            m = buffer_layout.n
+            create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
+        for name in ROW_ARRAYS:
+            create_row_array(group, name, 0, ROW_DTYPES[name], ROW_FILL[name])
+        group.create_group(METRICS)
+        meta = {
+            "format_version": FORMAT_VERSION if columns is not None else 1,  # unsharded: readable by format-1 readers
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_id": uuid.uuid4().hex,  # tells this run from another later recorded at the same path
+            "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch_version()},
+            "layout": layout.to_json(),
+            "buffer_layout": buffer_layout.to_json() if buffer_layout is not None and buffer_layout.n else None,
+            "dtype": dtype.name,
+            "codec": preset.to_json(),
+            "metadata": dict(metadata or {}),
+            "committed": 0,
+            "truncations": [],
+            "all_chunks_written": True,  # every chunk of a committed row exists; row arrays carry crc32c
+        }
+        if columns is not None:
+            meta["columns"] = columns.to_json()
+        group.attrs[ATTR] = meta
+    except BaseException:
+        lock.release()
+        raise
+    if durable and local is not None:
+        fsync_paths([*sorted(local.rglob("*"), reverse=True), local, local.parent])  # the new tree
+    return group, meta, lock
+
+
+
+def chunking(n: int, chunk_size: int, shard_size: int) -> tuple[int, int]:
+    """Elements per inner chunk and per shard file of the params array, for ``n`` parameters."""
+    chunk = min(chunk_size, n)
+    return chunk, chunk * math.ceil(min(shard_size, n) / chunk)
+
+
+def _holds_data(path: str, storage_options: dict | None) -> bool:
+    """Whether ``path`` holds anything besides our lock file (a store, or files of some other kind)."""
+    local = local_dir(path)
+    if local is not None:
+        return local.exists() and any(entry.name != LOCK_NAME for entry in local.iterdir())
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    try:
+        entries = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return False
+    return any(not str(entry).rstrip("/").endswith(LOCK_NAME) for entry in entries)
+
+
+def _interrupted_create(path: str) -> bool:
+    """Whether the local folder ``path`` holds only what :meth:`TrajectoryStore.create` writes, without
+    the trajstore attributes it writes last: a create that was killed, holding no snapshot."""
+    local = local_dir(path)
+    ours = {"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS, METRICS, LOCK_NAME, DERIVED_LOCK_NAME}
+    if local is None or not all(entry.name in ours for entry in local.iterdir()):
+        return False
+    try:
+        open_root(path, "r")
+    except NotAStoreError as exc:
+        return "no 'trajstore' attributes" in str(exc) or "no zarr group" in str(exc)
+    except CorruptMetadataError:
+        return False
+    return False
+
+
+def _torch_version() -> str:
+    """torch's version, without importing torch (2 s) where the caller never did."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "none"
+
+
+
+def create_row_array(group: zarr.Group, name: str, rows: int, dtype: str, fill: object,
+                      attributes: dict | None = None) -> zarr.Array:
+    """A (rows,) per-snapshot array: zstd + crc32c, every chunk written (a missing one is damage)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return group.create_array(name, shape=(rows,), chunks=(ROW_CHUNK,), dtype=dtype, fill_value=fill,
+                              compressors=[ZstdCodec(level=1), Crc32cCodec()], attributes=attributes,
+                              config={"write_empty_chunks": True})
+
+
+BACKFILL = "trajstore_backfill_to"  # on a metric array until its rows before the first value are written
+
+
+def backfill(arr: zarr.Array, rows: int) -> None:
+    """Write NaN into rows [0, rows) of a metric first logged at row ``rows``, then drop the marker."""
+    arr.with_config({"write_empty_chunks": True})[:rows] = np.nan
+    del arr.attrs[BACKFILL]
+
