@@ -7,6 +7,9 @@ g̃ = Pᵀg = Σ_l P_lᵀ g_l and w_l += P_l c without ever building an n-vector
 * streamed: P stays in host memory (pinned) or in a memory-mapped uncompressed copy on
   disk, and moves to the device in blocks of ``block_rows`` rows through two device buffers
   with asynchronous copies on a side stream, so device memory for P is 2 x block_rows x d.
+
+Under FSDP2 a rank's Basis holds only the rows of P its parameter shards cover (``from_store(...,
+model=model)``): its layout is the local one, n is the local count (see :mod:`pipeline.distributed`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from trajstore.errors import (
 )
 from trajstore.layout import ParamLayout
 
+from .distributed import Sharding, sharding_of
 from .subspace import ATTEMPTS, BasisDigest, Subspace, block_rows, open_subspace
 
 Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in block, end)
@@ -57,13 +61,26 @@ class Basis:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
         self._buffers: list[torch.Tensor] | None = None
         self._digest: str | None = None  # of the whole of P (see pipeline.subspace.BasisDigest); computed when needed
+        self.global_n = n  # parameters of the whole model (n: those whose rows this basis holds)
+        self.sharding: Sharding | None = None  # FSDP2: this rank's rows and the mesh's group (from_store(model=))
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_store(cls, path: "str | os.PathLike", name: str = "default", *, device: "str | torch.device" = "cpu",
                    dtype: torch.dtype = torch.float32, block_rows: int | None = None, mode: str = "auto",
-                   fraction: float = 0.5, host: str = "auto", cache_dir: "str | os.PathLike | None" = None) -> "Basis":
+                   fraction: float = 0.5, host: str = "auto", cache_dir: "str | os.PathLike | None" = None,
+                   model: torch.nn.Module | None = None) -> "Basis":
         """Load subspace ``name`` of a store.
+
+        ``model``: the model to train (checked against the store's layout). Replicated parameters (a plain
+        module, or DDP: ``module.`` is stripped) load all of P, as without it. An FSDP2 model (every
+        parameter a DTensor placed ``Shard(0)`` on one 1-D mesh, as ``fully_shard`` makes them) loads only the
+        rows of P this rank's shards cover: n is the local element count, the layout has each tensor's local
+        shape (possibly empty), and the optimizers sum g̃ over the mesh's group. Any other placement (Shard(1),
+        HSDP's 2-D mesh, a mix of sharded and plain parameters) raises
+        :class:`~trajstore.errors.InvalidArgumentError`. Such a partial read cannot be checked against the
+        digest of the whole of P: it is checked against the subspace's attributes (before and after the read)
+        and for NaN/Inf, see :meth:`Subspace.read_ranges`; ``host="mmap"`` is not available for it.
 
         ``mode``: ``"resident"``, ``"streamed"`` or ``"auto"`` (resident when P takes less than
         ``fraction`` of the device's free memory). Streamed P lives in ``host`` memory:
@@ -79,23 +96,38 @@ class Basis:
         """
         if host not in ("auto", "pinned", "mmap"):
             raise InvalidArgumentError(f"host must be 'auto', 'pinned' or 'mmap', got {host!r}")
+        sharding, checked = None, False
         for attempt in range(ATTEMPTS):
             if attempt:
                 time.sleep(0.05 * 2 ** (attempt - 1))
             sub = open_subspace(path, name)
+            layout = sub.store.layout if sub.store is not None else _layout_of(sub.path)
+            if model is not None and not checked:
+                sharding, checked = sharding_of(layout, model), True
+            whole = sharding is None and sub.columns.is_identity  # all of P, stored in the global order
+            if not whole and host == "mmap":
+                raise InvalidArgumentError(
+                    "host='mmap' maps an uncompressed copy of the whole of P in its stored order; a rank of a sharded "
+                    "(FSDP2) model, or a store recorded sharded (P's rows in rank-major order), reads its rows into "
+                    "RAM instead: use host='auto' or 'pinned'")
             try:
-                data, digest = _host_copy(sub, host, cache_dir)
+                if whole:
+                    data, digest = _host_copy(sub, host, cache_dir)
+                else:  # this rank's rows, or all rows of a store whose columns are permuted
+                    ranges = sharding.ranges if sharding is not None else ((0, layout.n),)
+                    data, digest = sub.read_ranges(ranges), _extraction_digest(sub)
                 break
             except SubspaceChangedError:
                 if attempt == ATTEMPTS - 1:
                     raise
-        layout = sub.store.layout if sub.store is not None else _layout_of(sub.path)
+        local = sharding.layout if sharding is not None else layout
         if isinstance(data, np.ndarray) and data.flags.writeable and torch.cuda.is_available() \
                 and torch.device(device).type == "cuda" and mode != "resident":
             data = torch.from_numpy(data).pin_memory()
-        basis = cls(data, layout, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
+        basis = cls(data, local, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
                     name=f"{sub.path}::{name}")
         basis._digest = digest
+        basis.global_n, basis.sharding = layout.n, sharding
         return basis
 
     @classmethod
@@ -121,9 +153,15 @@ class Basis:
             raise LayoutMismatchError(f"the optimizer has {len(params)} tensors, the basis covers {len(self.layout.specs)}")
 
     @property
+    def sharded(self) -> bool:
+        """Whether this basis holds one rank's rows of an FSDP2 model (g̃ is then summed over its ranks)."""
+        return self.sharding is not None
+
+    @property
     def digest(self) -> str:
         """``"blake2b-128:<hex>"`` of the whole of P's float32 values: the one its extraction recorded
-        (from_store), else computed once over P."""
+        (from_store, whole or one rank's rows), else computed once over P. A sharded basis of a subspace
+        written before digests has a hash of the extraction's attributes instead (``"attrs-blake2b:<hex>"``)."""
         if self._digest is None:
             digest = BasisDigest()
             rows = block_rows((self.n, self.d))
@@ -134,15 +172,22 @@ class Basis:
         return self._digest
 
     def fingerprint(self) -> torch.Tensor:
-        """(n, d, h1, h2) as a float64 tensor, h1 and h2 two 48-bit parts of :attr:`digest` (exact in
-        float64): lets an optimizer state refuse a different basis, whatever rows they share."""
+        """(n, d, h1, h2) as a float64 tensor, n the whole model's parameter count and h1, h2 two 48-bit parts
+        of :attr:`digest` (exact in float64): lets an optimizer state refuse a different basis, whatever rows
+        they share. It names the whole basis, not the rows a rank holds: the subspace state (momentum, B) is
+        the same on every rank, so a state saved by one rank, or unsharded, loads into any sharding of the
+        same basis (per-parameter state is checked against the local shapes on load)."""
         hexa = self.digest.rsplit(":", 1)[-1]
-        return torch.tensor([self.n, self.d, float(int(hexa[:12], 16)), float(int(hexa[12:24], 16))],
+        return torch.tensor([self.global_n, self.d, float(int(hexa[:12], 16)), float(int(hexa[12:24], 16))],
                             dtype=torch.float64)
 
     def legacy_fingerprint(self) -> torch.Tensor:
         """The (n, d, hash of the first 64 rows) that earlier versions saved: it cannot tell apart bases
         that agree on those rows (a tensor frozen while recording makes them zero in every subspace)."""
+        if self.sharded:
+            raise LayoutMismatchError("this optimizer state was saved by an earlier version, whose basis check needs "
+                                      "the first 64 rows of the whole of P; load it into an unsharded model once and "
+                                      "save it again")
         head = np.asarray(self._host[: min(self.n, 64)], dtype=np.float32).tobytes()
         digest = int(hashlib.sha1(head).hexdigest()[:12], 16)
         return torch.tensor([self.n, self.d, float(digest)], dtype=torch.float64)
@@ -346,6 +391,17 @@ def _mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None") -> tuple[np
             except OSError:
                 pass
     return data, digest
+
+
+def _extraction_digest(sub: Subspace) -> str:
+    """The digest its extraction recorded for the whole basis; for a subspace written before digests, a hash
+    of what identifies the extraction (its attributes, spectrum and shape)."""
+    if sub.digest is not None:
+        return sub.digest
+    h = hashlib.blake2b(json.dumps(sub.attrs, sort_keys=True, default=str).encode(), digest_size=16)
+    h.update(np.ascontiguousarray(sub.singular_values, dtype=np.float64).tobytes())
+    h.update(repr(tuple(sub.basis.shape)).encode())
+    return f"attrs-blake2b:{h.hexdigest()}"
 
 
 def _hex(digest: str) -> str:

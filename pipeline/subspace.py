@@ -10,7 +10,13 @@ import numpy as np
 import zarr
 
 from trajstore import TrajectoryStore
-from trajstore.errors import CorruptSnapshotError, SubspaceChangedError, SubspaceNotFoundError
+from trajstore.columns import ColumnMap
+from trajstore.errors import (
+    CorruptSnapshotError,
+    InvalidArgumentError,
+    SubspaceChangedError,
+    SubspaceNotFoundError,
+)
 
 SUBSPACES = "subspaces"
 DIGEST = "blake2b-128"  # the ``basis_digest`` attribute: "blake2b-128:<hex>" of P's float32 bytes, row-major
@@ -125,6 +131,65 @@ class Subspace:
             finite = finite and bool(np.isfinite(block).all())
         self.verify(digest.hexdigest(), finite)
         return out, digest.hexdigest()
+
+    @property
+    def columns(self) -> ColumnMap:
+        """Where each element of the global parameter vector sits among P's stored rows: the store's
+        column map (rank-major for a store recorded sharded), the identity for stores without one."""
+        found = getattr(self.store, "columns", None) if self.store is not None else None
+        return found if found is not None else ColumnMap.identity(self.n_params)
+
+    def read_rows(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[lo, hi)`` of P in the *global* parameter order, (hi - lo, d) float32 (into ``out``).
+
+        The one way to read P's rows by parameter: the rows come from the stored ranges
+        :meth:`ColumnMap.stored_ranges` gives, concatenated, read about 8 MiB at a time. Unchecked: use
+        :meth:`read_ranges` (or :meth:`read` for the whole basis in stored order) for a checked read.
+        """
+        columns = self.columns
+        if not 0 <= lo <= hi <= columns.n:
+            raise InvalidArgumentError(f"rows [{lo}, {hi}) are outside the {columns.n} parameters of subspace {self.name!r}")
+        d = self.dim
+        out = np.empty((hi - lo, d), np.float32) if out is None else out
+        if out.shape != (hi - lo, d):
+            raise InvalidArgumentError(f"out has shape {out.shape}, rows [{lo}, {hi}) need {(hi - lo, d)}")
+        rows, pos = block_rows((self.n_params, d), int(self.basis.chunks[0])), 0
+        for s0, s1 in columns.stored_ranges(lo, hi):
+            for a in range(s0, s1, rows):
+                b = min(s1, a + rows)
+                out[pos:pos + b - a] = self.basis[a:b, :]
+                pos += b - a
+        return out
+
+    def read_ranges(self, ranges: "list[tuple[int, int]] | tuple[tuple[int, int], ...]") -> np.ndarray:
+        """The rows of P of each global range ``(lo, hi)`` in turn, stacked: (Σ (hi - lo), d) float32, checked.
+
+        For a part of P (one rank's rows of a sharded model) the whole-basis digest cannot be checked without
+        reading all of P, so this read is checked as one of a subspace written before digests is: the
+        subspace's attributes must be this extraction's before and after the read (else
+        :class:`SubspaceChangedError`: it was replaced meanwhile), and the rows must be finite (else
+        :class:`CorruptSnapshotError`; a chunk missing on disk reads as NaN, the basis's fill value). A
+        chunk damaged into other finite values can go unnoticed here: :meth:`read` (whole P) would find it.
+        """
+        self.check_unchanged()
+        total = sum(hi - lo for lo, hi in ranges)
+        out = np.empty((total, self.dim), np.float32)  # (n_local, d)
+        pos, finite = 0, True
+        try:
+            for lo, hi in ranges:
+                block = self.read_rows(lo, hi, out[pos:pos + hi - lo])
+                finite = finite and bool(np.isfinite(block).all())
+                pos += hi - lo
+        except (KeyError, FileNotFoundError):  # its files went with a subspace replaced meanwhile
+            self.check_unchanged()
+            raise
+        self.check_unchanged()
+        if not finite:
+            raise CorruptSnapshotError(
+                f"the basis of subspace {self.name!r} in {self.path} holds NaN or Inf in the rows read: its files "
+                f"are damaged. Extract it again: `trajstore extract {self.path} --dim {self.dim} --name {self.name} "
+                "--overwrite`")
+        return out
 
     def current_attrs(self) -> dict | None:
         """The subspace's attributes as stored now (None when it is gone)."""

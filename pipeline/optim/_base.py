@@ -9,6 +9,7 @@ import torch
 from trajstore.errors import InvalidArgumentError, LayoutMismatchError
 
 from ..basis import Basis
+from ..distributed import all_reduce_sum_, is_dtensor, local, resolve_group, shard_rows
 from ._params import match_params
 
 
@@ -34,14 +35,36 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     them: their rows of P count as zero and they are not written (no weight decay, no lift, no P(+) term).
     A gradient of zeros (``zero_grad(set_to_none=False)``) is a gradient: that parameter is updated. The
     subspace state (momentum, B) is shared by all rows, so such a step still advances it.
+
+    **torch.distributed.** Pass the parameters of the model as the job trains it. DDP: every rank holds all
+    of P, DDP has averaged the gradients, so g̃ is the same everywhere and is not communicated. FSDP2
+    (``fully_shard``; load the basis with ``Basis.from_store(..., model=model)``, which holds only this
+    rank's rows): the optimizer reads and writes each parameter's local shard (``p.to_local()``,
+    ``p.grad.to_local()``) and sums g̃ = Σ_local P_lᵀ g_l over the ranks (one all_reduce of d float64 values
+    per projection); w_local += P_local · step needs none. ``process_group``: ``"auto"`` (the basis's mesh
+    group when sharded, else the default group when torch.distributed is initialised with more than one
+    rank, else none), ``None`` (no communication: independent runs per rank; refused for a sharded basis)
+    or a process group. State dicts are per rank; the subspace state is the same on every rank.
     """
 
-    def __init__(self, params: Iterable, basis: Basis, defaults: dict):
+    def __init__(self, params: Iterable, basis: Basis, defaults: dict, process_group: object = "auto"):
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise InvalidArgumentError("subspace optimizers take one parameter group: the basis spans all of them")
         self.basis = basis
-        self._slots = match_params(basis, self.params, self.param_groups[0].get("param_names"))
+        shards = [is_dtensor(p) for p in self.params]
+        if any(shards) and not basis.sharded:
+            raise InvalidArgumentError(
+                "the parameters are FSDP2 shards (DTensors) but the basis holds the whole of P: load it with "
+                "Basis.from_store(path, name, model=model) on every rank, so that it holds this rank's rows")
+        if basis.sharded and not all(shards):
+            raise InvalidArgumentError(
+                "the basis holds one rank's rows of P of an FSDP2 model (from_store(..., model=)), but the "
+                "parameters given are not all FSDP2 shards (DTensors): pass that model's parameters")
+        self._slots = match_params(basis, [local(p) for p in self.params], self.param_groups[0].get("param_names"))
+        if basis.sharded:
+            self._check_shards()
+        self.process_group = resolve_group(process_group, basis.sharding.group if basis.sharded else None)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -51,6 +74,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def subspace_state(self) -> dict[str, Any]:
         """The optimizer state (tensors in the subspace), stored under the first parameter."""
         return self.state[self.params[0]]
+
+    def _check_shards(self) -> None:
+        """Refuse shards that are not the rows the basis was loaded for (another sharding of the model)."""
+        for i, j in enumerate(self._slots):
+            if j is None:
+                continue
+            name = self.basis.layout.specs[i].name
+            rows, expected = shard_rows(name, self.params[j]), self.basis.sharding.rows[i]
+            if rows != expected:
+                raise LayoutMismatchError(
+                    f"parameter {name!r} holds dim-0 rows {rows} on this rank, but the basis was loaded for rows "
+                    f"{expected}: another sharding of the model. Load it with Basis.from_store(..., model=) of this "
+                    "model")
 
     def trainable(self) -> list[torch.Tensor | None]:
         """Per basis tensor (layout order): the parameter to update, or None (not passed, or frozen)."""
@@ -62,9 +98,22 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return [None if p is None or p.grad is None else p for p in params]
 
     def grads(self, params: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
-        """Per basis tensor: the gradient of a trainable parameter, else None (no gradient counts as zero)."""
+        """Per basis tensor: the gradient (this rank's shard of it) of a trainable parameter, else None
+        (no gradient counts as zero)."""
         params = self.trainable() if params is None else params
-        return [None if p is None else p.grad for p in params]
+        return [None if p is None else local(p.grad) for p in params]
+
+    @staticmethod
+    def local(params: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Per basis tensor: what this rank writes (a DTensor's local shard; a plain tensor itself)."""
+        return [local(p) for p in params]
+
+    def project(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """g̃ = Pᵀg (d,) float64 of the whole model: summed over the ranks when the basis is sharded."""
+        g = self.basis.project(grads)
+        if self.basis.sharded:
+            all_reduce_sum_(g, self.process_group)
+        return g
 
     def _init_state(self) -> dict[str, Any]:
         state = self.subspace_state
@@ -98,6 +147,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if fingerprint is not None:
             exact["basis_fingerprint"] = self.basis.fingerprint()
         super().load_state_dict(state_dict)
+        for p in self.params:  # per-parameter state was saved per rank: its shapes must be this rank's shards
+            for key, value in self.state.get(p, {}).items():
+                if key in self._per_param_keys and isinstance(value, torch.Tensor) and value.shape != local(p).shape:
+                    raise LayoutMismatchError(
+                        f"optimizer state {key!r} has shape {tuple(value.shape)}, but this rank's parameter is "
+                        f"{tuple(local(p).shape)}: the state was saved by another rank or another sharding")
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ..distributed import local
+
 KEY = "residual_momentum_buffer"
 
 
@@ -20,7 +22,8 @@ def update_residual_momentum_(optimizer, params: Sequence[torch.Tensor | None], 
                               g_tilde: torch.Tensor, gamma: float) -> None:
     """m_l ← γ m_l + (g_l − (P g̃)_l) for every trainable tensor l (``None`` entries: frozen, skipped).
 
-    ``grads`` must be the gradients g̃ (d,) was projected from, read before any line-search trial.
+    ``grads`` must be the gradients g̃ (d,) was projected from, read before any line-search trial (this
+    rank's shards, for FSDP2: the buffers are then the local shards' too).
     """
     inside = [None if g is None else torch.zeros_like(g) for g in grads]  # P_l g̃, per tensor
     optimizer.basis.add_lifted_(inside, g_tilde)
@@ -30,7 +33,7 @@ def update_residual_momentum_(optimizer, params: Sequence[torch.Tensor | None], 
         state = optimizer.state[p]
         buf = state.get(KEY)
         if buf is None:
-            buf = state[KEY] = torch.zeros_like(p)
+            buf = state[KEY] = torch.zeros_like(g)
         buf.mul_(gamma).add_(g).sub_(pg)
 
 
@@ -39,4 +42,4 @@ def apply_residual_(optimizer, params: Sequence[torch.Tensor | None], weight: fl
     """w_l ← w_l − α m_l for every trainable tensor that has a residual buffer."""
     for p in params:
         if p is not None and KEY in optimizer.state[p]:
-            p.add_(optimizer.state[p][KEY], alpha=-weight)
+            local(p).add_(optimizer.state[p][KEY], alpha=-weight)

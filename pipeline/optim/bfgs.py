@@ -9,6 +9,7 @@ from torch import nn
 from trajstore.errors import InvalidArgumentError
 
 from ..basis import Basis
+from ..distributed import fsdp_modules, mean_over_ranks, recording_modules, reshard
 from ._base import SubspaceOptimizer
 from ._residual import KEY as RESIDUAL_KEY
 from ._residual import apply_residual_, update_residual_momentum_
@@ -73,13 +74,21 @@ class SubspaceBFGS(SubspaceOptimizer):
     (so the next consecutive-pair update is skipped), and ``state["ls_failures"]`` counts it.
     Training continues with the next mini-batch. (The paper's code instead takes the last, tiny
     step α = shrink^(max_ls) and keeps B.)
+
+    **torch.distributed** (DDP, FSDP2; ``process_group``, see :class:`SubspaceOptimizer`): the loss the
+    closure returns (this rank's mini-batch) is averaged over the ranks before every decision, f₀ and each
+    trial, so every rank takes the same decisions and the same step (g̃ is the same everywhere: DDP averages
+    the gradients, FSDP2's g̃ is summed over the ranks); ``step`` returns this rank's loss. Every rank must
+    call ``step`` together. FSDP2 keeps the root module's parameters all-gathered after a forward without
+    grad, so after each forward-only trial the FSDP2 modules are resharded (found in the first step's f₀,
+    or those of ``module=``), making the next trial all-gather the updated shards.
     """
 
     def __init__(self, params: Iterable, basis: Basis, lr: float = 1.0, c1: float = 0.4, shrink: float = 0.4,
                  max_ls: int = 20, curvature_eps: float | None = None, curvature_test: str = "absolute",
                  curvature_pairs: str = "consecutive", residual_momentum: float = 0.9, residual_weight: float = 0.0,
                  replay_rng: bool = True, module: nn.Module | None = None,
-                 buffers: Iterable[torch.Tensor] | None = None):
+                 buffers: Iterable[torch.Tensor] | None = None, process_group: object = "auto"):
         if lr <= 0 or not 0 < c1 < 1 or not 0 < shrink < 1 or max_ls < 1:
             raise InvalidArgumentError(f"invalid lr={lr}, c1={c1}, shrink={shrink} or max_ls={max_ls}")
         if curvature_pairs not in PAIRS or curvature_test not in TESTS:
@@ -93,8 +102,9 @@ class SubspaceBFGS(SubspaceOptimizer):
         defaults = dict(lr=lr, c1=c1, shrink=shrink, max_ls=max_ls, curvature_eps=curvature_eps,
                         curvature_test=curvature_test, curvature_pairs=curvature_pairs,
                         residual_momentum=residual_momentum, residual_weight=residual_weight, replay_rng=replay_rng)
-        super().__init__(params, basis, defaults)
+        super().__init__(params, basis, defaults, process_group)
         self._guard = BufferGuard(module, buffers)
+        self._fsdp: list[nn.Module] | None = None if module is None else fsdp_modules(module.modules())
 
     _per_param_keys = (RESIDUAL_KEY,)
 
@@ -116,8 +126,12 @@ class SubspaceBFGS(SubspaceOptimizer):
         params = self.trainable()  # per basis tensor; None: frozen, never written
         devices = RngState.devices_of(params)
         before = RngState(devices) if group["replay_rng"] else None
-        with self._guard.discovering(), torch.enable_grad():
+        find = self._fsdp is None and self.basis.sharded
+        with self._guard.discovering(), recording_modules(find) as seen, torch.enable_grad():
             loss = closure(backward=True) if loss_only else closure()
+        if find:
+            self._fsdp = fsdp_modules(seen)
+        reshard(self._fsdp or ())
         after = RngState(devices) if group["replay_rng"] else None
         saved = self._guard.save()  # the buffers as f₀'s forward left them
 
@@ -131,20 +145,25 @@ class SubspaceBFGS(SubspaceOptimizer):
                 with torch.enable_grad():
                     return closure(backward=True) if loss_only else closure()
             finally:
+                reshard(self._fsdp or ())
                 self._guard.restore(saved)
 
         try:
-            self._step(group, params, as_float(loss), evaluate, loss_only)
+            self._step(group, params, self._mean(as_float(loss)), evaluate, loss_only)
         finally:
             self._guard.restore(saved)
             if after is not None:
                 after.restore()
         return loss
 
+    def _mean(self, value: float) -> float:
+        """A loss averaged over the ranks (every rank gets the same value)."""
+        return mean_over_ranks(value, self.process_group, self.basis.device)
+
     def _step(self, group: dict, params: list[torch.Tensor | None], f0: float, evaluate, loss_only: bool) -> None:
         params = self.updated(params)  # after f₀'s backward: a parameter it left without a gradient stays put
-        grads = self.grads(params)
-        g = self.basis.project(grads)  # (d,) float64
+        grads = self.grads(params)  # this rank's shards
+        g = self.project(grads)  # (d,) float64, the whole model's
         state = self._init_state()
         if group["residual_weight"]:  # before any trial can overwrite the gradients
             update_residual_momentum_(self, params, grads, g, group["residual_momentum"])
@@ -152,8 +171,8 @@ class SubspaceBFGS(SubspaceOptimizer):
             self._update_inverse_hessian(state, g - state["prev_grad"], state["prev_step"], group)
         direction = -(state["inverse_hessian"] @ g)  # p̃ (d,)
         slope = float(g @ direction)
-        alpha = self._line_search(lambda: as_float(evaluate(False)), params, f0, direction, slope, group) \
-            if slope < 0 else None
+        alpha = self._line_search(lambda: self._mean(as_float(evaluate(False))), self.local(params), f0, direction,
+                                  slope, group) if slope < 0 else None
         if alpha is None:
             state["inverse_hessian"] = torch.eye(self.basis.d, dtype=torch.float64, device=g.device)
             state["prev_step"] = torch.zeros_like(g)
@@ -165,7 +184,7 @@ class SubspaceBFGS(SubspaceOptimizer):
             if group["curvature_pairs"] == "same_batch":
                 if loss_only:  # a plain closure's accepted trial already left its gradient
                     evaluate(True)
-                g_new = self.basis.project(self.grads(params))
+                g_new = self.project(self.grads(params))
                 self._update_inverse_hessian(state, g_new - g, state["prev_step"], group)
         state["prev_grad"] = g
         if group["residual_weight"]:

@@ -22,16 +22,19 @@ class SubspaceSGD(SubspaceOptimizer):
     ``torch.optim.SGD(lr, momentum)`` on the projected gradient P Pᵀg), so ``weight_decay``
     defaults to 0; a non-zero value decays within the subspace only (the decay term is projected
     with the gradient), never the component of w outside it.
+
+    Under torch.distributed (DDP, FSDP2; ``process_group``) see :class:`SubspaceOptimizer`: with FSDP2
+    each rank projects its shards and g̃ is summed over the ranks, so every rank takes the same step.
     """
 
     def __init__(self, params: Iterable, basis: Basis, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0):
+                 nesterov: bool = False, weight_decay: float = 0.0, process_group: object = "auto"):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise InvalidArgumentError(f"invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise InvalidArgumentError("nesterov momentum needs momentum > 0 and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, basis, defaults)
+        super().__init__(params, basis, defaults, process_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -39,10 +42,10 @@ class SubspaceSGD(SubspaceOptimizer):
         loss = closure_loss(closure)
         group = self.param_groups[0]
         params = self.updated()  # per basis tensor; None: frozen or no gradient now, never written
-        grads = self.grads(params)
+        grads, weights = self.grads(params), self.local(params)  # this rank's shards
         if group["weight_decay"]:
-            grads = [None if p is None else g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, params)]
-        g = self.basis.project(grads)  # (d,) float64
+            grads = [None if w is None else g.add(w, alpha=group["weight_decay"]) for g, w in zip(grads, weights)]
+        g = self.project(grads)  # (d,) float64, the whole model's
         state = self._init_state()
         momentum = group["momentum"]
         if momentum:
@@ -52,6 +55,6 @@ class SubspaceSGD(SubspaceOptimizer):
             else:
                 buf.mul_(momentum).add_(g, alpha=1 - group["dampening"])
             g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-        self.basis.add_lifted_(params, g, alpha=-group["lr"])
+        self.basis.add_lifted_(weights, g, alpha=-group["lr"])
         state["step"] += 1
         return loss
