@@ -109,8 +109,10 @@ class Subspace:
         return self.attrs.get("basis_digest")
 
     def to_numpy(self) -> np.ndarray:
-        """The whole basis as an (n, d) float32 array (only when it fits in memory), checked: see :meth:`read`."""
-        return self.read()[0]
+        """The whole basis as an (n, d) float32 array in parameter order (only when it fits in memory),
+        checked: see :meth:`read` (which gives the rows in the store's column order)."""
+        stored = self.read()[0]  # (n_columns, d)
+        return stored if self.columns.is_identity else np.ascontiguousarray(self.columns.to_global(stored.T).T)
 
     def read(self, out: np.ndarray | None = None) -> tuple[np.ndarray, str]:
         """Read the whole basis into ``out`` (or a new (n, d) float32 array); returns it and its digest.

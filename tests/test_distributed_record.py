@@ -97,11 +97,12 @@ def test_extraction_over_a_sharded_store_equals_the_single_process_store(tmp_pat
     b = extract_subspace(tmp_path / "single.zarr", dim=3)
     lam_a, lam_b = np.asarray(a.attrs["eigenvalues"]), np.asarray(b.attrs["eigenvalues"])
     assert np.allclose(lam_a, lam_b, rtol=1e-10, atol=1e-12 * lam_b[0])  # the Gram does not see the column order
-    p_stored = a.to_numpy()  # (n_columns, d): rows in the store's column order, zero in the padding
+    p_stored = a.read()[0]  # (n_columns, d): rows in the store's column order, zero in the padding
     padding = np.setdiff1d(np.arange(store.n_columns),
                            np.concatenate([np.arange(s, s + n) for _, s, n in store.columns.segments]))
     assert len(padding) and np.abs(p_stored[padding]).max() == 0
-    p_global, p_single = store.columns.to_global(p_stored.T).T, b.to_numpy()
+    p_global, p_single = a.to_numpy(), b.to_numpy()  # (n, d) in parameter order
+    assert np.array_equal(p_global, store.columns.to_global(p_stored.T).T)
     signs = np.sign((p_global * p_single).sum(0))
     assert np.allclose(p_global * signs, p_single, atol=1e-6)
 
