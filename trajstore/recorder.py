@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import InvalidArgumentError, StoreExistsError
 from .format import local_dir, normalize
 from .layout import ParamLayout
@@ -34,15 +35,27 @@ def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch
     path = normalize(path)
     local = local_dir(path)
     exists = (local / "zarr.json").exists() if local is not None else _remote_exists(path)
+    context = distributed.resolve(process_group, model)
+    if context is not None:  # rank 0's view: every rank must make the same collective call (create or open)
+        exists = context.broadcast(exists)
     if not exists or overwrite:
         return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata,
                                       overwrite=overwrite, durable=durable, process_group=process_group)
     store = TrajectoryStore.open(path, "a", break_lock=break_lock, durable=durable, process_group=process_group)
+    error = None
     try:
         store.layout.check_same(ParamLayout.from_module(model), "model")
-    except BaseException:
+    except BaseException as exc:  # noqa: BLE001 -- raised below, on every rank of a job
+        error = exc
+    if context is not None:
+        try:
+            context.exchange(error)
+        except BaseException:
+            store._close_local()  # every rank fails here alike: close without collectives
+            raise
+    elif error is not None:
         store.close()
-        raise
+        raise error
     return store
 
 
@@ -196,6 +209,24 @@ def _scalars(metrics: Mapping | None) -> dict[str, float]:
     return out
 
 
+def fsdp1_refusal(what: str) -> str:
+    """The message trainer callbacks refuse FSDP1 with (at train start, on every rank)."""
+    return (f"trajstore cannot record a model trained with {what} (FSDP1): its parameters are flattened "
+            "shards (FlatParameter) with no per-tensor layout. Use FSDP2 instead: Lightning's "
+            "ModelParallelStrategy with fully_shard() in configure_model() (every rank writes its own shard), or "
+            "DDP (rank 0 writes); or save torch.distributed.checkpoint checkpoints and `trajstore import` them")
+
+
+def _refuse_fsdp1(model: torch.nn.Module) -> None:
+    """Raise (on every rank alike: no collective) when ``model`` holds FSDP1 modules."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover -- torch without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise InvalidArgumentError(fsdp1_refusal("FullyShardedDataParallel"))
+
+
 _SESSIONS: "dict[str, RecordingSession]" = {}  # open sessions by store path, until they end
 
 
@@ -221,6 +252,7 @@ class RecordingSession:
         session was made with ``overwrite=True``; a resume (step > 0) never overwrites.
         """
         self.end(failed=True)  # a trainer restarted in the same process (a notebook) after a failure
+        _refuse_fsdp1(model)
         key = normalize(self.path)
         earlier = _SESSIONS.get(key)
         if earlier is not None and earlier is not self and earlier.store is not None:

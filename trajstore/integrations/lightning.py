@@ -6,7 +6,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ..recorder import RecordingSession
+from ..errors import InvalidArgumentError
+from ..recorder import RecordingSession, fsdp1_refusal
 
 
 class TrajectoryCallback(pl.Callback):
@@ -14,6 +15,12 @@ class TrajectoryCallback(pl.Callback):
 
     Resuming ``fit(ckpt_path=...)`` truncates the snapshots taken after the checkpoint's step
     and continues, so the store ends with neither duplicates nor gaps.
+
+    Multi-process (every rank runs every hook below, so the store's collectives pair up):
+    ``strategy="ddp"``: rank 0 writes; ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in
+    ``configure_model``): every rank writes its shard. FSDP1 (``strategy="fsdp"``) and DeepSpeed
+    ZeRO-3 are refused in :meth:`setup`, on every rank. A rank that raises closes its store without
+    collectives (:meth:`on_exception`); the others' next collective fails once its process has ended.
     """
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
@@ -21,6 +28,21 @@ class TrajectoryCallback(pl.Callback):
                  overwrite: bool = False, durable: bool = False):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
                                         overwrite, durable)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse FSDP1 (``strategy="fsdp"``) and DeepSpeed ZeRO-3 on every rank, before they wrap the model:
+        their parameters are flat or partitioned shards with no per-tensor layout to record. FSDP2
+        (ModelParallelStrategy) records sharded, every rank its own shard."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise InvalidArgumentError(fsdp1_refusal(f"Lightning's {type(trainer.strategy).__name__}"))
+        if getattr(trainer.strategy, "zero_stage_3", False):  # DeepSpeed ZeRO-3: every parameter an empty stub
+            raise InvalidArgumentError(
+                "trajstore cannot record a model trained with DeepSpeed ZeRO stage 3 (its parameters are partitioned "
+                "stubs): use ZeRO stage 1 or 2 (rank 0 writes, as with DDP) or ModelParallelStrategy (FSDP2)")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank: under DDP rank 0 writes and the others agree on errors; FSDP2 shards are written by each

@@ -21,6 +21,14 @@ class TrajectoryCallback(TrainerCallback):
     are still written by its background thread and committed at interpreter exit at the latest,
     and the next callback to begin on the same path closes the store.
 
+    Under ``torchrun`` (DDP) the callback runs on every rank and rank 0 writes. The events it records
+    or flushes on (``on_train_begin``, ``on_step_begin``, ``on_step_end``, ``on_epoch_begin``,
+    ``on_epoch_end``, ``on_save``, ``on_train_end``) run on every rank in the same order, and what it
+    decides from (``state``, ``control.should_save``) is the same on every rank, so the store's
+    collectives pair up; ``on_log`` only collects the logs (the same on every rank: the Trainer
+    averages the loss over ranks). A rank that fails ends its process, and the others' next
+    collective fails then rather than waiting.
+
     Every checkpoint carries the store's run id (in ``trainer_state.json``, under
     ``stateful_callbacks["trajstore"]``), so resuming a checkpoint of another run into this store
     is refused before anything is dropped.
