@@ -154,6 +154,25 @@ def all_reduce_sum_(tensor: torch.Tensor, group: object | None) -> torch.Tensor:
     return tensor
 
 
+def agree(ok: bool, group: object | None, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank of ``group`` (one all_reduce; True without a group)."""
+    if group is None:
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=device)
+    all_reduce_sum_(t, group)
+    return float(t) == 0.0
+
+
+def same_everywhere(value: torch.Tensor, group: object | None) -> bool:
+    """Whether the float64 tensor ``value`` is bitwise the same on every rank of ``group``."""
+    if group is None:
+        return True
+    low, high = value.detach().double().clone(), -value.detach().double()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(torch.equal(low, value.double()) and torch.equal(-high, value.double()))
+
+
 def mean_over_ranks(value: float, group: object | None, device: torch.device) -> float:
     """The mean of every rank's ``value`` (float64; NaN on any rank gives NaN everywhere)."""
     if group is None:

@@ -80,6 +80,14 @@ class Subspace:
 
     @property
     def n_params(self) -> int:
+        """Length of the parameter vector P spans (P's stored rows are more for a store recorded sharded:
+        :attr:`n_columns`)."""
+        found = getattr(self.store, "columns", None) if self.store is not None else None
+        return int(found.n) if found is not None else self.n_columns
+
+    @property
+    def n_columns(self) -> int:
+        """Stored rows of P: the store's columns (``n_params`` unless the store was recorded sharded)."""
         return int(self.basis.shape[0])
 
     @property
@@ -155,7 +163,7 @@ class Subspace:
         out = np.empty((hi - lo, d), np.float32) if out is None else out
         if out.shape != (hi - lo, d):
             raise InvalidArgumentError(f"out has shape {out.shape}, rows [{lo}, {hi}) need {(hi - lo, d)}")
-        rows, pos = block_rows((self.n_params, d), int(self.basis.chunks[0])), 0
+        rows, pos = block_rows((self.n_columns, d), int(self.basis.chunks[0])), 0
         for s0, s1 in columns.stored_ranges(lo, hi):
             for a in range(s0, s1, rows):
                 b = min(s1, a + rows)

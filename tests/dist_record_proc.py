@@ -8,6 +8,7 @@ Scenarios:
                          a resume (truncate, more steps) and a NaN on one rank only
   kill CODEC             deterministic weights (rows of :func:`row`) appended until killed
   resume CODEC K         reopen, append K more deterministic rows, close
+  misuse OUT             ranks that call different things: each case's outcome per rank, as JSON
 """
 import json
 import os
@@ -131,6 +132,68 @@ def resume(rank: int, world: int, path: str, codec: str, more: int) -> None:
     print(json.dumps({"rank": rank, "start": start, "end": len(store)}), flush=True)
 
 
+def misuse(rank: int, world: int, folder: str) -> None:
+    """Each case: what every rank got (the error's type, or "ok"). Ranks that disagree must all raise."""
+    from pathlib import Path
+
+    from pipeline import extract_subspace
+    from pipeline.basis import Basis
+    from pipeline.optim import SubspaceSGD
+    from trajstore import import_checkpoints
+
+    out, root = {}, Path(folder)
+
+    def case(name, fn):
+        try:
+            fn()
+            out[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 -- the outcome is the result
+            out[name] = type(exc).__name__
+        dist.barrier()
+
+    model = wrap(make_model(), "fsdp", world)
+    store = TrajectoryStore.create(root / "s.zarr", model, **CHUNKS)
+    for step in range(3):
+        set_weights(model, row(step), rank, world)
+        store.append(model, step=step)
+    case("truncate to different lengths", lambda: store.truncate(2 if rank == 0 else 1))
+    case("one rank appends, the other flushes", lambda: store.append(model, step=9) if rank == 0 else store.flush())
+    store._close_local()
+    case("ranks open different paths", lambda: TrajectoryStore.open(root / ("s.zarr" if rank == 0 else "t.zarr"), "a"))
+    case("a subgroup", lambda: TrajectoryStore.open(root / "s.zarr", "a", process_group=dist.new_group([0, 1])))
+
+    def after_evaluation():  # fully_shard leaves the root gathered after a no-grad forward
+        with TrajectoryStore.open(root / "s.zarr", "a", break_lock=True) as again:
+            with torch.no_grad():
+                model(torch.randn(2, 10))
+            again.append(model, step=again.steps[-1] + 1)
+        out["after evaluation rows"] = TrajectoryStore.open(root / "s.zarr").read(slice(None)).tolist()
+        out["after evaluation full"] = full_vector(model).tolist()
+    case("append after an evaluation forward", after_evaluation)
+
+    def default_chunks():
+        with TrajectoryStore.create(root / "d.zarr", model) as small:
+            out["default chunks"] = [small.n_params, small.n_columns]
+    case("default chunks", default_chunks)
+
+    def import_on_rank_0():  # the DCP/pt import, run by one rank inside a job, never waits for the others
+        if rank == 0:
+            ckpts = root / "ckpts"
+            ckpts.mkdir()
+            for k in range(2):
+                torch.save(make_model().state_dict(), ckpts / f"step_{k}.pt")
+            import_checkpoints(ckpts, root / "imported.zarr")
+    case("import on rank 0 alone", import_on_rank_0)
+
+    if rank == 0:
+        for name in ("a", "b"):
+            extract_subspace(root / "s.zarr", dim=1, name=name, snapshots=[0, 1, 2] if name == "a" else [0, 1, 2, 3])
+    dist.barrier()
+    case("ranks load different bases", lambda: SubspaceSGD(
+        model.parameters(), Basis.from_store(root / "s.zarr", "a" if rank == 0 else "b", model=model), lr=0.1))
+    print(json.dumps({"rank": rank, **out}), flush=True)
+
+
 def main() -> None:
     scenario, rank, world, port, path, *args = sys.argv[1:]
     rank, world = int(rank), int(world)
@@ -141,6 +204,8 @@ def main() -> None:
             train(rank, world, path, *args)
         elif scenario == "kill":
             kill(rank, world, path, *args)
+        elif scenario == "misuse":
+            misuse(rank, world, path)
         else:
             resume(rank, world, path, args[0], int(args[1]))
     finally:

@@ -101,10 +101,27 @@ def test_extraction_over_a_sharded_store_equals_the_single_process_store(tmp_pat
     padding = np.setdiff1d(np.arange(store.n_columns),
                            np.concatenate([np.arange(s, s + n) for _, s, n in store.columns.segments]))
     assert len(padding) and np.abs(p_stored[padding]).max() == 0
+    assert (a.n_params, a.n_columns) == (store.n_params, store.n_columns)
     p_global, p_single = a.to_numpy(), b.to_numpy()  # (n, d) in parameter order
     assert np.array_equal(p_global, store.columns.to_global(p_stored.T).T)
     signs = np.sign((p_global * p_single).sum(0))
     assert np.allclose(p_global * signs, p_single, atol=1e-6)
+
+
+def test_ranks_that_call_different_things_all_raise_and_nothing_is_mixed(tmp_path):
+    ranks = _run("misuse", str(tmp_path))
+    for case in ("truncate to different lengths", "one rank appends, the other flushes",
+                 "ranks open different paths"):
+        assert [r[case] for r in ranks] == ["RankFailedError"] * 2, case  # every rank, not one: no hang
+    assert [r["a subgroup"] for r in ranks] == ["InvalidArgumentError"] * 2
+    assert [r["ranks load different bases"] for r in ranks] == ["LayoutMismatchError"] * 2
+    assert [r["append after an evaluation forward"] for r in ranks] == ["ok"] * 2
+    rows, full = np.asarray(ranks[0]["after evaluation rows"]), np.asarray(ranks[0]["after evaluation full"])
+    assert len(rows) == 4 and np.array_equal(rows[-1], full)  # the refused calls changed nothing; then one more
+    n, columns = ranks[0]["default chunks"]
+    assert columns < 2 * n  # shards sized to the ranks' parts: padding never doubles the store
+    assert [r["import on rank 0 alone"] for r in ranks] == ["ok"] * 2
+    assert len(TrajectoryStore.open(tmp_path / "imported.zarr")) == 2
 
 
 def _committed(path: Path) -> int:
@@ -168,6 +185,10 @@ def test_column_map_places_and_restores_the_global_vector():
         ColumnMap(16, 16, [(0, 0, 5), (5, 3, 11)])  # two segments over one column
     with pytest.raises(CorruptMetadataError):
         ColumnMap.from_json(16, {"n_columns": 16, "segments": [[0, 0, 10]]})  # a gap
+    with pytest.raises(CorruptMetadataError):  # rank ranges that overlap: two ranks would write one shard
+        ColumnMap(16, 16, m.segments.tolist(), [(0, 9), (8, 16)])
+    with pytest.raises(CorruptMetadataError):
+        padded.check_aligned(16)  # rank 1 starts at column 8
 
 
 def test_a_format_1_store_with_a_column_map_is_refused(tmp_path):

@@ -18,7 +18,7 @@ from ._lazy import is_module
 from ._values import check_epoch, check_metrics, check_source, check_step
 from .durability import commit_files, fsync_paths, row_files
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
-from .format import ATTR, BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, WALL_TIME, open_root
+from .format import ATTR, BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, WALL_TIME
 from .layout import ParamLayout
 from .writer import Job
 
@@ -54,6 +54,7 @@ class Appending:
             return bool(np.array_equal(self.read(index), want, equal_nan=True))
         same, error = True, None
         try:
+            distributed.reshard(source)
             if self._ctx.sharded:
                 i, (lo, hi) = self._check_index(index), self._cols
                 want = np.empty(hi - lo, self.dtype)
@@ -64,7 +65,7 @@ class Appending:
                 same = bool(np.array_equal(self.read(index), want, equal_nan=True))
         except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
             error = exc
-        return all(self._ctx.exchange(error, same))
+        return all(self._ctx.exchange(error, same, op="holds"))
 
     def append(self, source: object, *, step: int, epoch: int | None = None,
                metrics: Mapping[str, float] | None = None, allow_nonfinite: bool = False) -> int:
@@ -86,7 +87,10 @@ class Appending:
             except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
                 error = exc
             try:
-                flags = self._ctx.exchange(error, prepared[1] if prepared else False)
+                # the row index and step name the call: ranks that disagree (one appended once more, or
+                # truncated elsewhere) all raise instead of writing their parts into different rows
+                flags = self._ctx.exchange(error, prepared[1] if prepared else False,
+                                           op=f"append of row {self._next_index} at step {step!r}")
             except BaseException:
                 if prepared is not None and prepared[0] is not None:
                     self._writer.release(prepared[0])
@@ -97,7 +101,10 @@ class Appending:
         self._next_index += 1
         self._last_step = step
         if self._writer is not None:
-            self._writer.submit(Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite))
+            job = Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite)
+            # in a job, an error of the writer surfacing only now would be raised on this rank alone: it
+            # waits for the next acquire or flush, which every rank exchanges
+            self._writer.submit(job, check=self._ctx is None)
         return index
 
     def _prepare(self, source: object, step: object, epoch: object, metrics: Mapping | None,
@@ -116,6 +123,8 @@ class Appending:
         if is_module(source):
             self.layout.check_same(ParamLayout.from_module(source), "model")
         sharded = self._ctx is not None and self._ctx.sharded
+        if self._ctx is not None:
+            distributed.reshard(source)  # an evaluation forward leaves FSDP2's root parameters gathered
         if sharded:
             distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
         if self._writer is None:
@@ -159,9 +168,8 @@ class Appending:
                 self._writer.flush()
         except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
             error = exc
-        self._ctx.exchange(error)
-        if self._ctx.rank:  # rank 0 commits: take the count (and truncations) it wrote
-            self._meta = open_root(self.path, "r", self.storage_options)[1]
+        metas = self._ctx.exchange(error, self._meta if self._ctx.rank == 0 else None, op="flush")
+        self._meta = metas[0]  # rank 0 commits: the count (and truncations) it wrote
 
     def close(self) -> None:
         """Flush, stop the writer and release the lock. Raises a background error if one occurred.
@@ -190,6 +198,8 @@ class Appending:
         finally:
             if self._lock is not None:
                 self._lock.release()
+            if self._ctx is not None and self._writer is not None and self._ctx.sharded:
+                distributed.release(self._ctx)  # the writers' group of this store, its thread stopped
 
     def truncate(self, length: int) -> None:
         """Drop every snapshot from index ``length`` on (a resumed run replaces what came after its checkpoint)."""
@@ -203,7 +213,7 @@ class Appending:
         except BaseException as exc:  # noqa: BLE001 -- every rank raises it (or this one alone)
             error = exc
         if self._ctx is not None:
-            self._ctx.exchange(error)
+            self._ctx.exchange(error, op=f"truncate to {length!r}")
         elif error is not None:
             raise error
         if length == len(self):
@@ -215,14 +225,14 @@ class Appending:
             self._commit_meta(meta)
             self._load_encoder_state()
             return
-        self._ctx.run_on_zero(lambda: self._commit_meta(meta))
+        self._ctx.run_on_zero(lambda: self._commit_meta(meta), op="truncate")
         self._meta = meta
         error = None
         try:
             self._load_encoder_state()
         except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
             error = exc
-        self._ctx.exchange(error)
+        self._ctx.exchange(error, op="truncate")
 
     def truncate_after_step(self, step: int) -> int:
         """Drop every snapshot with a step greater than ``step``; returns the new length."""
@@ -312,7 +322,7 @@ class Appending:
                 work()
             except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
                 error = exc
-            ctx.exchange(error, group=ctx.writer_group)
+            ctx.exchange(error, group=ctx.writer_group, op=f"write row {i}")
 
         phase(lambda: self._ensure_capacity(i + 1) if zero else None)
 

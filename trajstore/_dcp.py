@@ -149,10 +149,16 @@ def load_dcp_state_dict(folder: Path, key: str | None = None) -> dict[str, torch
                 raise TrajstoreError(f"{folder / METADATA_FILE} names no file for a chunk of {fqn!r}; the "
                                      "checkpoint is damaged")
             _check_file(folder / info.relative_path, info.offset + info.length, fqn)
-    state_dict = {fqn: torch.empty(tuple(metadata.state_dict_metadata[fqn].size),
-                                   dtype=metadata.state_dict_metadata[fqn].properties.dtype) for fqn in names}
+    # NaN-filled (floats): a hole that damaged chunk metadata leaves is refused as non-finite on append,
+    # never read as whatever memory held
+    state_dict = {fqn: _filled(tuple(metadata.state_dict_metadata[fqn].size),
+                               metadata.state_dict_metadata[fqn].properties.dtype) for fqn in names}
     _load(folder, metadata, state_dict)
     return {names[fqn]: tensor for fqn, tensor in state_dict.items()}
+
+
+def _filled(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
 
 
 def _check_file(file: Path, needed: int, fqn: str) -> None:

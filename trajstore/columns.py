@@ -41,9 +41,22 @@ class ColumnMap:
         ok = (self.n_columns >= self.n and (length > 0).all() and (g == ends).all() and int((g + length)[-1]) == self.n
               and (s >= 0).all() and (s + length <= self.n_columns).all()
               and (stored[1:, 0] >= stored[:-1, 1]).all()) if len(g) else self.n == 0
+        ranks = np.asarray(self.rank_columns, np.int64).reshape(-1, 2)
+        ok = ok and bool((ranks[:, 0] <= ranks[:, 1]).all() and (ranks[1:, 0] >= ranks[:-1, 1]).all()
+                         and ranks[0, 0] >= 0 and ranks[-1, 1] <= self.n_columns)
+        if ok and len(g):  # every segment inside one rank's range: where that rank writes it
+            owner = np.searchsorted(ranks[:, 0], s, side="right") - 1
+            ok = bool((owner >= 0).all() and (s + length <= ranks[np.maximum(owner, 0), 1]).all())
         if not ok:
             raise CorruptMetadataError(f"column map of {self.n} parameters in {self.n_columns} columns is "
-                                       "inconsistent (segments overlap, leave gaps or run past the columns)")
+                                       "inconsistent (segments or rank ranges overlap, leave gaps or run past "
+                                       "the columns)")
+
+    def check_aligned(self, shard: int) -> None:
+        """Raise unless every rank's range starts on a shard boundary (no two ranks write one shard file)."""
+        if any(lo % shard for lo, _ in self.rank_columns):
+            raise CorruptMetadataError(f"the column map's rank ranges {self.rank_columns} do not start on the "
+                                       f"params array's shard boundaries (every {shard} columns)")
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -121,7 +134,7 @@ class ColumnMap:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, ColumnMap) and self.n == other.n and self.n_columns == other.n_columns
-                and np.array_equal(self.segments, other.segments))
+                and np.array_equal(self.segments, other.segments) and self.rank_columns == other.rank_columns)
 
     def __repr__(self) -> str:
         return f"ColumnMap(n={self.n}, n_columns={self.n_columns}, {len(self.segments)} segments)"

@@ -15,7 +15,7 @@ another: collectives from two threads on one group could interleave differently 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from . import errors
@@ -39,23 +39,37 @@ class RankContext:
     group: object  # collectives from the caller's thread
     writer_group: object  # collectives from the background writer thread
     sharded: bool  # parameters are FSDP2 shards: every rank writes its own columns
+    tag: str = ""  # names the store in every collective, so ranks in different stores' collectives are caught
+    calls: dict = field(default_factory=dict)  # collectives made so far, per group: ranks must agree
 
     @property
     def is_writer(self) -> bool:
         """Whether this rank writes rows (rank 0 always; every rank when sharded)."""
         return self.sharded or self.rank == 0
 
-    def exchange(self, error: BaseException | None, value: object = None, group: object | None = None) -> list:
+    def exchange(self, error: BaseException | None, value: object = None, group: object | None = None,
+                 op: str = "") -> list:
         """Collective: raise on every rank the first error any rank had (rank order), else return
         every rank's ``value`` in rank order.
 
         The rank that had the error re-raises its own exception; the others raise the same trajstore
-        error type with the rank named, so every rank stops at the same point.
+        error type with the rank named, so every rank stops at the same point. Each exchange carries
+        the store, the operation ``op`` and a count of this context's collectives: ranks that reach
+        different operations (one appends while another closes) all raise RankFailedError, instead
+        of pairing the two silently.
         """
+        group = group or self.group
+        count = self.calls[id(group)] = self.calls.get(id(group), 0) + 1
         status = None if error is None else (type(error).__name__, str(error))
         gathered: list = [None] * self.world
-        _dist().all_gather_object(gathered, (status, value), group=group or self.group)
-        for rank, (found, _) in enumerate(gathered):
+        _dist().all_gather_object(gathered, ((self.tag, op, count), status, value), group=group)
+        where = [call for call, _, _ in gathered]
+        if any(call != where[0] for call in where):
+            raise RankFailedError(
+                "the ranks of the job made different trajstore calls at the same point: " + "; ".join(
+                    f"rank {r}: {op or 'a collective'} #{n} on {tag}" for r, (tag, op, n) in enumerate(where))
+                + ". Every rank must call create/open, append, flush, truncate and close in the same order")
+        for rank, (_, found, _) in enumerate(gathered):
             if found is None:
                 continue
             if rank == self.rank and error is not None:
@@ -63,31 +77,29 @@ class RankContext:
             kind = getattr(errors, found[0], None)
             cls = kind if isinstance(kind, type) and issubclass(kind, TrajstoreError) else RankFailedError
             raise cls(f"rank {rank} of the job: {found[1]}")
-        return [value for _, value in gathered]
+        return [value for _, _, value in gathered]
 
-    def run_on_zero(self, fn: Callable[[], T]) -> T | None:
+    def run_on_zero(self, fn: Callable[[], T], op: str = "", undo: Callable[[T], object] | None = None) -> T | None:
         """Collective: run ``fn`` on rank 0, raise its error on every rank; returns its result on
-        rank 0 and None elsewhere."""
+        rank 0 and None elsewhere. When another rank failed, ``undo(result)`` runs on rank 0 first
+        (closing what ``fn`` opened: a store, a lock)."""
         result, error = None, None
         if self.rank == 0:
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 -- shared with every rank below
                 error = exc
-        self.exchange(error)
+        try:
+            self.exchange(error, op=op)
+        except BaseException:
+            if result is not None and undo is not None:
+                undo(result)
+            raise
         return result
 
-    def broadcast(self, value: T, group: object | None = None) -> T:
+    def broadcast(self, value: T, op: str = "") -> T:
         """Collective: rank 0's ``value`` on every rank."""
-        box = [value if self.rank == 0 else None]
-        _dist().broadcast_object_list(box, src=0, group=group or self.group)
-        return box[0]
-
-    def gather(self, value: T) -> list[T]:
-        """Collective: every rank's ``value``, in rank order."""
-        out: list = [None] * self.world
-        _dist().all_gather_object(out, value, group=self.group)
-        return out
+        return self.exchange(None, value, op=op)[0]
 
 
 def is_alive() -> bool:
@@ -98,18 +110,37 @@ def is_alive() -> bool:
 
 def with_sharding(context: RankContext, sharded: bool) -> RankContext:
     """``context`` for a store whose rows every rank writes (``sharded``) or rank 0 alone."""
-    return RankContext(context.rank, context.world, context.group, context.writer_group, sharded)
+    return RankContext(context.rank, context.world, context.group, context.writer_group, sharded, context.tag,
+                       context.calls)
 
 
-_CONTEXTS: dict[int, RankContext] = {}  # by id of the process group, so groups are made once
+def for_store(context: RankContext, path: str) -> RankContext:
+    """Collective: ``context`` for the store at ``path``, with a writers' group of its own (two stores
+    recorded at once never interleave their writer threads' collectives) and its own call count."""
+    dist = _dist()
+    return RankContext(context.rank, context.world, context.group, dist.new_group(backend="gloo"),
+                       context.sharded, path)
+
+
+def release(context: RankContext) -> None:
+    """Free the store's writers' group (after its writer thread has stopped)."""
+    try:
+        if is_alive():
+            _dist().destroy_process_group(context.writer_group)
+    except Exception:  # noqa: BLE001 -- the job may be tearing down; nothing to keep
+        pass
+
+
+_CONTEXTS: dict[int, tuple[object, RankContext]] = {}  # by id of the default group (held: ids are never reused)
 
 
 def resolve(process_group: object = "auto", source: object = None) -> RankContext | None:
     """The rank context to record with, or None for a single-process recording.
 
-    ``"auto"``: the default group when torch.distributed is initialised with more than one rank.
-    ``None``: single-process, even inside a job (only this process records). A process group:
-    that group. Collective (the first call makes two gloo groups) when a context is returned.
+    ``"auto"`` (or the default group itself): the default group when torch.distributed is initialised
+    with more than one rank. ``None``: single-process, even inside a job (only this process records:
+    call it so from rank 0 alone). Collective (the first call makes a gloo group) when a context is
+    returned: every rank must call it, or the job waits until the gloo timeout.
     """
     if process_group is None:
         return None
@@ -120,18 +151,38 @@ def resolve(process_group: object = "auto", source: object = None) -> RankContex
         if process_group != "auto":
             raise InvalidArgumentError("process_group was given but torch.distributed is not initialised")
         return None
-    group = dist.group.WORLD if process_group == "auto" else process_group
+    group = dist.group.WORLD
+    if process_group != "auto" and process_group is not group:
+        # a subgroup's members alone would make trajstore's gloo groups, which puts torch's group count
+        # out of step across the job: every later new_group / device mesh would hang
+        raise InvalidArgumentError("process_group must be 'auto' (the default group) or None: recording over a "
+                                   "subgroup is not supported; record from the whole job, or from one rank with None")
     world = dist.get_world_size(group)
     if world == 1:
         return None
+    reshard(source)
     sharded = _is_sharded(source)
-    context = _CONTEXTS.get(id(group))
-    if context is None:
-        ranks = dist.get_process_group_ranks(group)
-        context = RankContext(dist.get_rank(group), world, dist.new_group(ranks, backend="gloo"),
-                              dist.new_group(ranks, backend="gloo"), False)
-        _CONTEXTS[id(group)] = context
-    return RankContext(context.rank, context.world, context.group, context.writer_group, sharded)
+    held = _CONTEXTS.get(id(group))
+    if held is None or held[0] is not group:  # a new job (re-initialised): new groups
+        context = RankContext(dist.get_rank(group), world, dist.new_group(backend="gloo"), None, False)
+        _CONTEXTS.clear()
+        _CONTEXTS[id(group)] = held = (group, context)
+    context = held[1]
+    return RankContext(context.rank, context.world, context.group, None, sharded)
+
+
+def reshard(source: object) -> None:
+    """Put an FSDP2 module's parameters back in their sharded state: after a forward without gradients
+    (an evaluation), fully_shard leaves the root's parameters gathered as plain tensors."""
+    if not is_module(source):
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover -- torch without FSDP2
+        return
+    for module in source.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _dist():

@@ -167,7 +167,7 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
     if key is not None:
         source["key"] = key
     if resume and _exists(path):
-        store = TrajectoryStore.open(path, "a")
+        store = TrajectoryStore.open(path, "a", process_group=None)  # one process imports, even inside a job
         t = len(store)
         same = {k: store.metadata.get(k) for k in source} == source and t <= len(files)
         if same and t:  # the committed rows came from the first t files, in this order
@@ -181,7 +181,8 @@ def import_checkpoints(folder: "str | os.PathLike", path: "str | os.PathLike", p
     else:
         store = TrajectoryStore.create(path, LayoutTemplate(layout, buffer_layout) if buffer_layout.n else layout,
                                        codec=codec,
-                                       overwrite=overwrite, buffers=bool(buffer_layout.n), metadata=source)
+                                       overwrite=overwrite, buffers=bool(buffer_layout.n), metadata=source,
+                                       process_group=None)
     done = len(store)  # committed by an interrupted import
     try:
         for i, file in enumerate(files):

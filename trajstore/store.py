@@ -62,6 +62,9 @@ class TrajectoryStore(Appending):
                 f"{context.world}: record it with that many ranks, or into a new store")
         self._cols = (distributed.write_range(self.columns, context.rank) if context is not None and context.sharded
                       else (0, self.n_columns))  # the columns this process writes
+        if context is not None and context.sharded and mode == "a":
+            params = group[PARAMS]
+            self.columns.check_aligned(int((params.shards or params.chunks)[1]))
         if mode == "a":
             self._prev: np.ndarray | None = None  # decoded last row, our columns (xor transform)
             self._reference: np.ndarray | None = None  # decoded row 0, our columns (delta transform)
@@ -114,17 +117,23 @@ class TrajectoryStore(Appending):
     def _create_collective(cls, context: "distributed.RankContext", path: str, source: object, queue_depth: int,
                            kwargs: dict) -> "TrajectoryStore":
         """Every rank: rank 0 creates the files, the others open them; any rank's error is every rank's."""
+        context = distributed.for_store(context, path)
         columns, error = None, None
         try:
             layout = ParamLayout.of(source)
             if context.sharded:
                 distributed.check_shards(layout, source, context.rank, context.world)
-                chunk, shard = chunking(layout.n, kwargs["chunk_size"], kwargs["shard_size"])
-                columns = ColumnMap.rank_major(layout.n, distributed.rank_pieces(layout, context.world), shard)
+                pieces = distributed.rank_pieces(layout, context.world)
+                # shards no wider than a rank's part: padding each rank to a whole shard costs < 2x columns
+                widest = max(sum(length for _, length in rank) for rank in pieces)
+                chunk, shard = chunking(max(1, widest), kwargs["chunk_size"], kwargs["shard_size"])
+                kwargs = {**kwargs, "chunk_size": chunk, "shard_size": shard}
+                columns = ColumnMap.rank_major(layout.n, pieces, shard)
         except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
             error = exc
-        context.exchange(error)
-        created = context.run_on_zero(lambda: create_files(path, source, columns=columns, **kwargs))
+        context.exchange(error, op="create")
+        created = context.run_on_zero(lambda: create_files(path, source, columns=columns, **kwargs), op="create",
+                                      undo=lambda files: files[2].release())
         store, error = None, None
         try:
             if created is not None:
@@ -137,7 +146,7 @@ class TrajectoryStore(Appending):
         except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
             error = exc
         try:
-            context.exchange(error)
+            _same_store(context, store, error, path, "create")
         except BaseException:
             if store is not None:
                 store._close_local()
@@ -162,9 +171,11 @@ class TrajectoryStore(Appending):
         context = distributed.resolve(process_group) if mode == "a" else None
         if context is None:
             return cls._open_locked(path, mode, break_lock, queue_depth, storage_options, durable, None)
+        context = distributed.for_store(context, path)
         joined = lambda meta: distributed.with_sharding(context, meta.get("columns") is not None)  # noqa: E731
         opened = context.run_on_zero(lambda: cls._open_locked(path, mode, break_lock, queue_depth, storage_options,
-                                                               durable, joined))
+                                                               durable, joined), op="open",
+                                      undo=lambda store: store._close_local())
         store, error = opened, None  # rank 0 has healed what a kill left before the others open
         if opened is None:
             try:
@@ -173,7 +184,7 @@ class TrajectoryStore(Appending):
             except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
                 error = exc
         try:
-            context.exchange(error)
+            _same_store(context, store, error, path, "open")
         except BaseException:
             if store is not None:
                 store._close_local()
@@ -462,3 +473,13 @@ class TrajectoryStore(Appending):
         except FileNotFoundError:
             return set()
 
+
+def _same_store(context: "distributed.RankContext", store: "TrajectoryStore | None", error: BaseException | None,
+                path: str, op: str) -> None:
+    """Collective: raise every rank's first error, or a typed error when the ranks opened different
+    stores at ``path`` (a path that is not one shared filesystem for the whole job)."""
+    seen = context.exchange(error, (store.run_id, store._meta.get("created")) if store is not None else None, op=op)
+    if any(found != seen[0] for found in seen):
+        runs = ", ".join(f"rank {rank}: run {found[0]}" for rank, found in enumerate(seen))
+        raise InvalidArgumentError(f"the ranks of the job see different stores at {path} ({runs}): every rank must "
+                                   "reach one store, on a filesystem (or object store) they share")

@@ -61,9 +61,11 @@ class BackgroundWriter:
         """Give back a buffer that was acquired but not submitted."""
         self._free.put(buf)
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; returns at once."""
-        self.raise_pending()
+    def submit(self, job: Job, check: bool = True) -> None:
+        """Queue a job; returns at once. ``check``: raise a background error first (else it is raised
+        by the next acquire or flush, and the job is skipped by the failed thread)."""
+        if check:
+            self.raise_pending()
         self._jobs.put(job)
 
     def flush(self) -> None:

@@ -278,8 +278,9 @@ class Run:
         model = recipe.model
         opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
         self._restore(state, model, opt, recipe, "sample")
-        store = TrajectoryStore.open(self.store_path, "a") if self.store_path.exists() else \
-            TrajectoryStore.create(self.store_path, model, metadata={"run": str(self.dir), "recipe": c.recipe})
+        store = TrajectoryStore.open(self.store_path, "a", process_group=None) if self.store_path.exists() else \
+            TrajectoryStore.create(self.store_path, model, metadata={"run": str(self.dir), "recipe": c.recipe},
+                                   process_group=None)
         rec = Recorder(store, model, every_n_steps=c.sample_every, every_n_epochs=None if c.sample_every else 1)
         rec.start(int(state.get("global_step", 0)))
         try:

@@ -9,7 +9,7 @@ import torch
 from trajstore.errors import InvalidArgumentError, LayoutMismatchError
 
 from ..basis import Basis
-from ..distributed import all_reduce_sum_, is_dtensor, local, resolve_group, shard_rows
+from ..distributed import agree, all_reduce_sum_, is_dtensor, local, resolve_group, same_everywhere, shard_rows, world_size
 from ._params import match_params
 
 
@@ -37,7 +37,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     subspace state (momentum, B) is shared by all rows, so such a step still advances it.
 
     **torch.distributed.** Pass the parameters of the model as the job trains it. DDP: every rank holds all
-    of P, DDP has averaged the gradients, so g̃ is the same everywhere and is not communicated. FSDP2
+    of P and DDP has averaged the gradients; g̃ is averaged over the ranks all the same (d values), so the
+    replicas never drift apart, even where ranks compute P's products differently (resident and streamed
+    P round differently). The ranks must hold one basis: checked when the optimizer is made. FSDP2
     (``fully_shard``; load the basis with ``Basis.from_store(..., model=model)``, which holds only this
     rank's rows): the optimizer reads and writes each parameter's local shard (``p.to_local()``,
     ``p.grad.to_local()``) and sums g̃ = Σ_local P_lᵀ g_l over the ranks (one all_reduce of d float64 values
@@ -65,6 +67,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if basis.sharded:
             self._check_shards()
         self.process_group = resolve_group(process_group, basis.sharding.group if basis.sharded else None)
+        if not same_everywhere(basis.fingerprint().to(basis.device), self.process_group):
+            raise LayoutMismatchError(
+                "the ranks of the job hold different bases (another extraction replaced the subspace between their "
+                "loads, or they loaded different names): load it again on every rank, once no extraction is running")
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -113,6 +119,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         g = self.basis.project(grads)
         if self.basis.sharded:
             all_reduce_sum_(g, self.process_group)
+        elif self.process_group is not None:  # replicated: equal up to rounding; make it exactly equal
+            all_reduce_sum_(g, self.process_group).div_(world_size(self.process_group))
         return g
 
     def _init_state(self) -> dict[str, Any]:
@@ -132,7 +140,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if fingerprint is not None:
             fingerprint = fingerprint.cpu().double()
             legacy = fingerprint.numel() == 3  # saved by an earlier version: a hash of the first 64 rows only
-            if not torch.equal(fingerprint, self.basis.legacy_fingerprint() if legacy else self.basis.fingerprint()):
+            same = torch.equal(fingerprint, self.basis.legacy_fingerprint() if legacy else self.basis.fingerprint())
+            if not agree(same, self.process_group, self.basis.device):  # every rank raises, or none
                 raise LayoutMismatchError(
                     "this optimizer state was saved with a different basis (n, d or values differ); load the basis "
                     "it was trained with")
