@@ -72,14 +72,33 @@ def final_state(directory: Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ref") / "run"
     Run(directory, CONFIG).execute()
-    return final_state(directory)
+    return directory
 
 
-@pytest.mark.parametrize("kill_at", ["sample epoch   3", "extracting", "pbfgs epoch   2", "psgd epoch   1",
-                                     "sgd epoch   8"])
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return final_state(uninterrupted_run)
+
+
+def test_a_run_killed_between_its_last_phase_and_its_report_writes_the_report_on_resume(tmp_path, uninterrupted_run):
+    """Found by the fault campaign: the checkpoint said "done" before report.json existed."""
+    import shutil
+
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, directory)
+    (directory / "report.json").unlink()  # the kill came after the final checkpoint, before the report
+    done = subprocess.run([sys.executable, "-m", "tests.run_proc", str(directory), "--resume"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert final_state(directory)[1] == final_state(uninterrupted_run)[1]  # the same report, from the same run
+
+
+@pytest.mark.parametrize("kill_at", [pytest.param("sample epoch   3", marks=pytest.mark.slow), "extracting",
+                                     "pbfgs epoch   2", pytest.param("psgd epoch   1", marks=pytest.mark.slow),
+                                     pytest.param("sgd epoch   8", marks=pytest.mark.slow)])
 def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, uninterrupted, kill_at):
     directory = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tests.run_proc", str(directory)], cwd=ROOT,

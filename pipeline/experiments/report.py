@@ -44,9 +44,16 @@ def write_report(run) -> dict:
     report = {"config": asdict(run.config), "methods": summarize(history, timing), "history": history,
               "timing": timing, "subspace": {k: v for k, v in sub.summary().items() if k != "path"},
               "plots": {k: str(v) for k, v in plots.items()}}
-    (run.dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run.dir / "report.md").write_text(markdown(report))
+    _write_atomic(run.dir / "report.md", markdown(report))
+    _write_atomic(run.dir / "report.json", json.dumps(report, indent=2))  # last: its presence means complete
     return report
+
+
+def _write_atomic(path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _curves(history: dict, key: str) -> dict:

@@ -202,8 +202,13 @@ class Run:
     def _execute(self, resume: bool) -> dict:
         state = self._start(resume)
         if state["phase"] == "done":
-            self.log(f"run {self.dir} is already finished; nothing to do (report: {self.dir / 'report.md'})")
-            return json.loads((self.dir / "report.json").read_text())
+            if (self.dir / "report.json").exists():
+                self.log(f"run {self.dir} is already finished; nothing to do (report: {self.dir / 'report.md'})")
+                return json.loads((self.dir / "report.json").read_text())
+            self.log(f"run {self.dir} finished training but not its report (killed meanwhile?): writing it now")
+            from .report import write_report
+
+            return write_report(self)
         order = ["sample", "extract", *self.config.methods(), "done"]
         while state["phase"] != "done":
             phase = state["phase"]
