@@ -96,6 +96,22 @@ def test_a_run_killed_between_its_last_phase_and_its_report_writes_the_report_on
     assert final_state(directory)[1] == final_state(uninterrupted_run)[1]  # the same report, from the same run
 
 
+def test_a_run_killed_after_its_first_snapshot_before_its_first_checkpoint_resumes(tmp_path, uninterrupted):
+    """Found by the fault campaign: the store held the run's own step-0 snapshot, and the Recorder took the
+    resume at step 0 for a fresh run into another run's store."""
+    from trajstore import TrajectoryStore
+
+    directory = tmp_path / "run"
+    run = Run(directory, CONFIG)
+    run._start(resume=False)  # config and the phase-"sample" checkpoint, as a new run writes them first
+    with TrajectoryStore.create(run.store_path, run._recipe("sgd").model) as store:
+        store.append(run._recipe("sgd").model, step=0)  # the initial snapshot; then the kill
+    done = subprocess.run([sys.executable, "-m", "tests.run_proc", str(directory), "--resume"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert final_state(directory)[1] == uninterrupted[1]
+
+
 @pytest.mark.parametrize("kill_at", [pytest.param("sample epoch   3", marks=pytest.mark.slow), "extracting",
                                      "pbfgs epoch   2", pytest.param("psgd epoch   1", marks=pytest.mark.slow),
                                      pytest.param("sgd epoch   8", marks=pytest.mark.slow)])

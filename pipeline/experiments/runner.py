@@ -283,9 +283,13 @@ class Run:
         model = recipe.model
         opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
         self._restore(state, model, opt, recipe, "sample")
-        store = TrajectoryStore.open(self.store_path, "a", process_group=None) if self.store_path.exists() else \
-            TrajectoryStore.create(self.store_path, model, metadata={"run": str(self.dir), "recipe": c.recipe},
-                                   process_group=None)
+        trained = int(state.get("global_step", 0)) > 0
+        # a store without a checkpointed step was left by a kill before the first checkpoint: it holds at most
+        # this run's step-0 snapshot, and nothing was trained, so it starts again (a resume at step 0 is a
+        # fresh start to the Recorder, which refuses a store holding snapshots)
+        store = TrajectoryStore.open(self.store_path, "a", process_group=None) if self.store_path.exists() and \
+            trained else TrajectoryStore.create(self.store_path, model, overwrite=True, process_group=None,
+                                                metadata={"run": str(self.dir), "recipe": c.recipe})
         rec = Recorder(store, model, every_n_steps=c.sample_every, every_n_epochs=None if c.sample_every else 1)
         rec.start(int(state.get("global_step", 0)))
         try:
