@@ -34,7 +34,7 @@ from trajstore.errors import (
 )
 from trajstore.layout import ParamLayout
 
-from .distributed import Sharding, sharding_of
+from .distributed import Sharding, fsdp_modules, reshard, sharding_of
 from .subspace import ATTEMPTS, BasisDigest, Subspace, block_rows, open_subspace
 
 Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in block, end)
@@ -97,6 +97,8 @@ class Basis:
         if host not in ("auto", "pinned", "mmap"):
             raise InvalidArgumentError(f"host must be 'auto', 'pinned' or 'mmap', got {host!r}")
         sharding, checked = None, False
+        if model is not None:  # an evaluation forward leaves the FSDP2 root gathered, its parameters plain
+            reshard(fsdp_modules(model.modules()))
         for attempt in range(ATTEMPTS):
             if attempt:
                 time.sleep(0.05 * 2 ** (attempt - 1))

@@ -9,6 +9,7 @@ Scenarios:
   kill CODEC             deterministic weights (rows of :func:`row`) appended until killed
   resume CODEC K         reopen, append K more deterministic rows, close
   misuse OUT             ranks that call different things: each case's outcome per rank, as JSON
+  lone OUT               calls made by rank 0 alone, and other new-user mistakes (TRAJSTORE_DIST_TIMEOUT short)
 """
 import json
 import os
@@ -194,6 +195,82 @@ def misuse(rank: int, world: int, folder: str) -> None:
     print(json.dumps({"rank": rank, **out}), flush=True)
 
 
+def lone(rank: int, world: int, folder: str) -> None:
+    """Calls made by one rank alone end in an error within TRAJSTORE_DIST_TIMEOUT, not a hang; and the
+    other mistakes a new user makes get typed errors."""
+    from pathlib import Path
+
+    from pipeline import extract_subspace
+    from pipeline.basis import Basis
+
+    out, root = {}, Path(folder)
+
+    def case(name, fn):
+        try:
+            fn()
+            out[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 -- the outcome is the result
+            out[name] = type(exc).__name__
+        dist.barrier()
+
+    model = wrap(make_model(), "fsdp", world)
+    case("process_group=None with FSDP2 shards",
+         lambda: TrajectoryStore.create(root / "none.zarr", model, process_group=None))
+    store = TrajectoryStore.create(root / "s.zarr", model, **CHUNKS)
+    for step in range(3):
+        set_weights(model, row(step), rank, world)
+        store.append(model, step=step)
+    store.close()
+    plain = make_model()
+    with TrajectoryStore.create(root / "ddp.zarr", plain, process_group=None) if rank == 0 else _nothing() as s:
+        if rank == 0:
+            s.append(plain, step=0)
+    dist.barrier()
+
+    def resume_sharded_into_unsharded():
+        with TrajectoryStore.open(root / "ddp.zarr", "a") as s:
+            s.append(model, step=1)
+    case("FSDP2 appends to a store recorded unsharded", resume_sharded_into_unsharded)
+
+    def load_after_evaluation():
+        with torch.no_grad():
+            model(torch.randn(2, 10))  # leaves the root gathered: a load must still reach the shards
+        TrajectoryStore.open(root / "s.zarr").load_into(model, 1)
+        out["loaded"] = bool(np.array_equal(full_vector(model), TrajectoryStore.open(root / "s.zarr").read(1)))
+    case("load_into an FSDP2 model after an evaluation", load_after_evaluation)
+    if rank == 0:
+        extract_subspace(root / "s.zarr", dim=1)
+    dist.barrier()
+
+    def basis_after_evaluation():
+        with torch.no_grad():
+            model(torch.randn(2, 10))
+        out["rows"] = Basis.from_store(root / "s.zarr", model=model).n
+    case("Basis.from_store after an evaluation", basis_after_evaluation)
+    # last: a call made by one rank alone leaves trajstore's collectives out of step for the rest of the job
+    case("append on rank 0 alone", lambda: _append_alone(root / "s.zarr", model, rank))
+    case("create on rank 0 alone", lambda: TrajectoryStore.create(root / "alone.zarr", model) if rank == 0 else None)
+    print(json.dumps({"rank": rank, **out}), flush=True)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _append_alone(path, model, rank: int) -> None:
+    store = TrajectoryStore.open(path, "a", break_lock=True)
+    try:
+        if rank == 0:
+            store.append(model, step=10)
+            store.flush()
+    finally:
+        store._close_local()  # its collectives are out of step now: no collective close
+
+
 def main() -> None:
     scenario, rank, world, port, path, *args = sys.argv[1:]
     rank, world = int(rank), int(world)
@@ -206,6 +283,8 @@ def main() -> None:
             kill(rank, world, path, *args)
         elif scenario == "misuse":
             misuse(rank, world, path)
+        elif scenario == "lone":
+            lone(rank, world, path)
         else:
             resume(rank, world, path, args[0], int(args[1]))
     finally:

@@ -28,15 +28,15 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _launch(*args: str) -> list[subprocess.Popen]:
+def _launch(*args: str, env: dict | None = None) -> list[subprocess.Popen]:
     port = _port()
     return [subprocess.Popen([sys.executable, "-m", "tests.dist_record_proc", args[0], str(rank), "2", port, *args[1:]],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) for rank in (0, 1)]
 
 
-def _run(*args: str) -> list[dict]:
-    procs = _launch(*args)
+def _run(*args: str, env: dict | None = None) -> list[dict]:
+    procs = _launch(*args, env=env)
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -122,6 +122,21 @@ def test_ranks_that_call_different_things_all_raise_and_nothing_is_mixed(tmp_pat
     assert columns < 2 * n  # shards sized to the ranks' parts: padding never doubles the store
     assert [r["import on rank 0 alone"] for r in ranks] == ["ok"] * 2
     assert len(TrajectoryStore.open(tmp_path / "imported.zarr")) == 2
+
+
+def test_a_call_made_by_one_rank_alone_ends_in_an_error_not_a_hang(tmp_path):
+    """New-user trial: `if rank == 0: create(...)` or a metric logged on rank 0 only used to wait for torch's 30
+    minutes in silence; now every such call raises RankFailedError after TRAJSTORE_DIST_TIMEOUT."""
+    t0 = time.time()
+    ranks = _run("lone", str(tmp_path), env={"TRAJSTORE_DIST_TIMEOUT": "4"})
+    assert time.time() - t0 < 120
+    assert ranks[0]["create on rank 0 alone"] == ranks[0]["append on rank 0 alone"] == "RankFailedError"
+    assert [r["process_group=None with FSDP2 shards"] for r in ranks] == ["InvalidArgumentError"] * 2
+    assert [r["FSDP2 appends to a store recorded unsharded"] for r in ranks] == ["LayoutMismatchError"] * 2
+    assert [r["load_into an FSDP2 model after an evaluation"] for r in ranks] == ["ok"] * 2
+    assert [r["loaded"] for r in ranks] == [True, True]  # into the shards, not the gathered copy
+    assert [r["Basis.from_store after an evaluation"] for r in ranks] == ["ok"] * 2
+    assert len(TrajectoryStore.open(tmp_path / "s.zarr")) == 3  # the lone append committed nothing
 
 
 def _committed(path: Path) -> int:

@@ -56,10 +56,14 @@ class Appending:
         try:
             distributed.reshard(source)
             if self._ctx.sharded:
+                distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
                 i, (lo, hi) = self._check_index(index), self._cols
                 want = np.empty(hi - lo, self.dtype)
                 distributed.flatten_local(self.layout, source, want)
                 same = bool(np.array_equal(self.reader().read_block(i, i + 1, lo, hi)[0], want, equal_nan=True))
+            elif distributed.has_shards(source):
+                raise LayoutMismatchError(f"{self.path} was recorded unsharded, and the model resuming it holds FSDP2 "
+                                          "shards: resume with the wrapping it was recorded with, or use a new store")
             elif self._ctx.rank == 0:
                 want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
                 same = bool(np.array_equal(self.read(index), want, equal_nan=True))
@@ -127,6 +131,11 @@ class Appending:
             distributed.reshard(source)  # an evaluation forward leaves FSDP2's root parameters gathered
         if sharded:
             distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
+        elif distributed.has_shards(source):
+            raise LayoutMismatchError(
+                f"{self.path} was recorded unsharded (one process, or DDP's rank 0), and this snapshot holds FSDP2 "
+                "shards (DTensors): resume it with the same wrapping it was recorded with, or record the FSDP2 run "
+                "into a new store")
         if self._writer is None:
             return None, False, None, step, epoch, metrics  # a rank that writes nothing (DDP, rank > 0)
         buf = self._writer.acquire()

@@ -15,7 +15,9 @@ another: collectives from two threads on one group could interleave differently 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from . import errors
@@ -62,13 +64,23 @@ class RankContext:
         count = self.calls[id(group)] = self.calls.get(id(group), 0) + 1
         status = None if error is None else (type(error).__name__, str(error))
         gathered: list = [None] * self.world
-        _dist().all_gather_object(gathered, ((self.tag, op, count), status, value), group=group)
+        try:
+            _dist().all_gather_object(gathered, ((self.tag, op, count), status, value), group=group)
+        except RuntimeError as exc:  # gloo: a rank never came (timeout) or its process ended
+            raise RankFailedError(
+                f"rank {self.rank} was in {op or 'a collective call'} on {self.tag or 'a store'} and the other ranks "
+                f"did not join it ({str(exc).splitlines()[0][:200]}). Every rank must make the same trajstore calls "
+                "in the same order (Recorder, append, flush, truncate, close); one that failed or called them "
+                f"alone (under `if rank == 0:`) leaves the others waiting, up to {timeout().seconds} s "
+                "(TRAJSTORE_DIST_TIMEOUT)") from None
         where = [call for call, _, _ in gathered]
         if any(call != where[0] for call in where):
             raise RankFailedError(
-                "the ranks of the job made different trajstore calls at the same point: " + "; ".join(
-                    f"rank {r}: {op or 'a collective'} #{n} on {tag}" for r, (tag, op, n) in enumerate(where))
-                + ". Every rank must call create/open, append, flush, truncate and close in the same order")
+                "the ranks of the job made different trajstore calls at the same point (the n-th collective call "
+                "on a store): " + "; ".join(f"rank {r}: {op or 'a collective'} (#{n}) on {tag}"
+                                            for r, (tag, op, n) in enumerate(where))
+                + ". Every rank must call create/open (one path), append (with the same step), flush, truncate "
+                "(to one length) and close, in the same order")
         for rank, (_, found, _) in enumerate(gathered):
             if found is None:
                 continue
@@ -114,11 +126,52 @@ def with_sharding(context: RankContext, sharded: bool) -> RankContext:
                        context.calls)
 
 
+def timeout() -> timedelta:
+    """How long a rank waits for the others in trajstore's collectives: ``TRAJSTORE_DIST_TIMEOUT`` seconds
+    (default 300). Long enough for the slowest rank to write its shards; short enough that a call made by
+    one rank alone (under ``if rank == 0:``) ends in an error, not a job stuck for torch's 30 minutes."""
+    try:
+        seconds = float(os.environ.get("TRAJSTORE_DIST_TIMEOUT", "300"))
+    except ValueError:
+        raise InvalidArgumentError("TRAJSTORE_DIST_TIMEOUT must be a number of seconds") from None
+    return timedelta(seconds=max(1.0, seconds))
+
+
+def _arrive(context_rank: int, world: int, what: str) -> None:
+    """Wait, at most :func:`timeout`, for every rank to reach this point (by the job's key-value store);
+    raise RankFailedError naming the ranks that did not. The first contact before trajstore's own groups
+    exist: making a group is itself collective, and would wait silently for torch's timeout."""
+    global _ARRIVALS
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except Exception:  # noqa: BLE001 -- private in torch: without it, no early check
+        return
+    _ARRIVALS += 1
+    key = f"trajstore/arrive/{_ARRIVALS}"
+    store.set(f"{key}/{context_rank}", what)
+    missing = []
+    for rank in range(world):
+        try:
+            store.wait([f"{key}/{rank}"], timeout())
+        except Exception:  # noqa: BLE001 -- a timeout: that rank never came
+            missing.append(rank)
+    if missing:
+        raise RankFailedError(
+            f"rank {context_rank} called {what} inside a torch.distributed job of {world} ranks, and rank(s) "
+            f"{missing} did not within {timeout().seconds} s: every rank must call it (recording is collective), "
+            "or pass process_group=None to record from this rank alone (replicated/DDP parameters only)")
+
+
+_ARRIVALS = 0
+
+
 def for_store(context: RankContext, path: str) -> RankContext:
     """Collective: ``context`` for the store at ``path``, with a writers' group of its own (two stores
     recorded at once never interleave their writer threads' collectives) and its own call count."""
     dist = _dist()
-    return RankContext(context.rank, context.world, context.group, dist.new_group(backend="gloo"),
+    return RankContext(context.rank, context.world, context.group, dist.new_group(backend="gloo", timeout=timeout()),
                        context.sharded, path)
 
 
@@ -134,7 +187,8 @@ def release(context: RankContext) -> None:
 _CONTEXTS: dict[int, tuple[object, RankContext]] = {}  # by id of the default group (held: ids are never reused)
 
 
-def resolve(process_group: object = "auto", source: object = None) -> RankContext | None:
+def resolve(process_group: object = "auto", source: object = None, what: str = "a trajstore call"
+            ) -> RankContext | None:
     """The rank context to record with, or None for a single-process recording.
 
     ``"auto"`` (or the default group itself): the default group when torch.distributed is initialised
@@ -160,11 +214,13 @@ def resolve(process_group: object = "auto", source: object = None) -> RankContex
     world = dist.get_world_size(group)
     if world == 1:
         return None
+    _arrive(dist.get_rank(group), world, what)
     reshard(source)
     sharded = _is_sharded(source)
     held = _CONTEXTS.get(id(group))
     if held is None or held[0] is not group:  # a new job (re-initialised): new groups
-        context = RankContext(dist.get_rank(group), world, dist.new_group(backend="gloo"), None, False)
+        context = RankContext(dist.get_rank(group), world, dist.new_group(backend="gloo", timeout=timeout()), None,
+                              False)
         _CONTEXTS.clear()
         _CONTEXTS[id(group)] = held = (group, context)
     context = held[1]
@@ -187,6 +243,28 @@ def reshard(source: object) -> None:
 
 def _dist():
     return _torch().distributed
+
+
+def copy_into(tensor: "object", value: "object") -> None:
+    """``tensor.copy_(value)``; for an FSDP2 shard (DTensor, ``Shard(0)`` on a 1-D mesh) only this rank's
+    dim-0 rows of the full ``value`` go into its local tensor."""
+    if not _is_dtensor(tensor):
+        tensor.copy_(value.to(tensor.dtype))
+        return
+    from torch.distributed.tensor import Shard
+
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+        raise InvalidArgumentError(f"cannot load into a tensor placed {tuple(tensor.placements)} on a {mesh.ndim}-D "
+                                   "mesh: load the snapshot before sharding the model, or into a plain copy")
+    local = tensor.to_local()
+    first = mesh.get_local_rank() * -(-value.shape[0] // mesh.size()) if value.dim() else 0
+    local.copy_(value[first:first + local.shape[0]].to(local.dtype))
+
+
+def has_shards(source: object) -> bool:
+    """Whether ``source`` (module or state_dict) holds FSDP2 shards (DTensors); never imports torch."""
+    return "torch" in __import__("sys").modules and _is_sharded(source)
 
 
 def _is_sharded(source: object) -> bool:

@@ -35,7 +35,7 @@ def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch
     path = normalize(path)
     local = local_dir(path)
     exists = (local / "zarr.json").exists() if local is not None else _remote_exists(path)
-    context = distributed.resolve(process_group, model)
+    context = distributed.resolve(process_group, model, "open_for_recording (or a trainer callback)")
     if context is not None:  # rank 0's view: every rank must make the same collective call (create or open)
         exists = context.broadcast(exists)
     if not exists or overwrite:

@@ -103,9 +103,14 @@ class TrajectoryStore(Appending):
         """
         kwargs = dict(codec=codec, metadata=metadata, overwrite=overwrite, buffers=buffers, chunk_size=chunk_size,
                       shard_size=shard_size, storage_options=storage_options, durable=durable, break_lock=break_lock)
-        context = distributed.resolve(process_group, source)
+        context = distributed.resolve(process_group, source, "TrajectoryStore.create")
         if context is not None:
             return cls._create_collective(context, normalize(path), source, queue_depth, kwargs)
+        if distributed.has_shards(source):
+            raise InvalidArgumentError(
+                "the model's parameters are FSDP2 shards (DTensors): every rank must record, so call create on every "
+                "rank with the default process_group (process_group=None records one process's whole model: DDP, or "
+                "a plain copy)")
         group, meta, lock = create_files(normalize(path), source, **kwargs)
         try:
             return cls(normalize(path), group, meta, "a", lock, storage_options, queue_depth, durable)
@@ -168,7 +173,7 @@ class TrajectoryStore(Appending):
         if mode not in ("r", "a"):
             raise InvalidArgumentError(f"mode must be 'r' or 'a', got {mode!r}")
         path = normalize(path)
-        context = distributed.resolve(process_group) if mode == "a" else None
+        context = distributed.resolve(process_group, what="TrajectoryStore.open(..., \"a\")") if mode == "a" else None
         if context is None:
             return cls._open_locked(path, mode, break_lock, queue_depth, storage_options, durable, None)
         context = distributed.for_store(context, path)
@@ -391,7 +396,11 @@ class TrajectoryStore(Appending):
         return sd
 
     def load_into(self, model: torch.nn.Module, index: int) -> torch.nn.Module:
-        """Copy snapshot ``index`` (and its buffers, if recorded) into ``model`` in place."""
+        """Copy snapshot ``index`` (and its buffers, if recorded) into ``model`` in place.
+
+        An FSDP2 model (``fully_shard``) gets this rank's rows of each tensor in its local shard (every rank
+        reads the snapshot; no collective): call it on every rank."""
+        distributed.reshard(model)  # an evaluation forward leaves FSDP2's root gathered: copies there are lost
         self.layout.check_same(ParamLayout.from_module(model), "model")
         sd = self.state_dict(index)
         with _torch().no_grad():
@@ -400,7 +409,7 @@ class TrajectoryStore(Appending):
             for key, tensor in named.items():
                 value = sd.get(strip_prefixes(key))
                 if value is not None:
-                    tensor.copy_(value.to(tensor.dtype))
+                    distributed.copy_into(tensor, value)
         return model
 
 

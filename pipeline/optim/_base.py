@@ -62,7 +62,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if basis.sharded and not all(shards):
             raise InvalidArgumentError(
                 "the basis holds one rank's rows of P of an FSDP2 model (from_store(..., model=)), but the "
-                "parameters given are not all FSDP2 shards (DTensors): pass that model's parameters")
+                "parameters given are not all FSDP2 shards (DTensors): pass that model's parameters. After a "
+                "forward under no_grad (an evaluation) FSDP2 leaves the root's parameters gathered: call "
+                "model.reshard() before building the optimizer")
         self._slots = match_params(basis, [local(p) for p in self.params], self.param_groups[0].get("param_names"))
         if basis.sharded:
             self._check_shards()
