@@ -1,4 +1,8 @@
-"""Commands over the pipeline's extraction: ``extract``, ``spectrum``, ``project``."""
+"""Commands over the pipeline's extraction: ``extract``, ``spectrum``, ``project``.
+
+The pipeline (and with it dask) is imported inside the commands, so that the other commands start
+without it.
+"""
 from __future__ import annotations
 
 import signal
@@ -8,21 +12,23 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from pipeline import extract_subspace, open_subspace
-from pipeline.checks import check_int, check_output_file, check_scheduler
-from pipeline.compute import Interrupted, StopFlag
-from pipeline.dldr import check_extract_args, parse_snapshots
-from pipeline.follow import check_follow_args
+from trajstore import inspect
 from trajstore.errors import TrajstoreError
 
-from ._console import err, errors_to_exit, fail, note, print_json, progress_bar
+from ._choices import Method
+from ._console import err, errors_to_exit, fail, note, out, print_json, progress_bar
+
+_NAME_HELP = "subspace to read; default: the store's only subspace (several: name one)"
 
 
 @contextmanager
 def stop_on_signals():
     """Ctrl-C / SIGTERM ask the running pass to stop after its in-flight blocks (cache kept)."""
+    from pipeline.compute import StopFlag
+
     stop = StopFlag()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -41,21 +47,35 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def extract(run: str = typer.Argument(..., help="store path or URL"),
+def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
             dim: Optional[int] = typer.Option(None, "--dim", help="subspace dimension d"),
-            variance: Optional[float] = typer.Option(None, "--variance", help="smallest d reaching this explained variance"),
-            snapshots: Optional[str] = typer.Option(None, "--snapshots", help="START:STOP[:STEP] or i,j,k (snapshot indices)"),
-            name: str = typer.Option("default", "--name"),
-            method: str = typer.Option("gram", "--method", help="gram | randomized"),
-            scheduler: Optional[str] = typer.Option(None, "--scheduler", help="dask.distributed scheduler address"),
-            block_size: Optional[int] = typer.Option(None, "--block-size", help="columns per task"),
-            overwrite: bool = typer.Option(False, "--overwrite"),
+            variance: Optional[float] = typer.Option(
+                None, "--variance", help="instead of --dim: the smallest d reaching this explained variance (0 to 1]"),
+            snapshots: Optional[str] = typer.Option(
+                None, "--snapshots", help="snapshot indices START:STOP[:STEP] (0:10, 5:, 0:40:2) or i,j,k; "
+                "default: all"),
+            name: str = typer.Option("default", "--name", help="subspace to write: RUN/subspaces/NAME"),
+            method: Method = typer.Option(Method.gram, "--method", help="gram: exact eigendecomposition of the "
+                                          "Gram matrix; randomized: randomized SVD, for thousands of snapshots"),
+            scheduler: Optional[str] = typer.Option(
+                None, "--scheduler", help="dask.distributed scheduler address [tcp://]HOST:PORT; default: threads"),
+            block_size: Optional[int] = typer.Option(
+                None, "--block-size", help="columns per task, rounded to whole inner chunks of the store; default: "
+                "one chunk (262,144 columns unless the store was created with another chunk_size)"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing subspace NAME"),
             break_lock: bool = typer.Option(False, "--break-lock", help="take over the lock of a dead extraction"),
             follow: bool = typer.Option(False, "--follow", help="keep extracting while RUN is being recorded"),
             every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
             poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
-            json: bool = typer.Option(False, "--json")) -> None:
+            json: bool = typer.Option(False, "--json", help="machine-readable summary on stdout")) -> None:
     """Extract the DLDR subspace of RUN out of core (exact Gram or randomized), into RUN/subspaces/NAME."""
+    from pipeline import extract_subspace
+    from pipeline.checks import check_scheduler
+    from pipeline.compute import Interrupted
+    from pipeline.dldr import check_extract_args, parse_snapshots
+    from pipeline.follow import check_follow_args
+
+    method = method.value
     with errors_to_exit():  # every argument, before any work or progress display
         selection = parse_snapshots(snapshots)
         check_extract_args(dim=dim, variance=variance, method=method, name=name, block_size=block_size)
@@ -86,7 +106,7 @@ def extract(run: str = typer.Argument(..., help="store path or URL"),
     if json:
         print_json(summary)
         return
-    err.print(f"subspace [bold]{name}[/]: d = {sub.dim} from {len(sub.snapshots)} snapshots, "
+    err.print(f"subspace [bold]{escape(name)}[/]: d = {sub.dim} from {len(sub.snapshots)} snapshots, "
               f"explained variance {summary['explained_variance']:.2%}, "
               f"‖PᵀP − I‖ = {sub.orthonormality_error:.2e}, {summary['seconds']:.1f} s", highlight=False)
 
@@ -123,7 +143,7 @@ def _follow(run, every, dim, variance, name, method, scheduler, poll, json):
             print_json({"snapshots": len(sub.snapshots), "dim": sub.dim,
                         "orthonormality_error": sub.orthonormality_error})
         else:
-            err.print(f"subspace {name}: d = {sub.dim} from {len(sub.snapshots)} snapshots")
+            err.print(f"subspace {escape(name)}: d = {sub.dim} from {len(sub.snapshots)} snapshots", highlight=False)
 
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, dim=dim, variance=variance, name=name, method=method,
@@ -132,15 +152,20 @@ def _follow(run, every, dim, variance, name, method, scheduler, poll, json):
         err.print(f"stopped after {updates} refreshes; the Gram cache is intact")
 
 
-def spectrum(run: str = typer.Argument(...), name: str = typer.Option("default", "--name"),
+def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
+             name: Optional[str] = typer.Option(None, "--name", help=_NAME_HELP),
              plot: Optional[Path] = typer.Option(None, "--plot", help="write the PCA-ratio figure (PNG)"),
              top: int = typer.Option(20, "--top", help="rows of the table"),
-             json: bool = typer.Option(False, "--json")) -> None:
-    """The spectrum of a subspace's trajectory: per-component and cumulative explained variance."""
+             json: bool = typer.Option(False, "--json", help="machine-readable spectrum on stdout")) -> None:
+    """The spectrum of a subspace's trajectory: per-component and cumulative explained variance (stdout)."""
+    from pipeline import open_subspace
+    from pipeline.checks import check_int, check_output_file
+
     with errors_to_exit():
         check_int("top", top, 1)
         if plot:
             check_output_file("plot", plot)
+        name = inspect.subspace_name(run, name)
         sub = open_subspace(run, name)
     if plot:
         from pipeline.plots import spectrum_plot
@@ -150,31 +175,44 @@ def spectrum(run: str = typer.Argument(...), name: str = typer.Option("default",
     if json:
         print_json({**sub.summary(), "cumulative": sub.cumulative_variance().tolist(), "plot": str(plot) if plot else None})
         return
-    table = Table(title=f"spectrum of {name} (d = {sub.dim})")
+    table = Table(title=escape(f"spectrum of {name} (d = {sub.dim})"))
     for col in ("component", "explained", "cumulative"):
         table.add_column(col, justify="right")
     cumulative = sub.cumulative_variance()
     for i, ratio in enumerate(sub.explained_variance_ratio[:top]):
         style = "bold" if i < sub.dim else "dim"
         table.add_row(str(i + 1), f"{ratio:.4%}", f"{cumulative[i]:.4%}", style=style)
-    err.print(table)
+    out.print(table)
     if plot:
-        err.print(f"wrote {plot}")
+        err.print(f"wrote {escape(str(plot))}", highlight=False)
 
 
-def project(run: str = typer.Argument(...), name: str = typer.Option("default", "--name"),
-            plot: Path = typer.Option(..., "--plot", help="PNG file to write")) -> None:
+def project(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
+            name: Optional[str] = typer.Option(None, "--name", help=_NAME_HELP),
+            plot: Path = typer.Option(..., "--plot", help="PNG file to write"),
+            json: bool = typer.Option(False, "--json", help="the snapshots' coordinates on the plane, on stdout")
+            ) -> None:
     """Draw the trajectory in the plane of the first two principal directions."""
+    from pipeline import open_subspace
+    from pipeline.checks import check_output_file
     from pipeline.plots import trajectory_plot
 
     with errors_to_exit():
         check_output_file("plot", plot)
+        name = inspect.subspace_name(run, name)
         sub = open_subspace(run, name)
     if sub.dim < 2:
         raise fail(f"subspace {name!r} has d = 1; extract with --dim 2 or more to draw the PC plane", 2)
+    coords = sub.coordinates()
+    steps = sub.attrs.get("steps")
     with _plot_errors(plot):
-        trajectory_plot(sub.coordinates(), sub.explained_variance_ratio, plot, steps=sub.attrs.get("steps"))
-    err.print(f"wrote {plot}")
+        trajectory_plot(coords, sub.explained_variance_ratio, plot, steps=steps)
+    if json:
+        print_json({"path": sub.path, "name": name, "dim": sub.dim, "plot": str(plot), "snapshots": sub.snapshots,
+                    "steps": steps, "explained_variance_ratio": sub.explained_variance_ratio[:2].tolist(),
+                    "coordinates": coords[:, :2].tolist()})
+        return
+    err.print(f"wrote {escape(str(plot))}", highlight=False)
 
 
 @contextmanager
@@ -187,6 +225,6 @@ def _plot_errors(plot: Path):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("extract")(extract)
-    app.command("spectrum")(spectrum)
-    app.command("project")(project)
+    app.command("extract", short_help="the DLDR subspace, out of core, into RUN/subspaces/NAME")(extract)
+    app.command("spectrum", short_help="explained variance per component and cumulative")(spectrum)
+    app.command("project", short_help="the trajectory on the plane of the first two directions")(project)

@@ -12,7 +12,7 @@ from ._console import err, errors_to_exit, human_bytes, print_json, progress_bar
 _BREAK_LOCK = "take over an object store's writer lock left behind by a killed writer"
 
 
-def repair(run: str = typer.Argument(..., help="store path or URL"),
+def repair(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
            dry_run: bool = typer.Option(False, "--dry-run", help="only print the plan; change nothing"),
            drop_bad_only: bool = typer.Option(
                False, "--drop-bad-only",
@@ -72,7 +72,7 @@ def _print_repair(report: maintenance.RepairReport) -> None:
                   highlight=False)
 
 
-def gc(run: str = typer.Argument(..., help="store path or URL"),
+def gc(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
        subspace: str = typer.Option(None, "--subspace", help="also remove this subspace (complete or not)"),
        incomplete: bool = typer.Option(False, "--incomplete", help="also remove every unfinished subspace"),
        dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed"),
@@ -100,5 +100,5 @@ def gc(run: str = typer.Argument(..., help="store path or URL"),
 
 
 def register(app: typer.Typer) -> None:
-    app.command("repair")(repair)
-    app.command("gc")(gc)
+    app.command("repair", short_help="back to the largest consistent committed prefix")(repair)
+    app.command("gc", short_help="remove orphaned files, temporary files and stale caches")(gc)

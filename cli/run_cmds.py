@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ._choices import Baseline, Optimizer, values
 from ._console import err, errors_to_exit, print_json
 
 
@@ -40,29 +41,37 @@ def _subspace_lrs(optimizer: str, lr: float | None) -> dict:
     return {"bfgs_lr": lr} if optimizer == "pbfgs" else {"subspace_lr": lr}
 
 
-def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | digits-mlp | module:function"),
-          run: Path = typer.Option(..., "--run", help="run directory"),
-          sample_epochs: int = typer.Option(15, "--sample-epochs"),
-          sample_every: Optional[int] = typer.Option(None, "--sample-every", help="snapshot every N steps"),
-          dim: Optional[int] = typer.Option(None, "--dim"),
-          variance: Optional[float] = typer.Option(None, "--variance"),
-          snapshots: Optional[str] = typer.Option(None, "--snapshots", help="A:B of the sampled snapshots"),
-          subspace_epochs: int = typer.Option(10, "--subspace-epochs"),
-          optimizer: str = typer.Option("psgd", "--optimizer", help="psgd | pbfgs"),
+def train(recipe: str = typer.Argument(..., metavar="RECIPE",
+                                      help="mnist1d-cnn, mnist1d-mlp, digits-mlp, or module:function"),
+          run: Path = typer.Option(..., "--run", help="run directory (resumable)"),
+          sample_epochs: int = typer.Option(15, "--sample-epochs", help="epochs of SGD that sample the trajectory"),
+          sample_every: Optional[int] = typer.Option(
+              None, "--sample-every", help="snapshot every N steps; default: one per epoch and the initial weights"),
+          dim: Optional[int] = typer.Option(None, "--dim", help="subspace dimension d (default 15)"),
+          variance: Optional[float] = typer.Option(
+              None, "--variance", help="instead of --dim: the smallest d reaching this explained variance"),
+          snapshots: Optional[str] = typer.Option(
+              None, "--snapshots", help="the sampled snapshots to extract from: indices A:B or A:B:S; default: all"),
+          subspace_epochs: int = typer.Option(10, "--subspace-epochs", help="epochs of training in the subspace"),
+          optimizer: Optimizer = typer.Option(Optimizer.psgd, "--optimizer", help="psgd: P-SGD; pbfgs: P-BFGS"),
           lr: float = typer.Option(0.05, "--lr", help="SGD learning rate of the sampling phase"),
           subspace_lr: Optional[float] = typer.Option(
               None, "--subspace-lr", help="P-SGD learning rate (default 0.1) or P-BFGS initial step (default 1)"),
-          batch_size: int = typer.Option(64, "--batch-size"),
-          seed: int = typer.Option(0, "--seed"),
-          label_noise: float = typer.Option(0.0, "--label-noise"),
-          device: str = typer.Option("cpu", "--device"),
-          baseline: list[str] = typer.Option(["sgd"], "--baseline", help="sgd | random-subspace | none (repeatable)"),
-          resume: bool = typer.Option(False, "--resume"),
-          json: bool = typer.Option(False, "--json")) -> None:
+          batch_size: int = typer.Option(64, "--batch-size", help="mini-batch size"),
+          seed: int = typer.Option(0, "--seed", help="seed of the model, the data order and the subspace runs"),
+          label_noise: float = typer.Option(
+              0.0, "--label-noise", help="fraction of training labels replaced by a random class"),
+          device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps"),
+          baseline: list[Baseline] = typer.Option(
+              [Baseline.sgd], "--baseline", help="methods also run for comparison (repeatable); none: only "
+              "--optimizer"),
+          resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --run"),
+          json: bool = typer.Option(False, "--json", help="the methods' results on stdout")) -> None:
     """Sample with SGD, extract the DLDR subspace, train in it, evaluate each epoch; resumable."""
     from pipeline.experiments.runner import Run, RunConfig
 
     _recipes_from_cwd()
+    optimizer, baseline = values(optimizer), values(baseline)
     with errors_to_exit():
         config = RunConfig(recipe=recipe, sample_epochs=sample_epochs, sample_every=sample_every,
                            dim=dim if (dim is not None or variance is not None) else 15, variance=variance,
@@ -84,11 +93,14 @@ def train(recipe: str = typer.Argument(..., help="mnist1d-cnn | mnist1d-mlp | di
 
 
 
-
 def demo(out: Path = typer.Option(Path("trajstore-demo"), "--out", help="output directory (resumable)"),
-         quick: bool = typer.Option(False, "--quick", help="fewer epochs: about 2 minutes"),
-         json: bool = typer.Option(False, "--json")) -> None:
-    """The main job: DLDR vs full SGD vs a random subspace, and P-BFGS vs SGD, on MNIST-1D (5 seeds; --quick 3)."""
+         quick: bool = typer.Option(False, "--quick", help="3 seeds and fewer subspace epochs: about 30 s on 2 CPU "
+                                    "cores (the full demo: about 1 minute)"),
+         json: bool = typer.Option(False, "--json", help="the tables on stdout")) -> None:
+    """The main job: DLDR vs full SGD vs a random subspace, and P-BFGS vs SGD, on MNIST-1D (5 seeds; --quick 3).
+
+    Each seed's run directory (OUT/seed-S) holds its subspace `dldr` and final weights
+    (`trajstore export OUT/seed-0 final-psgd model.safetensors`)."""
     from rich.table import Table
 
     from pipeline.experiments.demo import _pm, run_demo
@@ -117,5 +129,5 @@ def demo(out: Path = typer.Option(Path("trajstore-demo"), "--out", help="output 
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
-    app.command("demo")(demo)
+    app.command("train", short_help="sample with SGD, extract, train in the subspace; resumable")(train)
+    app.command("demo", short_help="the paper's two comparisons on MNIST-1D (the main job)")(demo)

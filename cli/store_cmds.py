@@ -1,4 +1,7 @@
-"""Commands over the store: ``info``, ``verify``, ``import``."""
+"""Commands over the store: ``info``, ``verify``, ``import``.
+
+``info`` and ``verify`` load neither torch nor dask: ``import`` imports its machinery when it runs.
+"""
 from __future__ import annotations
 
 import re
@@ -11,70 +14,85 @@ from rich.table import Table
 
 from trajstore import inspect
 from trajstore.errors import InvalidArgumentError
-from trajstore.importers import import_checkpoints
 
-from ._console import err, errors_to_exit, human_bytes, print_json, progress_bar
+from ._console import err, errors_to_exit, human_bytes, out, print_json, progress_bar
 from .run_cmds import _recipes_from_cwd
 
 
-def info(run: str = typer.Argument(..., help="store path or URL"),
+def info(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
          json: bool = typer.Option(False, "--json", help="machine-readable output on stdout")) -> None:
-    """Snapshots, parameters, steps, sizes, compression ratio, codec and format version of RUN."""
+    """Snapshots, parameters, steps, the trajectory's own bytes and compression ratio, derived data
+    (Gram cache, subspaces, temporary files) apart, codec and format version of RUN."""
     with errors_to_exit():
         data = inspect.info(run)
     if json:
         print_json(data)
         return
-    table = Table(show_header=False, title=f"trajstore {data['path']}")
+    out.print(_info_table(data))
+
+
+def _info_table(data: dict) -> Table:
+    table = Table(show_header=False, title=escape(f"trajstore {data['path']}"))
     steps = data["steps"]
     step_text = (f"{data['first_step']} .. {data['last_step']}" if steps else "none")
+    derived = data["derived_bytes"]
+    per = ", ".join(f"{name} {human_bytes(derived['per_subspace'].get(name, 0))}" for name in data["subspaces"])
     rows = [
         ("snapshots", str(data["snapshots"])),
         ("parameters", f"{data['parameters']:,} in {data['tensors']} tensors"),
         ("steps", step_text),
-        ("stored", human_bytes(data["stored_bytes"])),
+        ("stored (trajectory)", f"{human_bytes(data['stored_bytes'])} (snapshots "
+                                f"{human_bytes(data['snapshot_bytes'])})"),
         ("raw", human_bytes(data["raw_bytes"])),
-        ("compression", f"{data['compression_ratio']:.3f}x" if data["compression_ratio"] else "-"),
+        ("compression", f"{data['compression_ratio']:.3f}x (raw / snapshots)" if data["compression_ratio"] else "-"),
+        ("gram cache", human_bytes(derived["gram"])),
+        ("subspaces", human_bytes(derived["subspaces"]) + (f" ({per})" if per else "")),
+        ("temporary", human_bytes(derived["temporary"]) + (" (`trajstore gc` frees it)" if derived["temporary"]
+                                                           else "")),
+        ("total on disk", human_bytes(data["total_bytes"])),
         ("codec", f"{data['codec']} ({'lossless' if data['lossless'] else 'lossy: ' + data['error_bound']})"),
         ("dtype", data["dtype"]),
         ("format version", str(data["format_version"])),
         ("metrics", ", ".join(data["metrics"]) or "-"),
-        ("subspaces", ", ".join(data["subspaces"]) or "-"),
     ]
     for key, value in rows:
-        table.add_row(key, value)
-    err.print(table)
+        table.add_row(key, escape(value))
+    return table
 
 
-def verify(run: str = typer.Argument(..., help="store path or URL"),
-           json: bool = typer.Option(False, "--json")) -> None:
-    """Read every chunk; check checksums, finiteness and the committed count. Exit 1 naming bad snapshots."""
+def verify(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
+           json: bool = typer.Option(False, "--json", help="machine-readable report on stdout")) -> None:
+    """Read every chunk; check checksums, finiteness and the committed count. Exit 1 naming bad snapshots.
+
+    The findings go to stdout; the progress bar and the final failure line to stderr."""
     with errors_to_exit(), progress_bar("verifying", quiet=json) as update:
         report = inspect.verify(run, progress=update)
     if json:
         print_json(report.to_json())
     else:
         for problem in report.store_problems:
-            err.print(f"[red]store:[/] {escape(problem)}", highlight=False)
+            out.print(f"[red]store:[/] {escape(problem)}", highlight=False, soft_wrap=True)
         for note in report.notes:
-            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+            out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         for index, problems in sorted(report.problems.items()):
-            err.print(f"[red]snapshot {index}:[/] {escape('; '.join(problems))}", highlight=False)
+            out.print(f"[red]snapshot {index}:[/] {escape('; '.join(problems))}", highlight=False, soft_wrap=True)
         if report.ok:
-            err.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
+            out.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
     if not report.ok:
         bad = ", ".join(str(i) for i in sorted(report.problems))
         err.print(f"[bold red]verify failed[/]: bad snapshots: {bad or 'none'}", highlight=False)
         raise typer.Exit(1)
 
 
-def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of checkpoints"),
-            run: str = typer.Argument(..., help="new store path or URL"),
+def import_(folder: Path = typer.Argument(..., metavar="FOLDER", exists=True, file_okay=False,
+                                          help="folder of checkpoints"),
+            run: str = typer.Argument(..., metavar="RUN", help="new store path or URL"),
             pattern: Optional[str] = typer.Option(
                 None, "--pattern", help="glob of checkpoint files or DCP folders, e.g. '*.safetensors', 'step_*'; "
                 "default: '*.pt', else the DCP checkpoint folders (holding .metadata) in FOLDER"),
-            codec: str = typer.Option("lossless", "--codec"),
-            overwrite: bool = typer.Option(False, "--overwrite"),
+            codec: str = typer.Option(
+                "lossless", "--codec", help="lossless, xor-delta[:K] (lossless), bitround-delta[:k], float16-delta"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace a store already at RUN"),
             resume: bool = typer.Option(False, "--resume", help="continue an interrupted import into RUN"),
             like: Optional[str] = typer.Option(
                 None, "--like", help="take the parameters (tied weights once, buffers apart) from a STORE of the "
@@ -86,9 +104,11 @@ def import_(folder: Path = typer.Argument(..., exists=True, file_okay=False, hel
             key: Optional[str] = typer.Option(
                 None, "--key", help="where the model's weights are in a nested state dict: the tensors under this "
                 "dotted prefix (model, app.model); default for DCP: 'model', else the top level"),
-            json: bool = typer.Option(False, "--json")) -> None:
+            json: bool = typer.Option(False, "--json", help="the new store's info on stdout")) -> None:
     """Convert a folder of state_dicts (natural order of their paths; HF checkpoint-*/ folders and
     torch.distributed.checkpoint folders too) into a store."""
+    from trajstore.importers import import_checkpoints
+
     _recipes_from_cwd()
     with errors_to_exit():
         given = _steps(steps)
@@ -126,6 +146,6 @@ def _like(value: str | None) -> object:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("verify")(verify)
-    app.command("import")(import_)
+    app.command("info", short_help="snapshots, steps, sizes and compression of a store")(info)
+    app.command("verify", short_help="read every chunk; exit 1 naming bad snapshots")(verify)
+    app.command("import", short_help="a folder of checkpoints (.pt, .safetensors, DCP) into a store")(import_)

@@ -71,7 +71,7 @@ def test_info_json_and_human_output_via_console_script(tmp_path):
     data = json.loads(proc.stdout)
     assert data["snapshots"] == 3 and data["format_version"] == 1 and data["codec"] == "lossless"
     assert data["raw_bytes"] == 3 * data["parameters"] * 4
-    assert data["compression_ratio"] == data["raw_bytes"] / data["stored_bytes"]
+    assert data["compression_ratio"] == data["raw_bytes"] / data["snapshot_bytes"]
     human = runner.invoke(app, ["info", str(tmp_path / "run.zarr")])
     assert human.exit_code == 0 and "compression" in human.output and "format version" in human.output
     ok = runner.invoke(app, ["verify", str(tmp_path / "run.zarr")])

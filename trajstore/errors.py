@@ -98,3 +98,12 @@ class RepairError(TrajstoreError):
 
 class LocalPathRequiredError(TrajstoreError, ValueError):
     """The operation needs a store on a local filesystem (it swaps directories); object stores cannot."""
+
+
+class OutputExistsError(TrajstoreError, FileExistsError):
+    """The output file already exists; choose another name or pass ``overwrite=True`` (``--overwrite``)."""
+
+
+class MissingDependencyError(TrajstoreError, ImportError):
+    """An optional dependency (an extra of the ``trajstore`` package) is not installed; the message
+    gives the pip command that installs it."""

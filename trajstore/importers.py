@@ -48,9 +48,9 @@ def load_state_dict(file: Path, key: str | None = None) -> dict[str, torch.Tenso
         sd = load_dcp_state_dict(file, key)
         return {strip_prefixes(k): v for k, v in sd.items()}
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from ._extras import require
 
-        sd = load_file(str(file))
+        sd = require("safetensors.torch", "safetensors", "reading .safetensors checkpoints").load_file(str(file))
     else:
         try:
             sd = torch.load(file, map_location="cpu", weights_only=True)

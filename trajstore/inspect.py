@@ -7,21 +7,31 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CorruptMetadataError, CorruptSnapshotError
-from .format import (BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, SUBSPACES, local_dir, stored_bytes)
+from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, SubspaceNotFoundError
+from .format import (BUFFERS, GRAM, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, SUBSPACES, local_dir)
 from . import reader as _reader
+from ._scan import TRASH, Files
 from .fastread import open_fast
 from .store import TrajectoryStore
 
-
+ONE_ROW_PER_FILE = (PARAMS, REFERENCE, BUFFERS)  # shards (1, S): the file c/<row>/<k> holds row <row> only
 
 
 def info(path: "str | os.PathLike") -> dict:
-    """Snapshots, parameters, steps, stored/raw bytes, compression ratio, codec and format of a store."""
+    """Snapshots, parameters, steps, sizes, compression ratio, codec and format of a store.
+
+    ``stored_bytes`` is the trajectory's own: the snapshots (params and the delta codecs' reference
+    row), buffers, per-snapshot arrays, metrics and metadata; ``snapshot_bytes`` the encoded snapshots
+    alone, and ``compression_ratio`` = ``raw_bytes / snapshot_bytes``, the codec's ratio. Derived
+    data are counted apart in ``derived_bytes``: the Gram cache, each subspace (with its memory-map
+    copy of the basis), and temporary files (writes killed part-way, rows beyond the committed count,
+    an interrupted gc's trash: what ``trajstore gc`` frees). ``total_bytes`` is all of it.
+    """
     with TrajectoryStore.open(path, "r") as store:
         t, n = len(store), store.n_params
         raw = t * n * store.dtype.itemsize
-        size = stored_bytes(store.path)
+        parts = disk_usage(store)
+        size, encoded = parts["trajectory"], parts["snapshots"]
         steps = store.steps
         meta = store.attrs
         return {
@@ -34,7 +44,10 @@ def info(path: "str | os.PathLike") -> dict:
             "steps": steps.tolist(),
             "stored_bytes": size,
             "raw_bytes": raw,
-            "compression_ratio": raw / size if size and raw else None,
+            "snapshot_bytes": encoded,
+            "compression_ratio": raw / encoded if encoded and raw else None,
+            "derived_bytes": {key: parts[key] for key in ("gram", "subspaces", "per_subspace", "temporary")},
+            "total_bytes": parts["total"],
             "codec": store.codec.spec,
             "lossless": store.codec.lossless,
             "error_bound": store.codec.error_bound(),  # this version's statement of the bound
@@ -46,6 +59,56 @@ def info(path: "str | os.PathLike") -> dict:
             "subspaces": _subspaces(store),
             "metadata": meta.get("metadata", {}),
         }
+
+
+def disk_usage(store: TrajectoryStore) -> dict:
+    """Bytes on disk (or in the object store) by kind: ``trajectory`` (the store's own data, of which
+    ``snapshots``: the chunks of params and reference), ``gram``, ``subspaces`` (``per_subspace``:
+    name -> bytes), ``temporary`` and ``total``."""
+    t = len(store)
+    usage: dict = {"trajectory": 0, "snapshots": 0, "gram": 0, "subspaces": 0, "per_subspace": {}, "temporary": 0,
+                   "total": 0}
+    for key, size in Files(store.path, store.storage_options).sizes().items():
+        usage["total"] += size
+        top, _, rest = key.partition("/")
+        if top == TRASH or key.endswith(".partial") or _uncommitted_row(top, rest, t):
+            usage["temporary"] += size
+        elif top == GRAM:
+            usage["gram"] += size
+        elif top == SUBSPACES:
+            usage["subspaces"] += size
+            if "/" in rest:
+                name = rest.split("/", 1)[0]
+                usage["per_subspace"][name] = usage["per_subspace"].get(name, 0) + size
+        else:
+            usage["trajectory"] += size
+            if top in (PARAMS, REFERENCE) and rest.startswith("c/"):
+                usage["snapshots"] += size
+    return usage
+
+
+def _uncommitted_row(top: str, rest: str, committed: int) -> bool:
+    """Whether ``top/rest`` is a chunk file of a row at or beyond ``committed`` (a killed writer's)."""
+    parts = rest.split("/")
+    return top in ONE_ROW_PER_FILE and len(parts) >= 2 and parts[0] == "c" and parts[1].isdigit() \
+        and int(parts[1]) >= (committed if top != REFERENCE else 1)
+
+
+def subspace_name(path: "str | os.PathLike", name: str | None) -> str:
+    """``name``, or when None the store's only subspace; an error listing them when there are none
+    or several (the CLI's ``--name`` default)."""
+    if name is not None:
+        return name
+    with TrajectoryStore.open(path, "r") as store:
+        names = _subspaces(store)
+        where = store.path
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise SubspaceNotFoundError(f"{where} holds no subspace; extract one first: "
+                                    f"`trajstore extract {where} --dim D`")
+    raise InvalidArgumentError(f"{where} holds {len(names)} subspaces ({', '.join(names)}); choose one with "
+                               f"--name (e.g. --name {names[0]})")
 
 
 def _subspaces(store: TrajectoryStore) -> list[str]:
