@@ -133,6 +133,19 @@ def resume(rank: int, world: int, path: str, codec: str, more: int) -> None:
     print(json.dumps({"rank": rank, "start": start, "end": len(store)}), flush=True)
 
 
+def _cases(out: dict):
+    """``case(name, fn)``: run ``fn`` on this rank, keep its outcome (the error's type, or "ok"), then meet the
+    other ranks."""
+    def case(name, fn):
+        try:
+            fn()
+            out[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 -- the outcome is the result
+            out[name] = type(exc).__name__
+        dist.barrier()
+    return case
+
+
 def misuse(rank: int, world: int, folder: str) -> None:
     """Each case: what every rank got (the error's type, or "ok"). Ranks that disagree must all raise."""
     from pathlib import Path
@@ -144,13 +157,7 @@ def misuse(rank: int, world: int, folder: str) -> None:
 
     out, root = {}, Path(folder)
 
-    def case(name, fn):
-        try:
-            fn()
-            out[name] = "ok"
-        except Exception as exc:  # noqa: BLE001 -- the outcome is the result
-            out[name] = type(exc).__name__
-        dist.barrier()
+    case = _cases(out)
 
     model = wrap(make_model(), "fsdp", world)
     store = TrajectoryStore.create(root / "s.zarr", model, **CHUNKS)
@@ -205,13 +212,7 @@ def lone(rank: int, world: int, folder: str) -> None:
 
     out, root = {}, Path(folder)
 
-    def case(name, fn):
-        try:
-            fn()
-            out[name] = "ok"
-        except Exception as exc:  # noqa: BLE001 -- the outcome is the result
-            out[name] = type(exc).__name__
-        dist.barrier()
+    case = _cases(out)
 
     model = wrap(make_model(), "fsdp", world)
     case("process_group=None with FSDP2 shards",

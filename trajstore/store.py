@@ -150,15 +150,7 @@ class TrajectoryStore(Appending):
                             context)
         except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
             error = exc
-        try:
-            _same_store(context, store, error, path, "create")
-        except BaseException:
-            if store is not None:
-                store._close_local()
-            elif created is not None:
-                created[2].release()
-            raise
-        return store
+        return _joined(context, store, error, path, "create", created[2].release if created is not None else None)
 
     @classmethod
     def open(cls, path: "str | os.PathLike", mode: str = "r", *, break_lock: bool = False,
@@ -188,13 +180,7 @@ class TrajectoryStore(Appending):
                 store = cls(path, group, meta, mode, None, storage_options, queue_depth, durable, joined(meta))
             except BaseException as exc:  # noqa: BLE001 -- every rank raises it below
                 error = exc
-        try:
-            _same_store(context, store, error, path, "open")
-        except BaseException:
-            if store is not None:
-                store._close_local()
-            raise
-        return store
+        return _joined(context, store, error, path, "open")
 
     @classmethod
     def _open_locked(cls, path: str, mode: str, break_lock: bool, queue_depth: int, storage_options: dict | None,
@@ -483,12 +469,22 @@ class TrajectoryStore(Appending):
             return set()
 
 
-def _same_store(context: "distributed.RankContext", store: "TrajectoryStore | None", error: BaseException | None,
-                path: str, op: str) -> None:
-    """Collective: raise every rank's first error, or a typed error when the ranks opened different
-    stores at ``path`` (a path that is not one shared filesystem for the whole job)."""
-    seen = context.exchange(error, (store.run_id, store._meta.get("created")) if store is not None else None, op=op)
-    if any(found != seen[0] for found in seen):
-        runs = ", ".join(f"rank {rank}: run {found[0]}" for rank, found in enumerate(seen))
-        raise InvalidArgumentError(f"the ranks of the job see different stores at {path} ({runs}): every rank must "
-                                   "reach one store, on a filesystem (or object store) they share")
+def _joined(context: "distributed.RankContext", store: "TrajectoryStore | None", error: BaseException | None,
+            path: str, op: str, release: Callable[[], object] | None = None) -> "TrajectoryStore":
+    """Collective end of a create/open: ``store`` on every rank, or every rank raises the first rank's error, or
+    a typed error when the ranks opened different stores at ``path`` (not one filesystem shared by the job).
+    On an error this rank's store is closed (or ``release`` frees what it held) without collectives."""
+    try:
+        seen = context.exchange(error, (store.run_id, store._meta.get("created")) if store is not None else None,
+                                op=op)
+        if any(found != seen[0] for found in seen):
+            runs = ", ".join(f"rank {rank}: run {found[0]}" for rank, found in enumerate(seen))
+            raise InvalidArgumentError(f"the ranks of the job see different stores at {path} ({runs}): every rank "
+                                       "must reach one store, on a filesystem (or object store) they share")
+    except BaseException:
+        if store is not None:
+            store._close_local()
+        elif release is not None:
+            release()
+        raise
+    return store
