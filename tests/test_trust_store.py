@@ -1,7 +1,6 @@
 """Issue 8's holes in the store and recorder: each test here failed on the main it was written against."""
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -11,11 +10,13 @@ import torch
 from torch import nn
 
 from trajstore import InvalidArgumentError, StoreExistsError, TrajectoryStore
+from trajstore.errors import NotAStoreError
+from trajstore.inspect import verify
 from trajstore.format import METRICS, PARAMS, ROW_ARRAYS
 from trajstore.layout import ParamLayout, TensorSpec
 from trajstore.recorder import Recorder, RecordingSession, open_for_recording
 
-from .helpers import flat, sgd_steps
+from .helpers import flat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -380,6 +381,8 @@ def test_a_create_killed_before_its_attributes_is_created_again_without_overwrit
     root = json.loads((path / "zarr.json").read_text())
     root["attributes"] = {}  # the state a kill leaves between creating the arrays and writing the attributes
     (path / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(NotAStoreError, match="creation was interrupted.*nothing was ever committed"):
+        verify(path)  # says what happened and what to do (found by the fault campaign's import kills)
     with TrajectoryStore.create(path, layout()) as store:
         store.append(np.ones(1000, np.float32), step=0)
     with TrajectoryStore.open(path) as store:

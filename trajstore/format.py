@@ -109,6 +109,14 @@ def open_root(path: str, mode: str, storage_options: dict | None = None) -> tupl
             "the committed count, layout and codec: restore it from a copy of the store") from None
     meta = group.attrs.get(ATTR)
     if not isinstance(meta, dict) or "format_version" not in meta:
+        try:
+            ours = PARAMS in group  # a create writes the arrays first, its attributes last
+        except Exception:  # noqa: BLE001 -- only for the message
+            ours = False
+        if ours:
+            raise NotAStoreError(
+                f"{path} is a trajstore store whose creation was interrupted (no '{ATTR}' attributes yet): nothing "
+                "was ever committed to it. Run the same command again (create and import start it afresh)")
         raise NotAStoreError(f"{path} is a zarr group but not a trajstore store (no '{ATTR}' attributes)")
     check_version(meta, path)
     check_meta(meta, path)
