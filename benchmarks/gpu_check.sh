@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one call of at most ~8 minutes on an H100 (issue 10):
+#   1. the CUDA tests (pytest -m cuda): streamed basis == CPU result, snapshots of CUDA weights;
+#   2. bench_optim.py --device cuda: P-SGD resident and streamed against SGD at ~134M parameters;
+#   3. P-BFGS step time on the GPU (loss-only trials against backpropagating ones).
+# Everything it prints goes to benchmarks/results/gpu/ (or $OUT/gpu when the device tool gives $OUT),
+# with a markdown summary. On a machine without CUDA it says so and exits 0.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}/gpu"
+mkdir -p "$out"
+stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: nothing to check" | tee "$out/$stamp-skipped.txt"
+    exit 0
+fi
+pip install -q -e ".[test]" > /dev/null 2>&1 || true   # a bare machine: the project's own files only
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/$stamp-device.txt"
+status=0
+timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/$stamp-pytest-cuda.txt" || status=1
+timeout 180 python3 benchmarks/bench_optim.py --device cuda --only psgd --steps 20 2>&1 | tee "$out/$stamp-bench-optim-psgd.txt" || status=1
+timeout 120 python3 benchmarks/bench_optim.py --device cuda --only pbfgs --steps 10 2>&1 | tee "$out/$stamp-bench-optim-pbfgs.txt" || status=1
+{
+    echo "# GPU check $stamp"
+    echo
+    echo '```'; cat "$out/$stamp-device.txt"; echo '```'
+    echo
+    echo "## pytest -m cuda"; echo '```'; tail -n 5 "$out/$stamp-pytest-cuda.txt"; echo '```'
+    echo "## bench_optim --device cuda (P-SGD)"; echo '```'; tail -n 40 "$out/$stamp-bench-optim-psgd.txt"; echo '```'
+    echo "## bench_optim --device cuda (P-BFGS)"; echo '```'; tail -n 30 "$out/$stamp-bench-optim-pbfgs.txt"; echo '```'
+} > "$out/$stamp-summary.md"
+echo "gpu_check: status $status; results in $out"
+exit $status
