@@ -192,7 +192,8 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
                      name: str = "default", method: str = "gram", scheduler: object = None,
                      block_size: int | None = None, overwrite: bool = False,
                      progress: Progress | None = None, stop: StopFlag | None = None,
-                     log: Callable[[str], None] | None = None, break_lock: bool = False) -> Subspace:
+                     log: Callable[[str], None] | None = None, break_lock: bool = False,
+                     _staging: bool = False) -> Subspace:
     """Extract the top-d DLDR subspace of a store's trajectory and write it under ``subspaces/<name>/``.
 
     Give exactly one of ``dim`` and ``variance``. ``snapshots`` is a slice or a list of
@@ -206,7 +207,8 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", *, di
     Extractions into different names of a local store run side by side; see pipeline/locking.py.
     """
     began = time.perf_counter()
-    check_extract_args(dim=dim, variance=variance, method=method, name=name, block_size=block_size)
+    check_extract_args(dim=dim, variance=variance, method=method, name=name[len(STAGING):] if _staging else name,
+                       block_size=block_size)
     store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore.open(store_or_path, "r")
     rows = resolve_snapshots(snapshots, len(store))
     _check_finite(store, rows, snapshots is None)
@@ -324,6 +326,29 @@ def _digest_of(basis: zarr.Array, name: str, store: TrajectoryStore) -> str:
                 f"{r0 + len(block) - 1} (a lost write?); extract it again with overwrite=True (--overwrite)")
         digest.update(block)
     return digest.hexdigest()
+
+
+STAGING = "__next__"  # prefix of the name a refresh (extract --follow) writes before it replaces the subspace
+
+
+def staging_name(name: str) -> str:
+    """Where ``extract --follow`` writes the next version of subspace ``name`` (users cannot name one so)."""
+    return STAGING + name
+
+
+def promote_subspace(store: TrajectoryStore, name: str) -> None:
+    """Replace subspace ``name`` with its complete staged version (local stores): the old one goes to the
+    trash and the new one takes its name, two renames. A reader sees the old subspace, for an instant none
+    (it retries), or the new one; never a partial one. A kill between the two leaves the new one staged,
+    complete, and the next refresh replaces it again."""
+    from trajstore.format import local_dir
+
+    with extraction_access(store, name) as access:
+        subspaces = access.root[SUBSPACES]
+        staged = local_dir(store.path) / SUBSPACES / staging_name(name)
+        if name in subspaces:
+            _discard(store, subspaces, name)
+        os.rename(staged, staged.with_name(name))
 
 
 def _discard(store: TrajectoryStore, subspaces: zarr.Group, name: str) -> None:

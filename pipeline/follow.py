@@ -9,10 +9,12 @@ from trajstore import TrajectoryStore
 
 from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
-from .dldr import check_extract_args, extract_subspace
+from trajstore.format import local_dir
+
+from .dldr import check_extract_args, extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
 from .locking import extraction_access
-from .subspace import Subspace
+from .subspace import Subspace, open_subspace
 
 
 def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, variance: float | None = None,
@@ -42,8 +44,14 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
                 if stats.new_rows and on_gram:
                     on_gram(t)
             if t >= needed and t - refreshed_at >= every:
-                sub = extract_subspace(store, dim=dim, variance=variance, name=name, method=method,
-                                       scheduler=scheduler, overwrite=True, stop=stop)
+                # local stores: the next version is written under a staging name and then replaces the old one
+                # whole, so readers never see it unfinished and a kill leaves the old one (object stores: in place)
+                staged = local_dir(store.path) is not None
+                sub = extract_subspace(store, dim=dim, variance=variance, name=staging_name(name) if staged else name,
+                                       method=method, scheduler=scheduler, overwrite=True, stop=stop, _staging=staged)
+                if staged:
+                    promote_subspace(store, name)
+                    sub = open_subspace(store, name)
                 refreshed_at, updates = t, updates + 1
                 if on_subspace:
                     on_subspace(sub)

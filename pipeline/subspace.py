@@ -306,5 +306,6 @@ def _open_once(store: TrajectoryStore, name: str, seen: bool) -> tuple[Subspace 
 
 
 def list_subspaces(store: TrajectoryStore) -> list[str]:
+    """The subspaces' names (not the ones ``extract --follow`` stages: names starting ``__``)."""
     group = store.group
-    return sorted(group[SUBSPACES].group_keys()) if SUBSPACES in group else []
+    return sorted(k for k in group[SUBSPACES].group_keys() if not k.startswith("__")) if SUBSPACES in group else []

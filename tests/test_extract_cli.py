@@ -104,6 +104,33 @@ def test_distributed_local_cluster_and_fsspec_url_give_the_same_subspace(tmp_pat
         assert np.array_equal(store.read(5), x[5])
 
 
+def test_a_refresh_interrupted_midway_leaves_the_previous_subspace_whole(tmp_path):
+    """extract --follow writes the next version under a staging name and then swaps it in: a kill (or stop)
+    mid-refresh leaves the old subspace complete, never none or half of one (found flaky under load)."""
+    from pipeline.compute import Interrupted, StopFlag
+    from pipeline.dldr import promote_subspace, staging_name
+    from pipeline.subspace import list_subspaces
+
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(12, 40_000, rank=4))
+    old = extract_subspace(path, dim=2, block_size=4096).digest
+    stop = StopFlag()
+    try:  # the refresh is stopped after its first block
+        extract_subspace(path, dim=3, name=staging_name("default"), overwrite=True, block_size=4096, stop=stop,
+                         progress=lambda done, total: stop.set(), _staging=True)
+    except Interrupted:
+        pass
+    sub = open_subspace(path)
+    assert sub.digest == old and sub.dim == 2 and sub.read()[1] == old  # the old one, whole
+    with TrajectoryStore.open(path) as store:
+        assert list_subspaces(store) == ["default"]  # the staged one is not a subspace of its own
+    extract_subspace(path, dim=3, name=staging_name("default"), overwrite=True, block_size=4096, _staging=True)
+    with TrajectoryStore.open(path) as store:
+        promote_subspace(store, "default")
+    sub = open_subspace(path)
+    assert sub.dim == 3 and sub.digest != old and sub.read()[1] == sub.digest
+
+
 def test_follow_keeps_the_cache_current_while_a_writer_records(tmp_path):
     path = tmp_path / "live.zarr"
     t, n = 26, 20_000
