@@ -19,6 +19,7 @@ import os
 import re
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -64,6 +65,10 @@ class Basis:
         self.global_n = n  # parameters of the whole model (n: those whose rows this basis holds)
         self.sharding: Sharding | None = None  # FSDP2: this rank's rows and the mesh's group (from_store(model=))
 
+    def __repr__(self) -> str:
+        held = f"{self.n} rows of this rank" if self.sharded else f"{self.n} rows"
+        return f"Basis({self.name or 'in memory'}: d={self.d}, {held}, {self.mode} on {self.device}, {self.dtype})"
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_store(cls, path: "str | os.PathLike", name: str = "default", *, device: "str | torch.device" = "cpu",
@@ -99,6 +104,11 @@ class Basis:
         sharding, checked = None, False
         if model is not None:  # an evaluation forward leaves the FSDP2 root gathered, its parameters plain
             reshard(fsdp_modules(model.modules()))
+        elif torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            warnings.warn("Basis.from_store without model= inside a torch.distributed job loads all of P on every "
+                          "rank: under FSDP2 pass model=model, so that each rank holds only the rows of its shards",
+                          UserWarning, stacklevel=2)
         for attempt in range(ATTEMPTS):
             if attempt:
                 time.sleep(0.05 * 2 ** (attempt - 1))

@@ -119,6 +119,19 @@ def _shared_holders(folder: Path) -> list[dict]:
     return list(holders.values())
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first caller outside trajstore,
+    pipeline and cli (the depth of the call inside them varies)."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = tuple(os.path.join(root, pkg) + os.sep for pkg in ("trajstore", "pipeline", "cli"))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class StaleLockWarning(UserWarning):
     """A previous writer died without releasing its lock; the lock was taken over."""
 
@@ -262,7 +275,7 @@ class WriterLock:
                 + ("resuming after its last committed snapshot" if self.name == LOCK_NAME else
                    "its finished blocks are kept and resumed"),
                 StaleLockWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
         if self.shared:  # any record here is a killed exclusive holder's: shared holders write none
             if previous:
@@ -282,14 +295,15 @@ class WriterLock:
             warnings.warn(
                 f"{self._what}: the {type(fs).__name__} filesystem has no atomic conditional create (S3 needs "
                 "botocore >= 1.35.20), so its lock is check-then-put: two writers starting at the same instant "
-                "could both take it. Start one writer per store", NonAtomicLockWarning, stacklevel=4)
+                "could both take it. Start one writer per store", NonAtomicLockWarning, stacklevel=_user_stacklevel())
         if self.break_lock:
             previous = self._read_holder(fs, lock_path)
             if previous is not None:
                 alive = previous.get("host") == socket.gethostname() and _pid_alive(
                     _pid_of(previous), previous.get("start"))
                 warnings.warn(f"{self._what}: break_lock=True removed the lock of {_describe(previous)}"
-                              f"{', which is still running' if alive else ''}", StaleLockWarning, stacklevel=4)
+                              f"{', which is still running' if alive else ''}", StaleLockWarning,
+                              stacklevel=_user_stacklevel())
                 try:
                     fs.rm_file(lock_path)
                 except FileNotFoundError:

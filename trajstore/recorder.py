@@ -181,6 +181,11 @@ class Recorder:
                     "its own (it would repeat step 0 and be dropped). Call rec.step() after each "
                     "optimizer.step(), or pass the global step: rec.epoch_end(epoch, step=global_step)")
             return self.record(self.global_step, epoch, metrics)
+        if metrics and not self.every_n_epochs and not getattr(self, "_told_epoch_metrics", False):
+            self._told_epoch_metrics = True  # once: a trainer calls this every epoch
+            warnings.warn("Recorder.epoch_end(metrics=...) records nothing when snapshots are taken every_n_steps "
+                          "only: pass the metrics to rec.step(metrics) / on_step, or set every_n_epochs too",
+                          UserWarning, stacklevel=2)
         return False
 
     def state_dict(self) -> dict:
@@ -265,6 +270,7 @@ class RecordingSession:
         self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers,
                                         overwrite=self.overwrite and fresh, durable=self.durable)
         self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
+        self.recorder._told_epoch_metrics = True  # callbacks pass every epoch's metrics: not the user's doing
         try:
             self.recorder.start(global_step, epoch=epoch, run_id=None if fresh else self.run_id)
         except BaseException:
