@@ -222,7 +222,7 @@ def _extract_cmd(path: Path, name: str, dim: int) -> list[str]:
 
 def test_two_extractions_into_different_names_run_side_by_side(tmp_path):
     path, ref = tmp_path / "run.zarr", tmp_path / "ref.zarr"
-    write_store(path, trajectory(24, 1_200_000, rank=4), chunk=1 << 13, shard=1 << 16)
+    write_store(path, trajectory(24, 500_000, rank=4), chunk=1 << 12, shard=1 << 15)
     shutil.copytree(path, ref)
     want = {"a": extract_subspace(ref, dim=3, name="a"), "b": extract_subspace(ref, dim=2, name="b")}
     first = subprocess.Popen(_extract_cmd(path, "a", 3), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -63,8 +63,8 @@ def test_randomized_method_matches_exact_on_a_low_rank_trajectory(tmp_path):
 
 
 def test_extraction_killed_midway_resumes_to_the_identical_result(tmp_path):
-    x = trajectory(40, 1_500_000, rank=4)
-    write_store(tmp_path / "run.zarr", x, chunk=1 << 13, shard=1 << 16)
+    x = trajectory(40, 700_000, rank=4)  # 43 blocks of 16K columns: killed after 20
+    write_store(tmp_path / "run.zarr", x, chunk=1 << 12, shard=1 << 14)
     shutil.copytree(tmp_path / "run.zarr", tmp_path / "ref.zarr")
     reference = extract_subspace(tmp_path / "ref.zarr", dim=4)
     cmd = [sys.executable, "-m", "cli.main", "extract", str(tmp_path / "run.zarr"), "--dim", "4", "--json"]

@@ -16,6 +16,7 @@ another: collectives from two threads on one group could interleave differently 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -273,11 +274,10 @@ def _is_sharded(source: object) -> bool:
 
 
 def _is_dtensor(t: object) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover -- torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor; never imports torch.distributed.tensor (a DTensor can only exist once
+    something imported it, and the import costs a second in every process that records)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _named(source: object) -> list[tuple[str, object]]:
