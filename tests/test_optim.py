@@ -120,11 +120,11 @@ def test_bfgs_reaches_the_subspace_minimum_of_a_quadratic():
     assert (w.detach().double() - q64 @ z).norm() <= 1e-3 * start_gap
 
 
-def test_bfgs_line_search_failure_is_defined_and_restores_weights_and_buffers():
+def test_bfgs_line_search_failure_reset_restores_weights_and_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     basis = random_subspace_basis(model, 3, seed=1)
-    opt = SubspaceBFGS(model.parameters(), basis, lr=1.0, max_ls=3, buffers=model.buffers())
+    opt = SubspaceBFGS(model.parameters(), basis, lr=1.0, max_ls=3, ls_failure="reset", buffers=model.buffers())
     x = torch.randn(16, 4)
     calls = {"n": 0}
 
@@ -142,6 +142,39 @@ def test_bfgs_line_search_failure_is_defined_and_restores_weights_and_buffers():
     assert opt.subspace_state["ls_failures"] == 1
     assert torch.equal(opt.subspace_state["inverse_hessian"], torch.eye(3, dtype=torch.float64))
     assert model[1].num_batches_tracked.item() == 1  # the rejected trials' BN updates were undone
+
+
+def test_bfgs_line_search_failure_paper_takes_the_last_shrunk_step_and_keeps_b():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    basis = random_subspace_basis(model, 3, seed=1)
+    opt = SubspaceBFGS(model.parameters(), basis, lr=1.0, max_ls=3, shrink=0.5)  # ls_failure="paper"
+    x = torch.randn(16, 4)
+    calls = {"n": 0, "fail_after": None}
+
+    def closure():  # from call fail_after on, every trial looks 1e3 worse than f₀
+        calls["n"] += 1
+        opt.zero_grad()
+        worse = calls["fail_after"] is not None and calls["n"] > calls["fail_after"]
+        loss = model(x).pow(2).mean() + (1e3 if worse else 0)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    b_kept = opt.subspace_state["inverse_hessian"].clone()
+    assert not torch.equal(b_kept, torch.eye(3, dtype=torch.float64))  # B learnt something
+    w_before = flat(model.parameters()).double()
+    calls["fail_after"] = calls["n"] + 1
+    opt.step(closure)
+    state = opt.subspace_state
+    assert calls["n"] == calls["fail_after"] + 3
+    assert state["ls_failures"] == 1 and state["last_alpha"].item() == 0.5 ** 3
+    moved = flat(model.parameters()).double() - w_before
+    lifted = torch.cat([t.reshape(-1) for t in basis.lift(state["prev_step"].float())]).double()
+    assert moved.norm() > 0 and torch.allclose(moved, lifted, atol=1e-6)  # the tiny step α p̃ was taken
+    # B was updated with the previous pair (not reset to I) and p̃ = −B g̃ used it
+    assert not torch.equal(state["inverse_hessian"], torch.eye(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kind", ["sgd", "bfgs"])

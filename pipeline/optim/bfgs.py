@@ -17,6 +17,7 @@ from ._trials import BufferGuard, RngState, accepts_backward, as_float
 
 PAIRS = ("consecutive", "same_batch")
 TESTS = ("absolute", "relative")
+LS_FAILURES = ("paper", "reset")  # a failed line search: take the last shrunk step, or restore and reset B
 
 
 class SubspaceBFGS(SubspaceOptimizer):
@@ -69,11 +70,13 @@ class SubspaceBFGS(SubspaceOptimizer):
     P-BFGS applies its step through ``SGD(lr=1, momentum=0)`` with no weight decay (add an L2 term to
     the loss if you want one).
 
-    **Line-search failure** (no α in ``max_ls`` trials, or p̃ not a descent direction):
-    the weights are left exactly as before the step, B is reset to I, the stored step is zero
-    (so the next consecutive-pair update is skipped), and ``state["ls_failures"]`` counts it.
-    Training continues with the next mini-batch. (The paper's code instead takes the last, tiny
-    step α = shrink^(max_ls) and keeps B.)
+    **Line-search failure** (no α in ``max_ls`` trials), ``ls_failure``: ``"paper"`` (default, as the
+    paper's code): the last shrunk step α = lr·shrink^max_ls is taken anyway, B is kept, and that tiny
+    step is the next curvature pair's s; ``"reset"``: the weights are left exactly as before the step,
+    B is reset to I, the stored step is zero (so the next consecutive-pair update is skipped). Either
+    way ``state["ls_failures"]`` counts it and training continues with the next mini-batch. When p̃ is
+    not a descent direction (g̃ᵀp̃ ≥ 0: g̃ = 0, or B lost positive definiteness), no trial runs and the
+    step is handled as ``"reset"`` in both modes: the paper's test would accept a step uphill.
 
     **torch.distributed** (DDP, FSDP2; ``process_group``, see :class:`SubspaceOptimizer`): the loss the
     closure returns (this rank's mini-batch) is averaged over the ranks before every decision, f₀ and each
@@ -87,13 +90,15 @@ class SubspaceBFGS(SubspaceOptimizer):
     def __init__(self, params: Iterable, basis: Basis, lr: float = 1.0, c1: float = 0.4, shrink: float = 0.4,
                  max_ls: int = 20, curvature_eps: float | None = None, curvature_test: str = "absolute",
                  curvature_pairs: str = "consecutive", residual_momentum: float = 0.9, residual_weight: float = 0.0,
-                 replay_rng: bool = True, module: nn.Module | None = None,
+                 replay_rng: bool = True, ls_failure: str = "paper", module: nn.Module | None = None,
                  buffers: Iterable[torch.Tensor] | None = None, process_group: object = "auto"):
         if lr <= 0 or not 0 < c1 < 1 or not 0 < shrink < 1 or max_ls < 1:
             raise InvalidArgumentError(f"invalid lr={lr}, c1={c1}, shrink={shrink} or max_ls={max_ls}")
         if curvature_pairs not in PAIRS or curvature_test not in TESTS:
             raise InvalidArgumentError(f"curvature_pairs must be one of {PAIRS} (got {curvature_pairs!r}) and "
                                        f"curvature_test one of {TESTS} (got {curvature_test!r})")
+        if ls_failure not in LS_FAILURES:
+            raise InvalidArgumentError(f"ls_failure must be one of {LS_FAILURES} (got {ls_failure!r})")
         if curvature_eps is None:
             curvature_eps = 1e-20 if curvature_test == "absolute" else 1e-8
         if curvature_eps < 0 or residual_weight < 0 or not 0 <= residual_momentum <= 1:
@@ -101,7 +106,8 @@ class SubspaceBFGS(SubspaceOptimizer):
                                        f"(>= 0) or residual_momentum={residual_momentum} (in [0, 1])")
         defaults = dict(lr=lr, c1=c1, shrink=shrink, max_ls=max_ls, curvature_eps=curvature_eps,
                         curvature_test=curvature_test, curvature_pairs=curvature_pairs,
-                        residual_momentum=residual_momentum, residual_weight=residual_weight, replay_rng=replay_rng)
+                        residual_momentum=residual_momentum, residual_weight=residual_weight, replay_rng=replay_rng,
+                        ls_failure=ls_failure)
         super().__init__(params, basis, defaults, process_group)
         self._guard = BufferGuard(module, buffers)
         self._fsdp: list[nn.Module] | None = None if module is None else fsdp_modules(module.modules())
@@ -173,6 +179,10 @@ class SubspaceBFGS(SubspaceOptimizer):
         slope = float(g @ direction)
         alpha = self._line_search(lambda: self._mean(as_float(evaluate(False))), self.local(params), f0, direction,
                                   slope, group) if slope < 0 else None
+        if alpha is None and slope < 0 and group.get("ls_failure", "reset") == "paper":
+            state["ls_failures"] += 1  # the paper's code: take the last, tiny shrunk step and keep B
+            alpha = group["lr"] * group["shrink"] ** group["max_ls"]
+            self.basis.add_lifted_(self.local(params), direction, alpha=alpha)
         if alpha is None:
             state["inverse_hessian"] = torch.eye(self.basis.d, dtype=torch.float64, device=g.device)
             state["prev_step"] = torch.zeros_like(g)
