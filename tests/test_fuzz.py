@@ -30,7 +30,7 @@ from trajstore.layout import ParamLayout, TensorSpec
 PRESETS = ("lossless", "xor-delta:4", "bitround-delta:8", "float16-delta")
 N, ROWS, CHUNK, SHARD = 20_000, 7, 4096, 16384  # 2 shards a row, 4 inner chunks a shard
 LAYOUT = ParamLayout([TensorSpec("a", (100, 50), "float32"), TensorSpec("b", (N - 5000,), "float32")])
-CASES = int(os.environ.get("TRAJSTORE_FUZZ_CASES", 120))
+CASES = int(os.environ.get("TRAJSTORE_FUZZ_CASES", 60))
 FULL_CASES = int(os.environ.get("TRAJSTORE_FUZZ_FULL_CASES", 1000))
 TIMEOUT_S = 60  # per example: a hang is a failure, not a stuck suite
 

@@ -23,7 +23,7 @@ from trajstore.layout import ParamLayout, TensorSpec
 
 LOSSY = ("bitround-delta:1", "bitround-delta:3", "bitround-delta:8", "bitround-delta:16", "bitround-delta:23",
          "float16-delta")
-CASES = int(os.environ.get("TRAJSTORE_FUZZ_CASES", 100))
+CASES = int(os.environ.get("TRAJSTORE_FUZZ_CASES", 50))
 FULL_CASES = int(os.environ.get("TRAJSTORE_FUZZ_FULL_CASES", 1000))
 F32_MAX = float(np.finfo(np.float32).max)
 BOUND = re.compile(r"\|error\| <= \(2\^-(\d+) \+ 2\^-(\d+)\) \* \|w_i - w_0\| \+ 2\^-(\d+) elementwise")

@@ -29,7 +29,7 @@ from trajstore.store import metric_key
 from .model_writer_proc import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = int(os.environ.get("TRAJSTORE_MODEL_CHECK_EXAMPLES", 120))
+EXAMPLES = int(os.environ.get("TRAJSTORE_MODEL_CHECK_EXAMPLES", 60))
 SLOW_EXAMPLES = int(os.environ.get("TRAJSTORE_MODEL_CHECK_SLOW_EXAMPLES", 5000))
 
 # invalid appends: (what goes wrong, the error class it must raise)
