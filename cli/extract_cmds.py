@@ -54,6 +54,12 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
             snapshots: Optional[str] = typer.Option(
                 None, "--snapshots", help="snapshot indices START:STOP[:STEP] (0:10, 5:, 0:40:2) or i,j,k; "
                 "default: all"),
+            smooth: Optional[float] = typer.Option(
+                None, "--smooth", metavar="BETA", help="EMA of the selected snapshots, w <- BETA w + (1 - BETA) "
+                "w_i, BETA in [0, 1) (the paper's smooth mode: 0.8); with --window, restarted in each window"),
+            window: Optional[int] = typer.Option(
+                None, "--window", metavar="K", help="one row per K consecutive selected snapshots: their mean (the "
+                "paper's mean mode), or with --smooth their EMA; a last, incomplete window is left out"),
             name: str = typer.Option("default", "--name", help="subspace to write: RUN/subspaces/NAME"),
             method: Method = typer.Option(Method.gram, "--method", help="gram: exact eigendecomposition of the "
                                           "Gram matrix; randomized: randomized SVD, for thousands of snapshots"),
@@ -72,26 +78,26 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
     from pipeline import extract_subspace
     from pipeline.checks import check_scheduler
     from pipeline.compute import Interrupted
-    from pipeline.dldr import check_extract_args, parse_snapshots
-    from pipeline.follow import check_follow_args
+    from pipeline.follow import check_follow_args, check_follow_settings
+    from pipeline.settings import ExtractionSettings, parse_snapshots
 
-    method = method.value
     with errors_to_exit():  # every argument, before any work or progress display
-        selection = parse_snapshots(snapshots)
-        check_extract_args(dim=dim, variance=variance, method=method, name=name, block_size=block_size)
+        settings = ExtractionSettings(dim=dim, variance=variance, snapshots=parse_snapshots(snapshots), name=name,
+                                      method=method.value, block_size=block_size, smooth=smooth,
+                                      window=window).validate()
         if follow:
             check_follow_args(every=every, poll=poll)
+            check_follow_settings(settings)
         target = check_scheduler(scheduler) if scheduler is not None else None
     client = _connect(scheduler, target)  # before the store is touched
     try:
         if follow:
-            _follow(run, every, dim, variance, name, method, client, poll, json)
+            _follow(run, every, settings, client, poll, json)
             return
         with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
             try:
-                sub = extract_subspace(run, dim=dim, variance=variance, snapshots=selection, name=name,
-                                       method=method, scheduler=client, block_size=block_size, overwrite=overwrite,
-                                       progress=update, stop=stop, break_lock=break_lock, log=note)
+                sub = extract_subspace(run, settings, scheduler=client, overwrite=overwrite, progress=update,
+                                       stop=stop, break_lock=break_lock, log=note)
             except Interrupted:
                 raise fail("interrupted; the finished blocks are kept: rerun the same command to resume", 130)
             except OSError as exc:
@@ -106,9 +112,24 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
     if json:
         print_json(summary)
         return
-    err.print(f"subspace [bold]{escape(name)}[/]: d = {sub.dim} from {len(sub.snapshots)} snapshots, "
+    err.print(f"subspace [bold]{escape(name)}[/]: d = {sub.dim} from {_rows_text(sub)}, "
               f"explained variance {summary['explained_variance']:.2%}, "
               f"‖PᵀP − I‖ = {sub.orthonormality_error:.2e}, {summary['seconds']:.1f} s", highlight=False)
+
+
+def _nulls(values) -> list:
+    """A list for JSON, NaN (not computed) as null."""
+    return [None if v != v else float(v) for v in values]
+
+
+def _rows_text(sub) -> str:
+    """``"18 snapshots"``, or with sampling ``"6 rows (means of 3 consecutive snapshots) of 18 snapshots"``."""
+    from pipeline.sampling import Sampling
+
+    sampling = Sampling.from_json(sub.attrs.get("sampling"))
+    if sampling.to_json() is None:
+        return f"{len(sub.snapshots)} snapshots"
+    return f"{sub.attrs.get('sampled_rows')} rows ({sampling.describe()}) of {len(sub.snapshots)} snapshots"
 
 
 def _connect(address: str | None, target: "tuple[str, str, int] | None"):
@@ -131,8 +152,10 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
         raise fail(f"cannot connect to the dask scheduler --scheduler {address!r}: {exc}", 2) from None
 
 
-def _follow(run, every, dim, variance, name, method, scheduler, poll, json):
+def _follow(run, every, settings, scheduler, poll, json):
     from pipeline.follow import follow as follow_run
+
+    name = settings.name
 
     def on_gram(t: int) -> None:
         if not json:
@@ -143,11 +166,11 @@ def _follow(run, every, dim, variance, name, method, scheduler, poll, json):
             print_json({"snapshots": len(sub.snapshots), "dim": sub.dim,
                         "orthonormality_error": sub.orthonormality_error})
         else:
-            err.print(f"subspace {escape(name)}: d = {sub.dim} from {len(sub.snapshots)} snapshots", highlight=False)
+            err.print(f"subspace {escape(name)}: d = {sub.dim} from {_rows_text(sub)}", highlight=False)
 
     with errors_to_exit(), stop_on_signals() as stop:
-        updates = follow_run(run, every=every, dim=dim, variance=variance, name=name, method=method,
-                             scheduler=scheduler, poll=poll, stop=stop, on_gram=on_gram, on_subspace=on_subspace)
+        updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,
+                             on_gram=on_gram, on_subspace=on_subspace)
     if not json:
         err.print(f"stopped after {updates} refreshes; the Gram cache is intact")
 
@@ -158,6 +181,8 @@ def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or U
              top: int = typer.Option(20, "--top", help="rows of the table"),
              json: bool = typer.Option(False, "--json", help="machine-readable spectrum on stdout")) -> None:
     """The spectrum of a subspace's trajectory: per-component and cumulative explained variance (stdout)."""
+    import numpy as np
+
     from pipeline import open_subspace
     from pipeline.checks import check_int, check_output_file
 
@@ -171,18 +196,27 @@ def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or U
         from pipeline.plots import spectrum_plot
 
         with _plot_errors(plot):
-            spectrum_plot(sub.explained_variance_ratio, plot, dim=sub.dim)
+            evr = sub.explained_variance_ratio
+            spectrum_plot(evr[~np.isnan(evr)], plot, dim=sub.dim)  # randomized: the components it computed
     if json:
-        print_json({**sub.summary(), "cumulative": sub.cumulative_variance().tolist(), "plot": str(plot) if plot else None})
+        print_json({**sub.summary(), "cumulative": _nulls(sub.cumulative_variance()), "plot": str(plot) if plot else None,
+                    "sampling": sub.attrs.get("sampling"), "sampled_rows": sub.attrs.get("sampled_rows"),
+                    "sampling_left_out": sub.attrs.get("sampling_left_out")})
         return
-    table = Table(title=escape(f"spectrum of {name} (d = {sub.dim})"))
+    table = Table(title=escape(f"spectrum of {name} (d = {sub.dim}, {_rows_text(sub)})"))
     for col in ("component", "explained", "cumulative"):
         table.add_column(col, justify="right")
     cumulative = sub.cumulative_variance()
     for i, ratio in enumerate(sub.explained_variance_ratio[:top]):
+        if ratio != ratio:  # NaN: a component the randomized method did not compute
+            break
         style = "bold" if i < sub.dim else "dim"
         table.add_row(str(i + 1), f"{ratio:.4%}", f"{cumulative[i]:.4%}", style=style)
     out.print(table)
+    if sub.attrs.get("uncomputed_variance_ratio"):
+        err.print(f"the other {len(sub.explained_variance_ratio) - sub.attrs['randomized_components']} components "
+                  f"(not computed by --method randomized) hold {sub.attrs['uncomputed_variance_ratio']:.4%} of the "
+                  "variance together", highlight=False)
     if plot:
         err.print(f"wrote {escape(str(plot))}", highlight=False)
 

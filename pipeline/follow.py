@@ -9,49 +9,58 @@ from trajstore import TrajectoryStore
 
 from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
+from trajstore.errors import InvalidArgumentError
 from trajstore.format import local_dir
 
-from .dldr import check_extract_args, extract_subspace, promote_subspace, staging_name
+from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
 from .locking import extraction_access
+from .settings import ExtractionSettings
 from .subspace import Subspace, open_subspace
 
 
 def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, variance: float | None = None,
-           name: str = "default", method: str = "gram", scheduler: object = None, poll: float = 1.0,
-           stop: StopFlag | None = None, max_updates: int | None = None,
+           name: str = "default", method: str = "gram", snapshots: slice | None = None, smooth: float | None = None,
+           window: int | None = None, settings: ExtractionSettings | None = None, scheduler: object = None,
+           poll: float = 1.0, stop: StopFlag | None = None, max_updates: int | None = None,
            on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
+    Each refresh is an extraction with the same settings (keyword arguments or ``settings``) over the
+    snapshots committed by then: sampling (``smooth``, ``window``) is applied every time, and
+    ``snapshots`` may skip a burn-in and take a stride (``slice(A, None, S)``, ``--snapshots A::S``) but
+    must stay open-ended (a list or a stop would freeze the selection: use a plain extract for that).
     Reads committed rows only and takes only the extraction locks (pipeline/locking.py), so the
     writer is never blocked, nor are extractions into other subspace names. Returns the number of
     subspace refreshes; stops when ``stop`` is set (the cache stays intact: an interrupted update
     resumes on the next run) or after ``max_updates``.
     """
     check_follow_args(every=every, poll=poll)
-    check_extract_args(dim=dim, variance=variance, method=method, name=name)
+    if settings is None:
+        settings = ExtractionSettings(dim=dim, variance=variance, name=name, method=method, snapshots=snapshots,
+                                      smooth=smooth, window=window)
+    settings = check_follow_settings(settings)
     stop = StopFlag() if stop is None else stop
     store = TrajectoryStore.open(path, "r")
     refreshed_at, updates = 0, 0
-    needed = (dim + 1) if dim else 2
     try:
         while not stop:
             store.refresh()
             t = len(store)
-            if t >= 2 and method == "gram":
+            if t >= 2 and settings.method == "gram":
                 with extraction_access(store, None, stop=stop) as access, access.gram() as root:
                     _, stats = update_gram(store, root, scheduler=scheduler, stop=stop)
                 if stats.new_rows and on_gram:
                     on_gram(t)
-            if t >= needed and t - refreshed_at >= every:
+            if _enough(settings, t) and t - refreshed_at >= every:
                 # local stores: the next version is written under a staging name and then replaces the old one
                 # whole, so readers never see it unfinished and a kill leaves the old one (object stores: in place)
                 staged = local_dir(store.path) is not None
-                sub = extract_subspace(store, dim=dim, variance=variance, name=staging_name(name) if staged else name,
-                                       method=method, scheduler=scheduler, overwrite=True, stop=stop, _staging=staged)
+                sub = extract_subspace(store, settings.replace(name=staging_name(settings.name), staging=True)
+                                       if staged else settings, scheduler=scheduler, overwrite=True, stop=stop)
                 if staged:
-                    promote_subspace(store, name)
-                    sub = open_subspace(store, name)
+                    promote_subspace(store, settings.name)
+                    sub = open_subspace(store, settings.name)
                 refreshed_at, updates = t, updates + 1
                 if on_subspace:
                     on_subspace(sub)
@@ -65,6 +74,25 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     finally:
         store.close()
     return updates
+
+
+def _enough(settings: ExtractionSettings, t: int) -> bool:
+    """Whether ``t`` committed snapshots give the extraction enough sampled rows (d + 1, at least 2)."""
+    selected = len(range(t)[settings.snapshots]) if settings.snapshots is not None else t
+    return settings.sampling.rows_out(selected) >= max(2, (settings.dim or 1) + 1)
+
+
+def check_follow_settings(settings: ExtractionSettings) -> ExtractionSettings:
+    """Validate ``settings`` for ``extract --follow``: a snapshot selection must be an open-ended slice."""
+    settings.validate()
+    chosen = settings.snapshots
+    if chosen is not None and not (isinstance(chosen, slice) and chosen.stop is None
+                                   and (chosen.start or 0) >= 0):
+        raise InvalidArgumentError(
+            "snapshots (--snapshots) with --follow must be open-ended, START: or START::STEP (a burn-in and a "
+            f"stride), so that each refresh takes the new snapshots; got {chosen!r}. Use a plain extract for a "
+            "fixed selection")
+    return settings
 
 
 def check_follow_args(*, every: int, poll: float) -> None:

@@ -10,7 +10,6 @@ the old x old block is never recomputed (the cross terms need the old rows once)
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from dataclasses import dataclass
 
@@ -22,22 +21,11 @@ from trajstore.errors import NonFiniteError
 from trajstore.format import NONFINITE
 from trajstore.reader import RowReader
 
-from .compute import Progress, StopFlag, run_tasks
+from .blocks import (SUB_BLOCK, block_columns, check_finite, column_blocks, read_rows, run_resumable,  # noqa: F401
+                     scratch, wide_blocks, widen_shifted)
+from .compute import Progress, StopFlag
 
 GRAM = "gram"
-SUB_BLOCK = 1 << 13  # columns widened to float64 at a time: t x 8K x 8 bytes stays in cache
-
-
-def block_columns(store: TrajectoryStore, block_size: int | None = None) -> int:
-    """Columns per task: the store's inner chunk (never split a chunk across tasks) unless given."""
-    chunk = int(store.array("params").chunks[1])
-    if block_size is None:
-        return chunk
-    return max(chunk, chunk * round(block_size / chunk))
-
-
-def column_blocks(n: int, width: int) -> list[tuple[int, int]]:
-    return [(c0, min(n, c0 + width)) for c0 in range(0, n, width)]
 
 
 @dataclass
@@ -50,37 +38,6 @@ class GramUpdateStats:
     blocks_resumed: int
     products: int  # entries of G computed from data (old x old are never recomputed)
     seconds: float
-
-
-_thread_scratch = threading.local()
-
-
-def scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread buffer reused across tasks: big blocks are not re-allocated for every task,
-    which keeps the heap (and so peak RSS) from growing with fragmentation."""
-    size = int(np.prod(shape))
-    arr = getattr(_thread_scratch, name, None)
-    if arr is None or arr.size < size or arr.dtype != np.dtype(dtype):
-        arr = np.empty(size, dtype)
-        setattr(_thread_scratch, name, arr)
-    return arr[:size].reshape(shape)
-
-
-def read_rows(reader: RowReader, rows: list[int], c0: int, c1: int) -> np.ndarray:
-    """Decoded rows (a list of indices) and columns [c0, c1): (len(rows), c1 - c0) float32, read into a
-    per-thread buffer when the rows are contiguous."""
-    lo, hi = min(rows), max(rows) + 1
-    block = reader.read_block(lo, hi, c0, c1, out=scratch("rows", (hi - lo, c1 - c0), reader.dtype))
-    if rows == list(range(lo, hi)):
-        return block
-    return block[np.asarray(rows) - lo]
-
-
-def widen_shifted(x: np.ndarray, buf: np.ndarray, shift: int = 0) -> np.ndarray:
-    """D = x − x[shift] for a (t, S) float32 block, computed in float64 (exact) in one pass into ``buf``."""
-    out = buf[:, : x.shape[1]]
-    np.subtract(x, x[shift], out=out, dtype=np.float64)
-    return out
 
 
 def nonfinite_rows(store: TrajectoryStore, rows: int | None = None) -> list[int]:
@@ -105,27 +62,21 @@ def _partial_gram(reader: RowReader, c0: int, c1: int, first_new: int, t: int, s
     replaced by the shift row, so they contribute zeros: their entries of G are marked NaN later
     and every other entry stays exact, so those snapshots can simply be left out of an extraction.
     """
-    x = read_rows(reader, list(range(t)), c0, c1)  # (t, C) float32
+    x = read_rows(reader, range(t), c0, c1)  # (t, C) float32
     if excluded:
         x[list(excluded)] = x[shift]
     out = np.zeros((t, t - first_new), np.float64)
-    buf = scratch("wide", (t, SUB_BLOCK), np.float64)
-    for s0 in range(0, x.shape[1], SUB_BLOCK):
-        d = widen_shifted(x[:, s0:s0 + SUB_BLOCK], buf, shift)  # (t, S) float64
+    for _, d in wide_blocks(x, shift=shift):  # (t, S) float64
         if first_new == 0:
             out += d @ d.T  # numpy dispatches a @ a.T to syrk: half the flops
         else:
             out += d @ d[first_new:].T
-    if not np.isfinite(out).all():  # NaN/Inf in the data always reach the products (float32 cannot overflow them)
-        bad = int(np.argmax(~np.isfinite(x).all(axis=1)))
-        raise NonFiniteError(
-            f"snapshot {bad} of {reader.path} holds NaN or Inf in columns {c0}..{c1 - 1}, but it was not recorded "
-            f"as non-finite: its data is damaged. Run `trajstore verify {reader.path}`, then `trajstore repair`")
+    check_finite(out, x, reader.path, c0, c1)
     return out
 
 
-def _gram_task(reader: RowReader, store_path: str, storage_options, block: int, c0: int, c1: int,
-               first_new: int, t: int, shift: int, excluded: tuple[int, ...]) -> int:
+def _gram_task(reader: RowReader, store_path: str, storage_options, first_new: int, t: int, shift: int,
+               excluded: tuple[int, ...], block: int, c0: int, c1: int) -> int:
     partial = _partial_gram(reader, c0, c1, first_new, t, shift, excluded)
     group = zarr.open_group(_zstore(store_path, storage_options), mode="r+")
     group[f"{GRAM}/update/partial"][block] = partial
@@ -191,15 +142,8 @@ def _update_to(store, root, gram, m, t, blocks, width, scheduler, progress, stop
     if shift >= t:
         raise NonFiniteError(f"every snapshot of {store.path} holds NaN or Inf: there is nothing to extract")
     update = _prepare_update(gram, m, t, width, len(blocks), shift, excluded, _store_state(store))
-    done = update["done"][:]
-    pending = [b for b in range(len(blocks)) if not done[b]]
-    reader = store.reader()
-    tasks = [functools.partial(_gram_task, reader, store.path, store.storage_options, b, *blocks[b], m, t, shift,
-                               excluded) for b in pending]
-    if progress:
-        progress(len(blocks) - len(pending), len(blocks))
-    offset = len(blocks) - len(pending)
-    run_tasks(tasks, scheduler, (lambda d, total: progress(offset + d, len(blocks))) if progress else None, stop)
+    task = functools.partial(_gram_task, store.reader(), store.path, store.storage_options, m, t, shift, excluded)
+    resumed = run_resumable(blocks, update["done"][:], task, scheduler, progress, stop)
 
     cross = np.zeros((t, t - m), np.float64)
     partial = update["partial"]
@@ -214,8 +158,7 @@ def _update_to(store, root, gram, m, t, blocks, width, scheduler, progress, stop
     g[:, list(excluded)] = np.nan
     _write_value(gram, g, store, shift)
     del gram["update"]
-    stats = GramUpdateStats(m, t - m, len(pending), len(blocks) - len(pending),
-                            t * t - m * m, time.perf_counter() - began)
+    stats = GramUpdateStats(m, t - m, len(blocks) - resumed, resumed, t * t - m * m, time.perf_counter() - began)
     return g, stats
 
 

@@ -69,7 +69,7 @@ class Subspace:
     basis: zarr.Array  # (n, d) float32, chunked by rows
     mean: zarr.Array  # (n,) float32
     singular_values: np.ndarray  # (d,) float64
-    explained_variance_ratio: np.ndarray  # (t,) float64: the whole spectrum
+    explained_variance_ratio: np.ndarray  # (t,) float64: the whole spectrum (randomized: NaN where not computed)
     eigenvectors: np.ndarray  # (t, d) float64: V of the centred Gram
     attrs: dict
     store: TrajectoryStore | None = field(default=None, repr=False, compare=False)  # to re-check the attributes
@@ -243,7 +243,8 @@ class Subspace:
             "snapshots": self.snapshots, "method": self.method,
             "orthonormality_error": self.orthonormality_error,
             "singular_values": self.singular_values.tolist(),
-            "explained_variance_ratio": self.explained_variance_ratio.tolist(),
+            "explained_variance_ratio": [None if r != r else r for r in self.explained_variance_ratio.tolist()],
+            "sampling": self.attrs.get("sampling"),
             "explained_variance": float(self.explained_variance_ratio[: self.dim].sum()),
             "seconds": self.attrs.get("seconds"),
         }
