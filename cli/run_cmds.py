@@ -42,7 +42,8 @@ def _subspace_lrs(optimizer: str, lr: float | None) -> dict:
 
 
 def train(recipe: str = typer.Argument(..., metavar="RECIPE",
-                                      help="mnist1d-cnn, mnist1d-mlp, digits-mlp, or module:function"),
+                                      help="mnist1d-cnn, mnist1d-mlp, digits-mlp, gpt-tiny, gpt-small (byte-level "
+                                      "GPT-2, needs transformers), or module:function"),
           run: Path = typer.Option(..., "--run", help="run directory (resumable)"),
           sample_epochs: int = typer.Option(15, "--sample-epochs", help="epochs of SGD that sample the trajectory"),
           sample_every: Optional[int] = typer.Option(

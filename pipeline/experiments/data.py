@@ -1,11 +1,18 @@
-"""Datasets made locally, never downloaded: MNIST-1D (generated) and scikit-learn's bundled digits."""
+"""Datasets made locally, never downloaded: MNIST-1D (generated), scikit-learn's bundled digits, and the
+bytes of the Python standard library's own sources (for the language-model recipes)."""
 from __future__ import annotations
 
+import os
+import sysconfig
+import zlib
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from trajstore.errors import InvalidArgumentError
 
 
 @lru_cache(maxsize=4)
@@ -47,3 +54,84 @@ def loaders(arrays: tuple[np.ndarray, ...], batch_size: int, seed: int, label_no
                        shuffle=True, generator=gen)
     test = DataLoader(TensorDataset(torch.from_numpy(xt), torch.from_numpy(yt)), batch_size=1000)
     return train, test
+
+
+# -- bytes of text for the language-model recipes ------------------------------------------------
+HELD_OUT_EVERY = 10  # about one file in 10 (by a hash of its path) is held out
+
+
+def stdlib_files(root: "str | os.PathLike | None" = None) -> list[Path]:
+    """The ``.py`` files of the standard library (``sysconfig.get_paths()["stdlib"]``), sorted by their
+    path relative to it (``/``-separated), third-party folders and byte-code caches left out."""
+    base = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    found = []
+    for folder, dirs, files in os.walk(base):
+        dirs[:] = [d for d in dirs if d not in skip]  # pruned: never walked into
+        found += [Path(folder, f) for f in files if f.endswith(".py") and os.path.isfile(os.path.join(folder, f))]
+    return sorted(found, key=lambda p: p.relative_to(base).as_posix())
+
+
+def is_held_out(relative: str) -> bool:
+    """Whether a file (its ``/``-separated path relative to the corpus root) belongs to the held-out split:
+    decided by the file's name alone, so the split never depends on the budget or the other files."""
+    return zlib.crc32(relative.encode()) % HELD_OUT_EVERY == 0
+
+
+@lru_cache(maxsize=4)
+def stdlib_bytes(train_bytes: int, test_bytes: int, root: "str | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train (train_bytes,), held-out (test_bytes,)) uint8 arrays of Python source text: the standard library's
+    files in sorted order (see :func:`stdlib_files`), each file whole in one split (:func:`is_held_out`), each
+    split filled to exactly its budget (its last file cut). Deterministic for one Python installation;
+    nothing is downloaded. InvalidArgumentError when the installation holds less text than asked for."""
+    for name, value in (("train_bytes", train_bytes), ("test_bytes", test_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    base = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    want = {False: train_bytes, True: test_bytes}
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
+    have = {False: 0, True: 0}
+    for path in stdlib_files(base):
+        split = is_held_out(path.relative_to(base).as_posix())
+        if have[split] < want[split]:
+            data = path.read_bytes()[: want[split] - have[split]]
+            parts[split].append(data)
+            have[split] += len(data)
+        if have[False] >= want[False] and have[True] >= want[True]:
+            break
+    if have[False] < want[False] or have[True] < want[True]:
+        raise InvalidArgumentError(
+            f"the Python sources under {base} hold {have[False]:,} training and {have[True]:,} held-out bytes, fewer "
+            f"than the {train_bytes:,} and {test_bytes:,} asked for; ask for less text")
+    return (np.frombuffer(b"".join(parts[False]), dtype=np.uint8), np.frombuffer(b"".join(parts[True]), dtype=np.uint8))
+
+
+class ByteWindows(Dataset):
+    """Next-byte prediction windows over a uint8 array: item i is (x, y), the ``context`` bytes from
+    ``i * context`` and the same shifted by one (int64, (context,) each). Windows do not overlap; the last
+    byte of the array is only ever a target."""
+
+    def __init__(self, data: np.ndarray, context: int):
+        if len(data) < context + 1:
+            raise InvalidArgumentError(f"{len(data):,} bytes of text hold no window of {context} + 1 bytes; give "
+                                       "more text or a shorter context")
+        self.data = torch.from_numpy(np.array(data, dtype=np.uint8))  # (N,) a private copy; items are views of it
+        self.context = context
+
+    def __len__(self) -> int:
+        return (len(self.data) - 1) // self.context
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")
+        start = (i % len(self)) * self.context
+        chunk = self.data[start:start + self.context + 1].long()  # (context + 1,)
+        return chunk[:-1], chunk[1:]
+
+
+def byte_loaders(train: np.ndarray, test: np.ndarray, context: int, batch_size: int, seed: int,
+                 test_batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    """Train (windows shuffled by a seeded generator) and held-out loaders of next-byte windows."""
+    gen = torch.Generator().manual_seed(seed)
+    return (DataLoader(ByteWindows(train, context), batch_size=batch_size, shuffle=True, generator=gen),
+            DataLoader(ByteWindows(test, context), batch_size=test_batch_size))

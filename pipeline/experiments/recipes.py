@@ -3,6 +3,11 @@
 A user recipe is ``"package.module:function"``; the function is called with the keyword
 arguments it accepts among ``seed``, ``batch_size`` and ``label_noise`` and returns
 ``(model, train_loader, test_loader, loss_fn)``.
+
+The ``gpt-*`` recipes are byte-level causal language models (GPT-2 built from a ``transformers`` config,
+nothing downloaded) trained on the standard library's own sources, split by file. They fit the
+classification runner: the model returns logits (B, 256, T), the loss is next-byte cross entropy, the
+"accuracy" is next-byte accuracy, and the report adds perplexity = exp(mean held-out loss).
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from trajstore.errors import InvalidArgumentError
 
-from .data import digits_arrays, loaders, mnist1d_arrays
-from .models import CNN1D, mlp
+from .data import byte_loaders, digits_arrays, loaders, mnist1d_arrays, stdlib_bytes
+from .models import CNN1D, GPT_SIZES, ByteGPT, mlp
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Recipe:
     train: DataLoader
     test: DataLoader
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    language_model: bool = False  # next-token targets: the report adds perplexity = exp(test loss)
 
 
 def _mnist1d_cnn(seed: int, batch_size: int, label_noise: float) -> Recipe:
@@ -49,10 +55,38 @@ def _digits_mlp(seed: int, batch_size: int, label_noise: float) -> Recipe:
     return Recipe(mlp([64, 64, 10]), train, test, nn.functional.cross_entropy)
 
 
+# bytes of standard-library source per recipe (train, held out): an epoch of gpt-tiny takes seconds on a CPU
+GPT_TEXT = {"gpt-tiny": (32 << 10, 8 << 10), "gpt-small": (16 << 20, 1 << 20)}
+
+
+def gpt_recipe(name: str, seed: int, batch_size: int, label_noise: float = 0.0) -> Recipe:
+    """Byte-level GPT recipe ``name`` (a key of :data:`~.models.GPT_SIZES`): the model, loaders of
+    next-byte windows of its context over :data:`GPT_TEXT` bytes, and next-byte cross entropy.
+    MissingDependencyError without ``transformers``; InvalidArgumentError for label noise."""
+    if label_noise:
+        raise InvalidArgumentError(f"label noise (--label-noise) {label_noise} applies to classification recipes; "
+                                   f"the language model {name!r} takes 0")
+    size = GPT_SIZES[name]
+    torch.manual_seed(seed)
+    model = ByteGPT(size)
+    train, test = byte_loaders(*stdlib_bytes(*GPT_TEXT[name]), size.context, batch_size, seed)
+    return Recipe(model, train, test, nn.functional.cross_entropy, language_model=True)
+
+
+def _gpt_tiny(seed: int, batch_size: int, label_noise: float) -> Recipe:
+    return gpt_recipe("gpt-tiny", seed, batch_size, label_noise)
+
+
+def _gpt_small(seed: int, batch_size: int, label_noise: float) -> Recipe:
+    return gpt_recipe("gpt-small", seed, batch_size, label_noise)
+
+
 BUILTIN: dict[str, Callable[[int, int, float], Recipe]] = {
     "mnist1d-cnn": _mnist1d_cnn,
     "mnist1d-mlp": _mnist1d_mlp,
     "digits-mlp": _digits_mlp,
+    "gpt-tiny": _gpt_tiny,  # 121K parameters, context 64
+    "gpt-small": _gpt_small,  # 106.7M parameters, context 256
 }
 
 

@@ -23,6 +23,9 @@ def summarize(history: dict, timing: dict) -> dict:
         out[method] = {"label": LABELS.get(method, method), "epochs": len(epochs),
                        "final_test_acc": epochs[-1]["test_acc"], "best_test_acc": max(e["test_acc"] for e in epochs),
                        "final_test_loss": epochs[-1]["test_loss"], "seconds": timing.get(method, 0.0)}
+        if "test_perplexity" in epochs[-1]:  # a language model: perplexity = exp(mean held-out next-token loss)
+            out[method]["final_test_perplexity"] = epochs[-1]["test_perplexity"]
+            out[method]["best_test_perplexity"] = min(e["test_perplexity"] for e in epochs)
     return out
 
 
@@ -70,11 +73,19 @@ def _curves(history: dict, key: str) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# trajstore run report", "", "| method | epochs | final test acc | best test acc | time (s) |",
-             "|---|---:|---:|---:|---:|"]
-    for m in report["methods"].values():
-        lines.append(f"| {m['label']} | {m['epochs']} | {m['final_test_acc']:.2%} | {m['best_test_acc']:.2%} | "
-                     f"{m['seconds']:.1f} |")
+    lm = any("final_test_perplexity" in m for m in report["methods"].values())
+    lines = ["# trajstore run report", ""]
+    if lm:  # a language model: held-out perplexity first; "accuracy" is next-token accuracy
+        lines += ["| method | epochs | final test perplexity | best test perplexity | final next-token acc | time (s) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for m in report["methods"].values():
+            lines.append(f"| {m['label']} | {m['epochs']} | {m['final_test_perplexity']:.3f} | "
+                         f"{m['best_test_perplexity']:.3f} | {m['final_test_acc']:.2%} | {m['seconds']:.1f} |")
+    else:
+        lines += ["| method | epochs | final test acc | best test acc | time (s) |", "|---|---:|---:|---:|---:|"]
+        for m in report["methods"].values():
+            lines.append(f"| {m['label']} | {m['epochs']} | {m['final_test_acc']:.2%} | {m['best_test_acc']:.2%} | "
+                         f"{m['seconds']:.1f} |")
     s = report["subspace"]
     lines += ["", f"Subspace: d = {s['dim']} from {len(s['snapshots'])} snapshots, explained variance "
               f"{s['explained_variance']:.2%}, ‖PᵀP − I‖ = {s['orthonormality_error']:.1e}.", ""]

@@ -9,6 +9,7 @@ uninterrupted run bit for bit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from trajstore.recorder import Recorder
 from ..basis import Basis, random_subspace_basis
 from ..checks import check_choice, check_fraction, check_int, check_positive, selection_size
 from ..dldr import extract_subspace, parse_snapshots
+from ..settings import check_dim_variance
 from ..optim import SubspaceBFGS, SubspaceSGD
 from ..subspace import SUBSPACES
 from .recipes import Recipe, build_recipe
@@ -70,12 +72,7 @@ class RunConfig:
         check_choice("optimizer", self.optimizer, ("psgd", "pbfgs"))
         for b in self.baselines:
             check_choice("baseline", b, ("sgd", "random-subspace", "none", "psgd", "pbfgs"))
-        if (self.dim is None) == (self.variance is None):
-            raise InvalidArgumentError("give exactly one of dim (--dim) and variance (--variance)")
-        if self.dim is not None:
-            check_int("dim", self.dim, 1)
-        if self.variance is not None:
-            check_fraction("variance", self.variance)
+        check_dim_variance(self.dim, self.variance)  # the extraction's own validator (pipeline/settings.py)
         parse_snapshots(self.snapshots)
         for name, minimum in (("sample_epochs", 1), ("subspace_epochs", 0), ("batch_size", 1), ("seed", 0)):
             check_int(name, getattr(self, name), minimum)
@@ -145,16 +142,17 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 
 def evaluate(model: nn.Module, recipe: Recipe, device: str) -> tuple[float, float]:
-    """(test loss, test accuracy)."""
+    """(test loss, test accuracy), averaged over targets: one per example for a classifier, one per
+    position for a language model (out (B, V, T), y (B, T): next-token loss and accuracy)."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     with torch.no_grad():
         for x, y in recipe.test:
             x, y = x.to(device), y.to(device)
             out = model(x)
-            loss_sum += float(recipe.loss(out, y)) * len(y)
+            loss_sum += float(recipe.loss(out, y)) * y.numel()  # the loss is a mean over y's elements
             correct += int((out.argmax(1) == y).sum())
-            total += len(y)
+            total += y.numel()
     model.train()
     return loss_sum / total, correct / total
 
@@ -401,9 +399,12 @@ class Run:
         state["timing"][method] = elapsed
         entry = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "test_loss": test_loss,
                  "test_acc": test_acc, "seconds": elapsed}
+        if recipe.language_model:
+            entry["test_perplexity"] = math.exp(min(test_loss, 700.0))  # exp(mean next-token loss); no overflow
         state["history"].setdefault(method, []).append(entry)
         self.log(f"{method:>15} epoch {epoch + 1:3d}: train loss {entry['train_loss']:.4f}  "
-                 f"test loss {test_loss:.4f}  test acc {test_acc:.2%}")
+                 f"test loss {test_loss:.4f}  test acc {test_acc:.2%}"
+                 + (f"  perplexity {entry['test_perplexity']:.2f}" if recipe.language_model else ""))
 
     def _checkpoint(self, state: dict, model, opt, recipe: Recipe) -> None:
         state["model"] = model.state_dict()
