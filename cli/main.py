@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import export_cmds, extract_cmds, maint_cmds, run_cmds, store_cmds
+from . import export_cmds, extract_cmds, landscape_cmds, maint_cmds, plan_cmds, run_cmds, store_cmds
 from ._group import OneLineErrors
 
 app = typer.Typer(help="Record training trajectories, extract their tiny subspace, train there.",
@@ -20,6 +20,8 @@ export_cmds.register(app)
 extract_cmds.register(app)
 run_cmds.register(app)
 maint_cmds.register(app)
+plan_cmds.register(app)
+landscape_cmds.register(app)
 
 if __name__ == "__main__":
     app()

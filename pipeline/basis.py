@@ -10,6 +10,17 @@ g̃ = Pᵀg = Σ_l P_lᵀ g_l and w_l += P_l c without ever building an n-vector
 
 Under FSDP2 a rank's Basis holds only the rows of P its parameter shards cover (``from_store(...,
 model=model)``): its layout is the local one, n is the local count (see :mod:`pipeline.distributed`).
+
+**P in bfloat16 / float16** (``dtype=``): the device copy of P (resident, or the streamed block
+buffers and the host copy they are filled from) is held in that dtype, halving its memory and the bytes
+each product reads. The products still compute in float32: rows of P̂ are upcast in small pieces
+(:data:`UPCAST_BYTES` of float32 at a time), the gradient and the coefficients are never rounded to
+16 bits, and g̃ accumulates in float32 (float64 across blocks). So g̃ = P̂ᵀg and the update P̂ c are
+those of the rounded basis P̂ itself: the iterates stay exactly in w₀ + span(P̂). P̂ is not
+re-orthonormalised and no metric correction (P̂ᵀP̂)⁻¹ is applied: the optimizers run plain SGD / BFGS
+on h(s) = f(w₀ + P̂ s), whose metric P̂ᵀP̂ differs from I by about the 16-bit rounding (measured by
+benchmarks/bench_basis_dtype.py). The digest and fingerprint name the stored float32 P, so an optimizer
+state moves between a float32 and a bfloat16 basis of the same extraction.
 """
 from __future__ import annotations
 
@@ -39,6 +50,13 @@ from .distributed import Sharding, fsdp_modules, reshard, sharding_of
 from .subspace import ATTEMPTS, BasisDigest, Subspace, block_rows, open_subspace
 
 Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in block, end)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+UPCAST_BYTES = 16 << 20  # float32 bytes of P̂ upcast at a time by a 16-bit basis's products (one reused buffer)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a basis held in ``dtype`` computes in: float32 for 16-bit P, else ``dtype`` itself."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
 class Basis:
@@ -48,13 +66,21 @@ class Basis:
                  dtype: torch.dtype = torch.float32, mode: str = "auto", block_rows: int | None = None,
                  fraction: float = 0.5, name: str = ""):
         n, d = host.shape
+        if dtype not in DTYPES:
+            raise InvalidArgumentError(f"dtype must be one of {', '.join(map(str, DTYPES))} (P is a float basis), "
+                                       f"got {dtype}")
         if n != layout.n:
             raise LayoutMismatchError(f"basis has {n} rows but the layout has {layout.n} parameters")
         self.layout, self.n, self.d, self.dtype, self.name = layout, n, d, dtype, name
         self.device = torch.device(device)
         self.mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, self.device, fraction)
-        self._host = host  # (n, d): numpy (possibly a memmap) or a (pinned) torch tensor
+        self.compute_dtype = compute_dtype(dtype)  # of the products: float32 for a 16-bit P
+        self._host = host  # (n, d): numpy (possibly a memmap) or a (pinned) torch tensor, as given (float32)
+        self._upcast_rows = max(1, UPCAST_BYTES // (d * 4)) if self.compute_dtype != dtype else None
+        self._scratch: torch.Tensor | None = None  # (<= upcast_rows, d) float32: where _pieces upcasts P̂
         self.block_rows = int(block_rows or max(1, min(n, (64 << 20) // (d * 4))))
+        # streamed 16-bit P: a host copy in that dtype, so blocks cross to the device at 2 bytes a value
+        self._stream_host = self._low_precision_host() if self.mode == "streamed" and self._upcast_rows else None
         self._resident = self._make_resident() if self.mode == "resident" else None  # (n, d)
         if self._resident is not None:
             self.block_rows = n
@@ -134,8 +160,8 @@ class Basis:
                     raise
         local = sharding.layout if sharding is not None else layout
         if isinstance(data, np.ndarray) and data.flags.writeable and torch.cuda.is_available() \
-                and torch.device(device).type == "cuda" and mode != "resident":
-            data = torch.from_numpy(data).pin_memory()
+                and torch.device(device).type == "cuda" and mode != "resident" and compute_dtype(dtype) == dtype:
+            data = torch.from_numpy(data).pin_memory()  # (a 16-bit basis streams from a pinned copy of its own)
         basis = cls(data, local, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
                     name=f"{sub.path}::{name}")
         basis._digest = digest
@@ -207,18 +233,21 @@ class Basis:
     # -- the two products -----------------------------------------------------------------
     @torch.no_grad()
     def project(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """g̃ = Σ_l P_lᵀ g_l as a (d,) tensor on the device (float32 products, float64 sum across blocks).
+        """g̃ = Σ_l P_lᵀ g_l as a (d,) float64 tensor on the device (products in :attr:`compute_dtype`,
+        float32 at least, summed in float64 across blocks).
 
         One gradient per layout tensor, any memory format (read in the logical, row-major order the
-        store records); a ``None`` entry counts as zero: its rows of P are left out.
+        store records); a ``None`` entry counts as zero: its rows of P are left out. A 16-bit basis
+        multiplies its own rounded values P̂ (upcast piece by piece) with the unrounded gradient.
         """
         flats = [None if g is None else g.reshape(-1) for g in grads]  # views unless non-contiguous
         out = torch.zeros(self.d, dtype=torch.float64, device=self.device)
         for block, segments in self._iter_blocks():
-            acc = torch.zeros(self.d, dtype=self.dtype, device=self.device)
+            acc = torch.zeros(self.d, dtype=self.compute_dtype, device=self.device)  # (d,)
             for i, lo, hi, b0, b1 in segments:
                 if flats[i] is not None:
-                    acc.addmv_(block[b0:b1].T, flats[i][lo:hi].to(self.dtype))
+                    for a, rows in self._pieces(block, b0, b1):  # rows: (k, d) in compute_dtype
+                        acc.addmv_(rows.T, flats[i][lo + a:lo + a + rows.shape[0]].to(self.compute_dtype))
             out += acc.double()
         return out
 
@@ -227,33 +256,37 @@ class Basis:
         """tensors_l += alpha · P_l c, in place, block by block; ``None`` entries are skipped (left untouched).
 
         A non-contiguous tensor (channels_last, transposed) is updated through a contiguous copy in
-        the logical order, written back once at the end, so its memory format is kept.
+        the logical order, written back once at the end, so its memory format is kept. P c is computed
+        in :attr:`compute_dtype` (c is not rounded to a 16-bit basis's dtype), then cast to each tensor's.
         """
-        c = coeffs.to(device=self.device, dtype=self.dtype)
+        c = coeffs.to(device=self.device, dtype=self.compute_dtype)  # (d,)
         staged = {i: t.contiguous() for i, t in enumerate(tensors) if t is not None and not t.is_contiguous()}
         flats = [None if t is None else staged.get(i, t).view(-1) for i, t in enumerate(tensors)]
         for block, segments in self._iter_blocks():
             for i, lo, hi, b0, b1 in segments:
                 flat = flats[i]
                 if flat is not None:
-                    flat[lo:hi].add_((block[b0:b1] @ c).to(flat.dtype), alpha=alpha)
+                    for a, rows in self._pieces(block, b0, b1):  # rows: (k, d) in compute_dtype
+                        flat[lo + a:lo + a + rows.shape[0]].add_((rows @ c).to(flat.dtype), alpha=alpha)
         for i, copy in staged.items():
             tensors[i].copy_(copy)
 
     def lift(self, coeffs: torch.Tensor, like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-parameter tensors P_l c, shaped like the layout."""
-        out = [torch.zeros(s.shape, dtype=self.dtype, device=self.device) for s in self.layout.specs] if like is None \
-            else [torch.zeros_like(t) for t in like]
+        if like is None:
+            out = [torch.zeros(s.shape, dtype=self.compute_dtype, device=self.device) for s in self.layout.specs]
+        else:
+            out = [torch.zeros_like(t) for t in like]
         self.add_lifted_(out, coeffs)
         return out
 
     def device_bytes(self) -> int:
-        """Device memory held for P: all of it (resident) or the two block buffers (streamed)."""
-        if self._resident is not None:
-            return self._resident.numel() * self._resident.element_size()
-        if self._buffers is None:
-            return 0
-        return sum(b.numel() * b.element_size() for b in self._buffers)
+        """Device memory held for P: all of it (resident) or the two block buffers (streamed), plus a 16-bit
+        basis's upcast buffer (at most :data:`UPCAST_BYTES`) once a product has run."""
+        held = [self._resident] if self._resident is not None else list(self._buffers or ())
+        if self._scratch is not None:
+            held.append(self._scratch)
+        return sum(b.numel() * b.element_size() for b in held)
 
     # -- internals ------------------------------------------------------------------------
     def _make_resident(self) -> torch.Tensor:
@@ -269,6 +302,32 @@ class Basis:
             out[r0:r1].copy_(self._host_block(r0, r1))
         return out
 
+    def _pieces(self, block: torch.Tensor, b0: int, b1: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows b0:b1 of a block as (offset from b0, rows (k, d) in compute_dtype): the block's own view
+        for a float32/float64 basis, else pieces of at most ``_upcast_rows`` rows upcast to float32."""
+        if self._upcast_rows is None:
+            yield 0, block[b0:b1]
+            return
+        if self._scratch is None:  # reused: a fresh allocation per piece costs page faults on the CPU
+            rows = min(self._upcast_rows, self.block_rows)
+            self._scratch = torch.empty((rows, self.d), dtype=self.compute_dtype, device=self.device)
+        for a in range(b0, b1, self._upcast_rows):
+            k = min(b1, a + self._upcast_rows) - a
+            yield a - b0, self._scratch[:k].copy_(block[a:a + k])
+
+    def _low_precision_host(self) -> torch.Tensor | None:
+        """The host copy a streamed 16-bit basis copies its blocks from: (n, d) in its dtype, pinned when it
+        streams to a CUDA device; made once, in blocks. None for a read-only memory map (P larger than
+        half the free RAM), whose blocks are rounded as they are read (they then cross at 4 bytes a value)."""
+        host = self._host
+        if isinstance(host, np.ndarray) and not host.flags.writeable:
+            return None
+        out = torch.empty((self.n, self.d), dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        for r0 in range(0, self.n, self.block_rows):
+            r1 = min(self.n, r0 + self.block_rows)
+            out[r0:r1].copy_(torch.as_tensor(host[r0:r1]))
+        return out
+
     def _segments_of(self, r0: int, r1: int) -> list[Segment]:
         segs = []
         for i, (lo, hi) in enumerate(zip(self.layout.offsets, self.layout.offsets[1:])):
@@ -278,6 +337,8 @@ class Basis:
         return segs
 
     def _host_block(self, r0: int, r1: int) -> torch.Tensor:
+        if self._stream_host is not None:
+            return self._stream_host[r0:r1]
         block = self._host[r0:r1]
         return block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, copy=True))
 
@@ -321,17 +382,21 @@ class Basis:
             free[slot].record(main)
 
 
-def _choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float) -> str:
+def _choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float, free: int | None = None) -> str:
+    """``"resident"`` when P's ``nbytes`` fit in ``fraction`` of the device's free memory (``free``, or
+    queried now: CUDA's free memory, else the available RAM), else ``"streamed"``; an explicit ``mode``
+    is returned as it is. :func:`pipeline.plan.plan` calls this same rule with a given ``free``."""
     if mode not in ("auto", "resident", "streamed"):
         raise InvalidArgumentError(f"mode must be 'auto', 'resident' or 'streamed', got {mode!r}")
     if mode != "auto":
         return mode
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import psutil
+    if free is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:
+            import psutil
 
-        free = psutil.virtual_memory().available
+            free = psutil.virtual_memory().available
     return "resident" if nbytes <= fraction * free else "streamed"
 
 

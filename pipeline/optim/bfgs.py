@@ -66,9 +66,16 @@ class SubspaceBFGS(SubspaceOptimizer):
     **P(+) term** (``residual_weight`` α_r, ``residual_momentum`` γ): the gradient component outside
     the subspace, r = g − P g̃, kept as momentum m ← γ m + r and applied as w ← w − α_r m after the
     subspace step, line-search failure or not (as in the paper's code; there α_r = 0 by default and
-    γ = 0.9). With α_r > 0 the iterates leave w₀ + span(P). **Weight decay**: none; the paper's
-    P-BFGS applies its step through ``SGD(lr=1, momentum=0)`` with no weight decay (add an L2 term to
-    the loss if you want one).
+    γ = 0.9). With α_r > 0 the iterates leave w₀ + span(P).
+
+    **Weight decay**: none, and no option for it, as in the paper: its P-BFGS applies the step
+    through ``SGD(lr=1, momentum=0)`` with no weight decay. Add an L2 term to the closure's loss if you
+    want one: the line search and the curvature pairs then see the same regularised function, which a
+    decay applied outside the loss would break (the Armijo test would compare two different functions).
+
+    **A 16-bit basis** (``Basis(..., dtype=torch.bfloat16)``): g̃ = P̂ᵀg and the steps P̂ p̃ use the
+    rounded P̂ (products in float32), so this is exactly BFGS on h(s) = f(w₀ + P̂ s); P̂ is not
+    re-orthonormalised and no metric correction is applied (see :mod:`pipeline.basis`).
 
     **Line-search failure** (no α in ``max_ls`` trials), ``ls_failure``: ``"paper"`` (default, as the
     paper's code): the last shrunk step α = lr·shrink^max_ls is taken anyway, B is kept, and that tiny

@@ -18,10 +18,16 @@ class SubspaceSGD(SubspaceOptimizer):
     first step); the update is −lr · P m̃ (nesterov: −lr · P (g̃ + momentum · m̃)). The
     momentum buffer is a (d,) float64 tensor; w never leaves w_start + span(P).
 
-    The paper's P-SGD is this with momentum 0.9 and **no weight decay** (its code runs
-    ``torch.optim.SGD(lr, momentum)`` on the projected gradient P Pᵀg), so ``weight_decay``
-    defaults to 0; a non-zero value decays within the subspace only (the decay term is projected
-    with the gradient), never the component of w outside it.
+    **Weight decay.** The paper's P-SGD is this with momentum 0.9 and **no weight decay**: its code
+    runs ``torch.optim.SGD(lr=1, momentum=0.9)`` with no ``weight_decay`` on the projected gradient
+    P Pᵀg (only its CIFAR-10 sampling run, which records the trajectory, uses 1e-4), so ``weight_decay``
+    defaults to 0. A non-zero λ is L2 decay projected with the gradient, g̃ = Pᵀg + λ Pᵀw: with
+    w = w₀ + P s it pulls Pᵀw = Pᵀw₀ + PᵀP s towards 0 (the origin's projection, not w₀), and never
+    touches the component of w₀ outside span(P), which the iterates cannot change.
+
+    **A 16-bit basis** (``Basis(..., dtype=torch.bfloat16)``): g̃ = P̂ᵀg and the update P̂ m̃ use the
+    rounded P̂ (products in float32), so w stays exactly in w₀ + span(P̂); P̂ is not
+    re-orthonormalised and no metric correction is applied (see :mod:`pipeline.basis`).
 
     Under torch.distributed (DDP, FSDP2; ``process_group``) see :class:`SubspaceOptimizer`: with FSDP2
     each rank projects its shards and g̃ is summed over the ranks, so every rank takes the same step.

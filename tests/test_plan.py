@@ -1,0 +1,162 @@
+"""Issue 10: ``trajstore plan``: its numbers against hand computation, on a real store, and through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import torch
+
+import pipeline.basis
+import pipeline.plan
+from cli.main import app
+from pipeline.basis import Basis
+from pipeline.experiments.models import mlp
+from pipeline import extract_subspace
+from pipeline.plan import MEASURED_RATIOS, UPCAST_BYTES, parse_count, parse_size, plan, plan_store
+from trajstore import inspect
+from trajstore.errors import InvalidArgumentError
+from trajstore.layout import ParamLayout
+
+from .synthetic import trajectory, write_store
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("text, value", [("80GB", 80 * 10 ** 9), ("80GiB", 80 * 2 ** 30), ("512MiB", 512 * 2 ** 20),
+                                         ("512B", 512), ("1.5e9", 1_500_000_000), ("2 tb", 2 * 10 ** 12), (4096, 4096)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text, value", [("124M", 124_000_000), ("1.3B", 1_300_000_000), ("7e9", 7 * 10 ** 9),
+                                         ("1,000,000", 10 ** 6), ("10k", 10_000), ("40", 40)])
+def test_parse_count(text, value):
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("bad", ["80GBB", "GB", "-5GB", "0", "1.2.3G", ""])
+def test_parse_refuses_with_a_message(bad):
+    with pytest.raises(InvalidArgumentError, match="size must be"):
+        parse_size(bad)
+
+
+def test_count_refuses_bytes():
+    with pytest.raises(InvalidArgumentError, match="params must be a number"):
+        plan("80GB", 10)
+
+
+def test_resident_numbers_by_hand():
+    """1M parameters, d = 10 in bfloat16, 100 snapshots, 1 GB device at 1 GB/s."""
+    p = plan("1M", 10, 100, device_memory="1GB", dtype="bf16", bandwidth=1e9)
+    n, d = 10 ** 6, 10
+    assert (p.params, p.dim, p.snapshots, p.basis_dtype) == (n, d, 100, "bfloat16")
+    assert p.basis_bytes == n * d * 2 and p.basis_float32_bytes == n * d * 4
+    assert p.mode == "resident" and p.device == "cuda" and p.device_memory == 10 ** 9
+    assert p.basis_device_bytes == n * d * 2 + (UPCAST_BYTES // (d * 4)) * d * 4  # P and the upcast buffer
+    assert p.step_device_bytes == 2 * n * d * 2 + 3 * n * 4  # P twice; g, w read, w written (float32)
+    assert p.step_link_bytes == 0 and p.link_bandwidth is None
+    assert p.step_overhead_s == pytest.approx(p.step_device_bytes / 1e9)
+    assert p.device_bandwidth.source == "given"
+    sizes = {c.codec: c.bytes for c in p.codecs}
+    assert sizes == {spec: int(100 * n * 4 / r) for spec, r in MEASURED_RATIOS.items()}
+    assert {c.codec: c.lossless for c in p.codecs}["float16-delta"] is False
+
+
+def test_streamed_numbers_by_hand():
+    """float32 P of 400 MB on a 300 MB device: streamed; the link carries P twice per step."""
+    n, d = 10 ** 7, 10
+    p = plan(n, d, device_memory="300MB", bandwidth=1e12, link_bandwidth=1e9)
+    assert p.mode == "streamed"
+    rows = (64 << 20) // (d * 4)  # Basis's default block
+    assert p.basis_device_bytes == 2 * rows * d * 4
+    assert p.step_link_bytes == 2 * n * d * 4
+    assert p.step_device_bytes == 2 * n * d * 4 + 3 * n * 4 + p.step_link_bytes
+    assert p.step_overhead_s == pytest.approx(p.step_link_bytes / 1e9)  # the link binds
+    assert all(c.bytes is None for c in p.codecs)  # no --snapshots: no disk sizes
+
+
+def test_placement_is_basis_rule_at_its_boundary():
+    """The same function as Basis (not a copy), and its boundary: resident iff P <= fraction x memory."""
+    assert pipeline.plan._choose_mode is pipeline.basis._choose_mode
+    n, d = 1000, 5  # P: 20,000 bytes in float32
+    assert plan(n, d, device_memory=40_000, fraction=0.5, bandwidth=1e9).mode == "resident"
+    assert plan(n, d, device_memory=39_999, fraction=0.5, bandwidth=1e9).mode == "streamed"
+    assert plan(n, d, device_memory=39_999, dtype="fp16", fraction=0.5, bandwidth=1e9).mode == "resident"
+
+
+@pytest.mark.parametrize("mode, memory", [("resident", "1GB"), ("streamed", "10MB")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_bytes_are_what_a_basis_holds(mode, memory, dtype):
+    """On the CPU (no block buffers), against a real Basis after a product (16-bit: its upcast buffer)."""
+    model = mlp([1000, 1000, 10])
+    layout = ParamLayout.from_module(model)
+    d = 4
+    p = plan(layout.n, d, device="cpu", device_memory=memory, dtype=dtype, bandwidth=1e9)
+    assert p.mode == mode
+    basis = Basis.from_array(torch.linalg.qr(torch.randn(layout.n, d))[0], layout, dtype=dtype, mode=mode)
+    basis.project([torch.ones_like(w) for w in model.parameters()])
+    assert p.basis_device_bytes == basis.device_bytes()
+
+
+def test_cpu_plan_measures_host_bandwidth():
+    p = plan("100k", 8, device="cpu")
+    assert p.device == "cpu" and p.device_bandwidth.source.startswith("measured: host RAM")
+    assert p.device_bandwidth.bytes_per_s > 1e8
+
+
+def test_plan_of_a_store_reads_it(tmp_path):
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(12, 5_000, rank=3), codec="xor-delta")
+    with pytest.raises(InvalidArgumentError, match="--dim"):
+        plan_store(path, bandwidth=1e9)
+    extract_subspace(path, dim=4)
+    info = inspect.info(path)
+    p = plan_store(path, device_memory="1GB", dtype="bf16", bandwidth=1e9)
+    assert (p.params, p.snapshots, p.dim, p.store_dtype) == (5_000, 12, 4, info["dtype"])
+    assert p.basis_bytes == 5_000 * 4 * 2
+    own = p.codecs[0]
+    assert own.codec == "xor-delta:16" and own.bytes == info["snapshot_bytes"] and own.source.startswith("measured")
+    assert own.ratio == pytest.approx(info["raw_bytes"] / info["snapshot_bytes"])
+    assert [c.codec for c in p.codecs].count("xor-delta:16") == 1 and len(p.codecs) == len(MEASURED_RATIOS)
+    assert p.store["subspace"] == "default" and p.store["subspace_dim"] == 4 and p.store["subspace_bytes"] > 0
+    assert plan_store(path, dim=9, bandwidth=1e9).dim == 9
+    with pytest.raises(InvalidArgumentError, match="no subspace 'other'"):
+        plan_store(path, "other", bandwidth=1e9)
+
+
+def test_cli_json_and_store(tmp_path):
+    result = runner.invoke(app, ["plan", "--params", "124M", "--dim", "40", "--snapshots", "10", "--device-memory",
+                                 "80GB", "--dtype", "bf16", "--bandwidth", "2000", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    n = 124_000_000
+    assert data["basis_bytes"] == n * 40 * 2 and data["mode"] == "resident"
+    assert data["step_overhead_s"] == pytest.approx((2 * n * 40 * 2 + 3 * n * 4) / 2e12)
+    assert data["codecs"][0] == {"codec": "lossless", "lossless": True, "ratio": MEASURED_RATIOS["lossless"],
+                                 "bytes": int(10 * n * 4 / MEASURED_RATIOS["lossless"]),
+                                 "source": pipeline.plan.RATIO_SOURCE}
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(8, 3_000, rank=3))
+    extract_subspace(path, dim=3)
+    result = runner.invoke(app, ["plan", str(path), "--json", "--bandwidth", "10"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["params"], data["snapshots"], data["dim"]) == (3_000, 8, 3)
+    assert data["store"]["codec"] == "lossless"
+    table = runner.invoke(app, ["plan", str(path), "--bandwidth", "10"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "placement" in table.stdout and "resident" in table.stdout
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--params", "1M"], "--dim"),
+    (["--params", "1M", "--dim", "10", "--device-memory", "lots"], "device memory"),
+    (["--params", "1M", "--dim", "10", "--dtype", "int8"], "dtype must be"),
+    (["--params", "10", "--dim", "20"], "cannot exceed"),
+    (["--params", "1M", "--dim", "10", "--bandwidth", "0"], "bandwidth"),
+])
+def test_cli_refuses_in_one_line(args, expect):
+    result = runner.invoke(app, ["plan", *args])
+    out = result.output.strip()
+    assert result.exit_code == 2 and len(out.splitlines()) == 1 and expect in out, out
