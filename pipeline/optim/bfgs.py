@@ -186,7 +186,7 @@ class SubspaceBFGS(SubspaceOptimizer):
         slope = float(g @ direction)
         alpha = self._line_search(lambda: self._mean(as_float(evaluate(False))), self.local(params), f0, direction,
                                   slope, group) if slope < 0 else None
-        if alpha is None and slope < 0 and group.get("ls_failure", "reset") == "paper":
+        if alpha is None and slope < 0 and group.get("ls_failure", "paper") == "paper":
             state["ls_failures"] += 1  # the paper's code: take the last, tiny shrunk step and keep B
             alpha = group["lr"] * group["shrink"] ** group["max_ls"]
             self.basis.add_lifted_(self.local(params), direction, alpha=alpha)
