@@ -400,6 +400,19 @@ def _choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float, 
     return "resident" if nbytes <= fraction * free else "streamed"
 
 
+def _choose_host(host: str, nbytes: int, free: int | None = None) -> str:
+    """Where streamed P lives: ``"mmap"`` (a memory-mapped copy on disk) when its float32 copy of ``nbytes``
+    takes more than half the free RAM (``free``, or the available RAM now), else ``"pinned"`` (RAM); an
+    explicit ``host`` is returned as it is. :func:`pipeline.plan.plan` calls this same rule with a given ``free``."""
+    if host != "auto":
+        return host
+    if free is None:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return "mmap" if nbytes > 0.5 * free else "pinned"
+
+
 def _layout_of(path: str) -> ParamLayout:
     from trajstore import TrajectoryStore
 
@@ -409,10 +422,7 @@ def _layout_of(path: str) -> ParamLayout:
 
 def _host_copy(sub: Subspace, host: str, cache_dir: "str | os.PathLike | None") -> tuple[np.ndarray, str]:
     """(P in host memory or memory-mapped, its digest), checked: see :meth:`Subspace.read`."""
-    if host == "auto":  # a P larger than half the free RAM is memory-mapped from disk instead
-        import psutil
-
-        host = "mmap" if sub.n_params * sub.dim * 4 > 0.5 * psutil.virtual_memory().available else "pinned"
+    host = _choose_host(host, sub.n_params * sub.dim * 4)
     if host == "mmap":
         return _mmap_copy(sub, cache_dir)
     return sub.read()

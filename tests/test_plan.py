@@ -154,9 +154,103 @@ def test_cli_json_and_store(tmp_path):
     (["--params", "1M", "--dim", "10", "--device-memory", "lots"], "device memory"),
     (["--params", "1M", "--dim", "10", "--dtype", "int8"], "dtype must be"),
     (["--params", "10", "--dim", "20"], "cannot exceed"),
-    (["--params", "1M", "--dim", "10", "--bandwidth", "0"], "bandwidth"),
+    (["--params", "1M", "--dim", "10", "--bandwidth", "0"], "bandwidth must be a positive number of GB/s"),
+    (["--params", "1M", "--dim", "4.5"], "dim must be a whole number"),
+    (["--params", "1.5", "--dim", "1"], "params must be a whole number"),
+    (["--params", "1e30", "--dim", "40"], "params must be below 2^62"),
+    (["--params", "1M", "--dim", "10", "--device-memory", "1e19"], "device memory must be below 2^62"),
+    (["--params", "1M", "--dim", "10", "--device-memory", "1.5"], "device memory must be a whole number of bytes"),
+    (["--params", "1M", "--dim", "10", "--device-memory", "1MB", "--host-memory", "1MB", "--disk-bandwidth", "-1"],
+     "disk bandwidth must be a positive number of GB/s"),
 ])
 def test_cli_refuses_in_one_line(args, expect):
     result = runner.invoke(app, ["plan", *args])
     out = result.output.strip()
     assert result.exit_code == 2 and len(out.splitlines()) == 1 and expect in out, out
+
+
+@pytest.mark.parametrize("bad, expect", [("4.5", "whole number"), (4.5, "whole number"), ("1.5", "whole number"),
+                                         ("0.0015K", "whole number"), ("1e30", r"below 2\^62"), (2 ** 62, r"below 2\^62"),
+                                         ("4611686018427387904", r"below 2\^62")])
+def test_counts_must_be_whole_and_below_the_store_limit(bad, expect):
+    """Finding 5: no silent truncation (4.5 -> 4) or rounding (1.5 -> 2), no absurd sizes."""
+    with pytest.raises(InvalidArgumentError, match=expect):
+        parse_count(bad, "dim")
+    assert parse_count(2 ** 62 - 1) == 2 ** 62 - 1 and parse_count("1.3B") == 1_300_000_000
+    assert parse_count("0.1K") == 100  # exact decimal: not 100.00000000000001
+
+
+def test_host_copy_is_basis_rule_at_its_boundary():
+    """Finding 6: where streamed P lives is Basis.from_store(host="auto")'s rule (the same function): memory-mapped
+    when its float32 copy takes more than half the free RAM."""
+    assert pipeline.plan._choose_host is pipeline.basis._choose_host
+    n, d = 10 ** 6, 10  # float32 P: 40 MB; streamed on a 1 MB device
+    kept = plan(n, d, device_memory="1MB", host_memory=80_000_000, bandwidth=1e12, link_bandwidth=1e10)
+    mapped = plan(n, d, device_memory="1MB", host_memory=79_999_999, bandwidth=1e12, link_bandwidth=1e10,
+                  disk_bandwidth=1e8)
+    assert (kept.host, kept.location, kept.step_disk_bytes, kept.disk_bandwidth) == ("pinned", "host RAM", 0, None)
+    assert (mapped.host, mapped.location, mapped.host_memory_source) == ("mmap", "memory-mapped disk", "given")
+    assert plan(n, d, device_memory="1GB", host_memory="1MB", bandwidth=1e12).location == "device"  # resident
+    assert plan(n, d, device="cpu", device_memory="1GB", bandwidth=1e9).location == "host RAM"
+
+
+def test_memory_mapped_step_is_priced_at_the_disk():
+    """Finding 6: on the CPU with P over half the RAM, each step reads P's float32 bytes twice from disk."""
+    n, d = 10 ** 6, 10
+    p = plan(n, d, device="cpu", device_memory="30MB", dtype="bf16", bandwidth=1e12, disk_bandwidth=1e8)
+    assert (p.mode, p.host, p.location, p.host_memory) == ("streamed", "mmap", "memory-mapped disk", 30 * 10 ** 6)
+    assert p.step_disk_bytes == 2 * n * d * 4  # the float32 file, whatever P's dtype
+    assert p.disk_bandwidth.source == "given"
+    assert p.step_overhead_s == pytest.approx(2 * n * d * 4 / 1e8)  # the disk binds, not RAM at 1 TB/s
+    assert any("memory-mapped" in note for note in p.notes)
+    # bfloat16 P (20 MB) fits half of 50 MB: Basis copies it from the map into RAM (resident), no disk per step
+    copied = plan(n, d, device="cpu", device_memory="50MB", dtype="bf16", bandwidth=1e12, disk_bandwidth=1e8)
+    assert (copied.mode, copied.host, copied.location, copied.step_disk_bytes) == ("resident", "mmap", "host RAM", 0)
+
+
+def test_disk_probe_reads_a_temp_file_where_told(tmp_path):
+    pipeline.plan.disk_read_probe.cache_clear()
+    p = plan(10 ** 6, 10, device="cpu", device_memory="50MB", bandwidth=1e12, disk_dir=tmp_path)
+    assert p.disk_bandwidth.source.startswith("measured: 64.0 MiB read of a temp file in " + str(tmp_path.resolve()))
+    assert "page cache" in p.disk_bandwidth.source and p.disk_bandwidth.bytes_per_s > 1e6
+    assert list(tmp_path.iterdir()) == []  # the probe's file is gone
+    with pytest.raises(InvalidArgumentError, match="--disk-bandwidth"):
+        plan(10 ** 6, 10, device="cpu", device_memory="50MB", bandwidth=1e12, disk_dir=tmp_path / "missing")
+
+
+def _rendered(p) -> str:
+    import io
+
+    from rich.console import Console
+
+    import cli.plan_cmds
+
+    console = Console(file=io.StringIO(), width=400)
+    console.print(cli.plan_cmds._table(p, pipeline.plan))
+    return console.file.getvalue()
+
+
+def test_table_words_placement_and_traffic_by_where_they_are():
+    """Finding 6: the placement says where P lives; on the CPU the bytes move through host RAM, not 'the device'."""
+    cpu = _rendered(plan(10 ** 6, 10, device="cpu", device_memory="50MB", bandwidth=1e12, disk_bandwidth=1e8))
+    assert "P memory-mapped from disk: streamed on cpu" in cpu and "through host RAM" in cpu
+    assert "76.3 MiB read from disk" in cpu and "on the device" not in cpu and "P on the device" not in cpu
+    assert "disk bandwidth" in cpu and "0.10 GB/s (given)" in cpu
+    gpu = _rendered(plan(10 ** 6, 10, device_memory="1GB", bandwidth=1e12))
+    assert "P on the device: resident on cuda" in gpu and "through device memory" in gpu and "from disk" not in gpu
+    ram = _rendered(plan(10 ** 6, 10, device="cpu", device_memory="1GB", bandwidth=1e12))
+    assert "P in host RAM: resident on cpu" in ram and "through host RAM" in ram
+
+
+def test_plan_of_a_run_directory(tmp_path):
+    """Finding 9: a `trajstore train` run directory is planned from its trajectory.zarr, as landscape/export do."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"recipe": "digits-mlp", "seed": 0}))
+    write_store(run / "trajectory.zarr", trajectory(6, 2_000, rank=3))
+    extract_subspace(run / "trajectory.zarr", dim=3)
+    p = plan_store(run, bandwidth=1e9)
+    assert (p.params, p.snapshots, p.dim) == (2_000, 6, 3) and p.store["path"].rstrip("/").endswith("trajectory.zarr")
+    result = runner.invoke(app, ["plan", str(run), "--json", "--bandwidth", "10"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["store"]["subspace"] == "default"
