@@ -51,7 +51,8 @@ def landscape(run: str = typer.Argument(..., metavar="RUN",
               json: bool = typer.Option(False, "--json", help="axes, loss, accuracy, projections and errors on stdout")
               ) -> None:
     """Loss and accuracy contours around a snapshot in the plane of the first two principal directions
-    (u1, u2 of the subspace), with the trajectory, the P-SGD path (a run directory's final-psgd, or --path)
+    (u1, u2 of the subspace), with the trajectory, the P-SGD / P-BFGS paths (a run directory's paths/*.zarr, one
+    point per epoch; older runs: start -> final segment; or --path)
     and each snapshot's projection error. Cells are cached in RUN/landscapes/: a rerun, or a run killed
     midway, evaluates only what is missing."""
     from pipeline.checks import check_int, check_output_file

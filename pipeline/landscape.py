@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -169,10 +170,11 @@ class Landscape:
     loss: np.ndarray  # (g, g)
     accuracy: np.ndarray  # (g, g)
     trajectory: Projection
-    overlays: dict[str, Projection]
+    overlays: dict[str, Projection]  # label -> points; ``steps`` None: a start -> final segment
     settings: dict
     evaluated: int  # cells computed by this call
     reused: int  # cells read from the cache
+    overlay_sources: dict[str, str] = field(default_factory=dict)  # label -> what it was read from
 
     @property
     def key(self) -> str:
@@ -189,6 +191,7 @@ class Landscape:
             "loss": self.loss, "accuracy": self.accuracy, "data": self.settings["data"],
             "recipe": self.settings["recipe"], "trajectory": self.trajectory.to_json(),
             "overlays": {k: v.to_json() for k, v in self.overlays.items()},
+            "overlay_sources": self.overlay_sources,
             "projection_error": PROJECTION_ERROR,
             "cache": {"key": self.key, "evaluated_cells": self.evaluated, "reused_cells": self.reused}})
 
@@ -207,19 +210,23 @@ def _finite(obj):
 
 @dataclass
 class Source:
-    """What RUN names: a store, or a `trajstore train` run directory with its recipe and final weights."""
+    """What RUN names: a store, or a `trajstore train` run directory with its recipe, final weights and
+    recorded subspace-training paths."""
 
     store: str
     recipe: str
     seed: int
     label_noise: float
     finals: dict[str, tuple[int, Path]]  # label -> (start snapshot, final-METHOD.pt)
+    paths: dict[str, Path] = field(default_factory=dict)  # label -> RUN/paths/METHOD.zarr
+    start: int = 0  # the run's start snapshot (subspace training starts there)
 
 
 def resolve_source(run: "str | os.PathLike", recipe: str | None, seed: int | None) -> Source:
     """A run directory gives its store, recipe, seed and label noise (``recipe``/``seed`` override them)
-    and its P-SGD / P-BFGS results; a store needs ``recipe``."""
+    and its P-SGD / P-BFGS results (final weights, recorded paths); a store needs ``recipe``."""
     from .experiments.export import CONFIG_NAME, STORE_NAME, is_run_directory
+    from .experiments.paths import RECORDED, recorded_paths
 
     if not is_run_directory(run):
         if recipe is None:
@@ -229,16 +236,62 @@ def resolve_source(run: "str | os.PathLike", recipe: str | None, seed: int | Non
         return Source(str(run), recipe, 0 if seed is None else seed, 0.0, {})
     config = json.loads((Path(run) / CONFIG_NAME).read_text())
     finals = {label: (int(config.get("start_snapshot", 0)), Path(run) / f"final-{method}.pt")
-              for method, label in (("psgd", "P-SGD"), ("pbfgs", "P-BFGS"))
-              if (Path(run) / f"final-{method}.pt").is_file()}
+              for method, label in RECORDED.items() if (Path(run) / f"final-{method}.pt").is_file()}
+    paths = {RECORDED[method]: store for method, store in recorded_paths(run).items()}
     return Source(str(Path(run) / STORE_NAME), recipe or config["recipe"],
-                  int(config.get("seed", 0)) if seed is None else seed, float(config.get("label_noise", 0.0)), finals)
+                  int(config.get("seed", 0)) if seed is None else seed, float(config.get("label_noise", 0.0)), finals,
+                  paths, int(config.get("start_snapshot", 0)))
 
 
 def _final_weights(path: Path, layout: ParamLayout) -> np.ndarray:
     from .experiments.export import _load
 
     return layout.flatten_into(_load(path), np.empty(layout.n, np.float32))
+
+
+def run_overlays(store: TrajectoryStore, plane: Plane, source: Source,
+                 log: Callable[[str], None] | None) -> tuple[dict[str, Projection], dict[str, str]]:
+    """A run directory's P-SGD / P-BFGS overlays and where each came from: the recorded path
+    ``RUN/paths/METHOD.zarr`` (every snapshot: the start, then each epoch) when the run has one that
+    starts at its start snapshot and, once the method has finished, ends at its final weights; else (an
+    older run directory, or a path that does not match, which ``log`` reports) the start -> final segment."""
+    from .experiments.paths import RECORDED
+
+    overlays, sources = {}, {}
+    for label in RECORDED.values():
+        final, path = source.finals.get(label), source.paths.get(label)
+        if path is not None:
+            with TrajectoryStore.open(path, "r") as recorded:
+                store.layout.check_same(recorded.layout, f"the recorded path {path}")
+                why = _path_mismatch(store, recorded, source.start, final)
+                if why is None:
+                    overlays[label] = project_all(plane, (recorded.read(i) for i in range(len(recorded))),
+                                                  [int(s) for s in recorded.steps])
+                    sources[label] = str(path) + ("" if final else " (in progress: the method has not finished)")
+                    continue
+            told = f"{label}: {path} {why}; drawing the start -> final segment instead"
+            if log:
+                log(told)
+            else:
+                warnings.warn(told, UserWarning, stacklevel=3)
+        if final is not None:
+            start, weights = final
+            overlays[label] = project_all(plane, [store.read(start), _final_weights(weights, store.layout)])
+            sources[label] = f"snapshot {start} -> {weights}"
+    return overlays, sources
+
+
+def _path_mismatch(store: TrajectoryStore, recorded: TrajectoryStore, start: int,
+                   final: tuple[int, Path] | None) -> str | None:
+    """Why a recorded path is not the run's (None: it is): empty, another start, another end."""
+    if len(recorded) == 0:
+        return "holds no snapshot"
+    if not np.array_equal(recorded.read(0), store.read(start)):
+        return f"does not start at snapshot {start} of {store.path}"
+    if final is not None and not np.array_equal(recorded.read(len(recorded) - 1),
+                                                _final_weights(final[1], store.layout)):
+        return f"does not end at {final[1]}"
+    return None
 
 
 def compute_landscape(run: "str | os.PathLike", recipe: str | None = None, *, name: str | None = None,
@@ -250,7 +303,8 @@ def compute_landscape(run: "str | os.PathLike", recipe: str | None = None, *, na
     """Loss and accuracy on a ``grid`` x ``grid`` grid around snapshot ``snapshot`` of ``run``.
 
     ``run``: a store (then ``recipe`` is required) or a `trajstore train` run directory (recipe, seed and
-    label noise from its config; its P-SGD / P-BFGS results are overlaid as start -> final segments).
+    label noise from its config; its P-SGD / P-BFGS paths recorded in ``RUN/paths/`` are overlaid, one
+    point per epoch, or for a run directory without them the start -> final segments).
     ``span``: see :func:`parse_span`; default :func:`default_span` of the trajectory and the overlaid
     points (so the grid holds the P-SGD path too; the span is part of the cache key). ``data``: the
     recipe's ``train`` loader (its first batches in the order the seed gives) or ``test``; ``batches``
@@ -273,13 +327,13 @@ def compute_landscape(run: "str | os.PathLike", recipe: str | None = None, *, na
         plane = open_plane(store, name, snapshot)
         steps = [int(s) for s in store.steps]
         trajectory = project_all(plane, (store.read(i) for i in range(len(store))), steps)
-        overlays = {label: project_all(plane, [store.read(start), _final_weights(final, store.layout)])
-                    for label, (start, final) in source.finals.items()}
+        overlays, overlay_sources = run_overlays(store, plane, source, log)
         for path in paths:
             with TrajectoryStore.open(path, "r") as other:
                 store.layout.check_same(other.layout, f"--path {path}")
                 overlays[f"path {Path(str(path)).name}"] = project_all(
                     plane, (other.read(i) for i in range(len(other))), [int(s) for s in other.steps])
+                overlay_sources[f"path {Path(str(path)).name}"] = str(path)
         bounds = parse_span(span) or default_span(trajectory, *overlays.values())
         a = np.linspace(bounds[0], bounds[1], grid)  # (g,)
         b = np.linspace(bounds[2], bounds[3], grid)  # (g,)
@@ -320,4 +374,5 @@ def compute_landscape(run: "str | os.PathLike", recipe: str | None = None, *, na
             cache.mark_complete()
         if progress:
             progress(grid * grid, grid * grid)
-    return Landscape(store.path, plane, a, b, loss, acc, trajectory, overlays, settings, evaluated, reused)
+    return Landscape(store.path, plane, a, b, loss, acc, trajectory, overlays, settings, evaluated, reused,
+                     overlay_sources)

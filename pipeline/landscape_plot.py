@@ -9,11 +9,13 @@ from .landscape import Landscape
 from .plots import _pyplot
 
 _OVERLAY_COLOURS = ("#C44E52", "#DD8452", "#8172B3", "#937860")
+_RUN_PATHS = ("P-SGD", "P-BFGS")  # a run directory's recorded paths (pipeline/experiments/paths.py)
 
 
 def landscape_plot(land: Landscape, path: "str | os.PathLike", *, title: str | None = None) -> str:
     """Three panels: loss contours (log-spaced levels), accuracy contours, each with the trajectory's
-    projection (start ▲, end ★, centre ✕) and the overlaid paths; and each snapshot's relative residual
+    projection (start ▲, end ★, centre ✕) and the overlaid paths (a recorded path: a marker per epoch or
+    snapshot, its end ◆; a start → final segment: dashed); and each snapshot's relative residual
     (the part of its displacement from the centre that the plane hides). Written as PNG (Agg)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110, gridspec_kw={"width_ratios": [1, 1, 0.8]})
@@ -73,5 +75,14 @@ def _paths(ax, land: Landscape) -> None:
     ax.scatter([0], [0], marker="x", color="black", s=50, zorder=5, label=f"centre (snapshot {land.plane.snapshot})")
     for k, (label, proj) in enumerate(land.overlays.items()):
         colour = _OVERLAY_COLOURS[k % len(_OVERLAY_COLOURS)]
-        ax.plot(proj.a, proj.b, color=colour, lw=1.5, ls="--" if len(proj.a) == 2 else "-", marker="o", ms=3,
-                zorder=4, label=label + (" (start → final)" if len(proj.a) == 2 else ""))
+        if proj.steps is None:  # only its ends are known (a run directory without recorded paths)
+            ax.plot(proj.a, proj.b, color=colour, lw=1.5, ls="--", marker="o", ms=3, zorder=4,
+                    label=f"{label} (start → final)")
+            continue
+        if label in _RUN_PATHS:  # a run's recorded path: its start, then one point per epoch
+            text = f"{label} path (start + {len(proj.a) - 1} epochs, a marker per epoch)"
+        else:
+            text = f"{label} ({len(proj.a)} snapshots)"
+        ax.plot(proj.a, proj.b, color=colour, lw=1.5, ls="-", marker="o", ms=4, markeredgecolor="black",
+                markeredgewidth=0.4, zorder=4, label=text)
+        ax.scatter(proj.a[-1:], proj.b[-1:], marker="D", color=colour, edgecolor="black", s=40, zorder=5)

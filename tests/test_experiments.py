@@ -6,13 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.experiments.runner import Run
+from pipeline.experiments.paths import recorded_paths
+from pipeline.experiments.runner import Run, RunConfig
 from trajstore import TrajectoryStore
+from trajstore.lock import StaleLockWarning
 
 from .run_proc import CONFIG
 
@@ -71,6 +74,29 @@ def final_state(directory: Path) -> tuple[dict, dict]:
     return ckpt, history
 
 
+def paths_of(directory: Path) -> dict:
+    """Every recorded subspace-training path: method -> (steps, epochs, weights (t, n), metrics)."""
+    out = {}
+    for method, path in recorded_paths(directory).items():
+        with TrajectoryStore.open(path) as s:
+            out[method] = (s.steps.tolist(), s.epochs.tolist(), s.read(slice(None)),
+                           {m: s.metrics(m).tolist() for m in s.metric_names()})
+    return out
+
+
+def assert_same_paths(directory: Path, reference: Path) -> None:
+    """The paths of ``directory`` equal those of ``reference`` bit for bit (weights, steps, epochs, metrics),
+    and each ends at its method's final weights."""
+    got, want = paths_of(directory), paths_of(reference)
+    assert sorted(got) == sorted(want) and want, (sorted(got), sorted(want))
+    for method, (steps, epochs, weights, metrics) in want.items():
+        assert got[method][:2] == (steps, epochs), method
+        assert np.array_equal(got[method][2], weights), method
+        assert json.dumps(got[method][3]) == json.dumps(metrics), method  # NaN at the start compares equal
+        final = torch.load(directory / f"final-{method}.pt", weights_only=True)
+        assert np.array_equal(got[method][2][-1], np.concatenate([v.reshape(-1).numpy() for v in final.values()]))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ref") / "run"
@@ -115,7 +141,8 @@ def test_a_run_killed_after_its_first_snapshot_before_its_first_checkpoint_resum
 @pytest.mark.parametrize("kill_at", [pytest.param("sample epoch   3", marks=pytest.mark.slow), "extracting",
                                      "pbfgs epoch   2", pytest.param("psgd epoch   1", marks=pytest.mark.slow),
                                      pytest.param("sgd epoch   8", marks=pytest.mark.slow)])
-def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, uninterrupted, kill_at):
+def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, uninterrupted, uninterrupted_run,
+                                                                    kill_at):
     directory = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tests.run_proc", str(directory)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
@@ -136,6 +163,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, un
     for name, weights in ref_ckpt.items():
         for key in weights:
             assert torch.equal(ckpt[name][key], weights[key]), (name, key)
+    assert_same_paths(directory, uninterrupted_run)  # the P-BFGS and P-SGD paths too
 
 
 def test_label_noise_flips_the_requested_fraction_of_training_labels():
@@ -151,3 +179,53 @@ def test_label_noise_flips_the_requested_fraction_of_training_labels():
     changed = (y_clean != y_noisy).mean()
     assert 0.3 < changed < 0.4  # 40 % resampled, a tenth of those land on the same label
     assert np.array_equal(test.dataset.tensors[1].numpy(), arrays[3])  # the test set stays clean
+
+
+# a run small enough to be killed twice and resumed in a few seconds: P-SGD (3 epochs), then P-BFGS (2)
+TINY = RunConfig(recipe="digits-mlp", sample_epochs=3, dim=2, subspace_epochs=3, baselines=["pbfgs"],
+                 bfgs_epochs=2, batch_size=512, bfgs_batch_size=512)
+_KILL = """
+import os, signal, sys
+from pipeline.experiments.runner import Run
+from tests.test_experiments import TINY
+
+phase, epoch, where = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+checkpoint = Run._checkpoint
+def kill_before_checkpoint(self, state, *args):  # the epoch's path snapshot is committed, its checkpoint not
+    if where == "checkpoint" and (state["phase"], state["epoch"]) == (phase, epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint(self, state, *args)
+def kill_at_first_step(label, i, total):  # the phase's start snapshot is queued, nothing is checkpointed
+    if where == "step" and label == f"{phase} epoch {epoch}" and i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+Run._checkpoint = kill_before_checkpoint
+Run(sys.argv[1], TINY, progress=kill_at_first_step).execute(resume=True)
+"""
+
+
+@pytest.mark.slow  # ~25 s of CPU: three runs; CI: test_kill_9_then_resume_... compares the paths too
+def test_recorded_paths_survive_kill_9_at_their_two_edges_bit_for_bit(tmp_path):
+    """kill -9 (1) right after an epoch's path snapshot is committed, before the checkpoint that covers it,
+    (2) at a phase's first step, after its start snapshot and before any checkpoint: the resumed run's
+    paths/psgd.zarr and paths/pbfgs.zarr equal an uninterrupted run's."""
+    reference = tmp_path / "ref"
+    Run(reference, TINY).execute()
+    assert {m: len(p[0]) for m, p in paths_of(reference).items()} == {"psgd": 4, "pbfgs": 3}  # start + epochs
+    directory = tmp_path / "run"
+    for phase, epoch, where in (("psgd", 2, "checkpoint"), ("pbfgs", 1, "step")):
+        proc = subprocess.run([sys.executable, "-c", _KILL, str(directory), phase, str(epoch), where], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        if where == "checkpoint":  # the window was hit: 3 snapshots committed, the checkpoint says epoch 1
+            assert torch.load(directory / "checkpoint.pt", weights_only=True)["epoch"] == 1
+            with TrajectoryStore.open(directory / "paths" / "psgd.zarr") as s:
+                assert len(s) == 3
+    with pytest.warns(StaleLockWarning):  # the killed writer's lock on paths/pbfgs.zarr
+        Run(directory, TINY).execute(resume=True)
+    assert_same_paths(directory, reference)
+    assert "`paths/psgd.zarr` (DLDR P-SGD)" in (directory / "report.md").read_text()
+    assert json.loads((directory / "report.json").read_text())["paths"] == {"psgd": "paths/psgd.zarr",
+                                                                            "pbfgs": "paths/pbfgs.zarr"}
+    for store in ("trajectory.zarr", "paths/psgd.zarr", "paths/pbfgs.zarr"):
+        verified = runner.invoke(app, ["verify", str(directory / store), "--json"])
+        assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"], store

@@ -60,11 +60,12 @@ def wider_recipe(seed: int, batch_size: int):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A finished `trajstore train` run: digits-mlp, 3 SGD epochs (4 snapshots), d = 2, one P-SGD epoch."""
+    """A finished `trajstore train` run: digits-mlp, 3 SGD epochs (4 snapshots), d = 2, two P-SGD epochs
+    (recorded in run/paths/psgd.zarr: the start and each epoch)."""
     from pipeline.experiments.runner import Run, RunConfig
 
     run = tmp_path_factory.mktemp("landscape") / "run"
-    Run(run, RunConfig(recipe="digits-mlp", sample_epochs=3, dim=2, subspace_epochs=1, baselines=["none"],
+    Run(run, RunConfig(recipe="digits-mlp", sample_epochs=3, dim=2, subspace_epochs=2, baselines=["none"],
                        batch_size=512)).execute()
     return run
 
@@ -136,11 +137,15 @@ def test_projections_equal_a_dense_reference(run):
     np.testing.assert_allclose(t.b, b, atol=1e-6)
     np.testing.assert_allclose(t.relative_residual, rel, atol=1e-6)
     assert t.steps == steps and t.relative_residual[-1] == 0
-    # P-SGD: the run's start snapshot (0) and its final weights, projected the same way
+    # P-SGD: the path the run recorded, from its start snapshot (0) to its final weights, projected the same way
     final = torch.load(run / "final-psgd.pt", weights_only=True)
     w_final = np.concatenate([final[name].reshape(-1).double().numpy() for name in layout.names])
-    a, b, rel = reference(np.stack([x[0], w_final]))
+    with TrajectoryStore.open(run / "paths" / "psgd.zarr") as s:
+        path, path_steps = s.read(slice(None)).astype(np.float64), s.steps.tolist()  # (3, n)
+    assert len(path) == 3 and np.array_equal(path[0], x[0]) and np.array_equal(path[-1], w_final)
+    a, b, rel = reference(path)
     psgd = land.overlays["P-SGD"]
+    assert psgd.steps == path_steps and land.overlay_sources["P-SGD"] == str(run / "paths" / "psgd.zarr")
     np.testing.assert_allclose(psgd.a, a, atol=1e-6)
     np.testing.assert_allclose(psgd.b, b, atol=1e-6)
     np.testing.assert_allclose(psgd.relative_residual, rel, atol=1e-6)
@@ -187,6 +192,39 @@ def test_a_recorded_psgd_path_is_overlaid(run, tmp_path):
         other.append(mlp([64, 32, 10]), step=0)
     with pytest.raises(LayoutMismatchError, match="--path"):
         compute_landscape(run, grid=3, batches=1, paths=[tmp_path / "other.zarr"])
+
+
+def test_a_run_directory_draws_its_recorded_path_else_the_segment(run, tmp_path):
+    """paths/psgd.zarr drawn point per epoch; a path that does not end at final-psgd.pt is reported and the
+    segment drawn; an unfinished method's path is drawn as it stands; an older run directory (no paths/)
+    gets the start -> final segment."""
+    store = run / "paths" / "psgd.zarr"
+    plot = tmp_path / "p.png"
+    result = runner.invoke(app, ["landscape", str(run), "--grid", "3", "--batches", "1", "--plot", str(plot), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    with TrajectoryStore.open(store) as s:
+        steps = s.steps.tolist()
+    assert len(steps) == 3 and data["overlays"]["P-SGD"]["steps"] == steps and len(data["overlays"]["P-SGD"]["a"]) == 3
+    assert data["overlay_sources"] == {"P-SGD": str(store)} and plot.read_bytes()[:4] == b"\x89PNG"
+    segment = dict(grid=3, span=0.2, batches=1)
+    shutil.copytree(store, tmp_path / "kept.zarr")
+    with TrajectoryStore.open(store, "a") as s:  # the path now ends at epoch 1, not at the final weights
+        s.truncate_after_step(steps[1])
+    with pytest.warns(UserWarning, match="does not end at .*final-psgd.pt"):
+        land = compute_landscape(run, **segment)
+    assert land.overlays["P-SGD"].steps is None and len(land.overlays["P-SGD"].a) == 2
+    (run / "final-psgd.pt").rename(tmp_path / "final-psgd.pt")  # P-SGD still running: its path so far
+    land = compute_landscape(run, **segment)
+    assert land.overlays["P-SGD"].steps == steps[:2] and "in progress" in land.overlay_sources["P-SGD"]
+    (tmp_path / "final-psgd.pt").rename(run / "final-psgd.pt")
+    shutil.rmtree(run / "paths")  # a run directory from before paths were recorded
+    old = compute_landscape(run, **segment)
+    assert old.overlays["P-SGD"].steps is None and old.overlay_sources["P-SGD"] == (
+        f"snapshot 0 -> {run / 'final-psgd.pt'}")
+    ends = compute_landscape(run, **segment, paths=[tmp_path / "kept.zarr"]).overlays["path kept.zarr"]
+    np.testing.assert_allclose(old.overlays["P-SGD"].a, ends.a[[0, -1]], atol=1e-6)  # the segment: its two ends
+    np.testing.assert_allclose(old.overlays["P-SGD"].b, ends.b[[0, -1]], atol=1e-6)
 
 
 def test_a_second_run_reads_the_cache_and_evaluates_nothing(run):

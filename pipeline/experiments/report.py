@@ -8,6 +8,7 @@ import torch
 
 from ..plots import curves_plot, spectrum_plot, trajectory_plot
 from ..subspace import open_subspace
+from .paths import recorded_paths
 
 _XLABEL = "epoch (subspace methods: epochs after the sampling phase)"
 LABELS = {"sample": "SGD (sampling)", "sgd": "SGD (full space)", "psgd": "DLDR P-SGD",
@@ -46,7 +47,8 @@ def write_report(run) -> dict:
                                               run.dir / "trajectory.png", steps=sub.attrs.get("steps"))
     report = {"config": asdict(run.config), "methods": summarize(history, timing), "history": history,
               "timing": timing, "subspace": {k: v for k, v in sub.summary().items() if k != "path"},
-              "plots": {k: str(v) for k, v in plots.items()}}
+              "plots": {k: str(v) for k, v in plots.items()},
+              "paths": {m: str(v.relative_to(run.dir)) for m, v in recorded_paths(run.dir).items()}}
     _write_atomic(run.dir / "report.md", markdown(report))
     _write_atomic(run.dir / "report.json", json.dumps(report, indent=2))  # last: its presence means complete
     return report
@@ -89,6 +91,10 @@ def markdown(report: dict) -> str:
     s = report["subspace"]
     lines += ["", f"Subspace: d = {s['dim']} from {len(s['snapshots'])} snapshots, explained variance "
               f"{s['explained_variance']:.2%}, ‖PᵀP − I‖ = {s['orthonormality_error']:.1e}.", ""]
+    if report.get("paths"):
+        lines += ["Subspace-training paths (weights at the start and after every epoch, trajectory stores): "
+                  + ", ".join(f"`{p}` ({LABELS.get(m, m)})" for m, p in report["paths"].items())
+                  + ". `trajstore landscape RUN` draws them on the loss landscape; `trajstore info` reads them.", ""]
     for name, path in report["plots"].items():
         lines.append(f"![{name}]({path.rsplit('/', 1)[-1]})")
     lines += ["", "Configuration:", "", "```json", json.dumps(report["config"], indent=2), "```", ""]

@@ -2,7 +2,8 @@
 
 A run directory holds ``config.json``, ``trajectory.zarr``, ``checkpoint.pt`` (replaced
 atomically at the end of every epoch: phase, epoch, model, optimizer, RNG and loader
-states, metrics) and, when done, ``report.json``, ``report.md`` and the plots. Killed at
+states, metrics), ``paths/psgd.zarr`` and ``paths/pbfgs.zarr`` (the subspace-training paths, one
+snapshot per epoch: :mod:`.paths`) and, when done, ``report.json``, ``report.md`` and the plots. Killed at
 any point, the same command with ``resume=True`` continues; on CPU the result equals an
 uninterrupted run bit for bit.
 """
@@ -29,6 +30,7 @@ from ..dldr import extract_subspace, parse_snapshots
 from ..settings import check_dim_variance
 from ..optim import SubspaceBFGS, SubspaceSGD
 from ..subspace import SUBSPACES
+from .paths import PathRecorder
 from .recipes import Recipe, build_recipe
 
 SUBSPACE_METHODS = ("psgd", "pbfgs", "random-subspace")
@@ -356,10 +358,19 @@ class Run:
             first_epoch = 0
         self._restore(state, model, opt, recipe, method)
         epochs = c.bfgs_epochs if method == "pbfgs" and c.bfgs_epochs is not None else c.subspace_epochs
-        for epoch in range(state["epoch"], epochs):
-            self._epoch(model, recipe, opt, method, first_epoch + epoch, state, None)
-            state["epoch"] = epoch + 1
-            self._checkpoint(state, model, opt, recipe)
+        path = PathRecorder.begin(self.dir, method, state, model, {"run": str(self.dir), "recipe": c.recipe,
+                                                                   "start_snapshot": c.start_snapshot}, self.log)
+        try:
+            for epoch in range(state["epoch"], epochs):
+                self._epoch(model, recipe, opt, method, first_epoch + epoch, state,
+                            None if path is None else path.recorder)
+                if path is not None:
+                    path.epoch_end(epoch, state)  # committed before the checkpoint that covers it
+                state["epoch"] = epoch + 1
+                self._checkpoint(state, model, opt, recipe)
+        finally:
+            if path is not None:
+                path.close()
         _atomic_save(model.state_dict(), self.dir / f"final-{method}.pt")
 
     def _dim(self) -> int:
