@@ -25,8 +25,8 @@ _SPAN_HELP = ("grid extent along u1, u2 in parameter-space distance: S (a, b in 
 def landscape(run: str = typer.Argument(..., metavar="RUN",
                                         help="store path or URL, or a `trajstore train` run directory"),
               recipe: Optional[str] = typer.Option(
-                  None, "--recipe", help="the model, data and loss: digits-mlp, mnist1d-cnn, mnist1d-mlp or "
-                  "module:function; default for a run directory: its own"),
+                  None, "--recipe", help="the model, data and loss: a built-in recipe (digits-mlp, mnist1d-cnn, mnist1d-mlp, gpt-tiny, "
+                  "gpt-small) or module:function; default for a run directory: its own"),
               plot: Path = typer.Option(..., "--plot", help="PNG file to write"),
               name: Optional[str] = typer.Option(
                   None, "--name", help="subspace to read; default: the store's only subspace (several: name one)"),

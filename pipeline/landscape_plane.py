@@ -72,8 +72,8 @@ def open_plane(store: TrajectoryStore, name: str | None, snapshot: "int | str") 
     sub = open_subspace(store, name)
     if sub.dim < 2:
         raise InvalidArgumentError(f"subspace {name!r} of {store.path} has d = {sub.dim}; a landscape needs the first "
-                                   f"two directions: extract one with --dim 2 or more (`trajstore extract "
-                                   f"{store.path} --dim 15 --name NAME`)")
+                                   f"two directions: extract one with --dim 2 or more, at most t - 1 = {len(store) - 1} (`trajstore "
+                                   f"extract {store.path} --dim {max(2, min(15, len(store) - 1))} --name NAME`)")
     k = resolve_index(store, snapshot)
     n, d = sub.basis.shape
     stored = np.empty((n, 2), np.float32)  # (n_columns, 2)

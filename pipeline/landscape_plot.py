@@ -38,7 +38,9 @@ def landscape_plot(land: Landscape, path: "str | os.PathLike", *, title: str | N
         last = float(proj.relative_residual[-1])
         err.axhline(last, color=_OVERLAY_COLOURS[k % len(_OVERLAY_COLOURS)], ls=":", lw=1.5,
                     label=f"{label}: last point {last:.0%}")
-    err.set_ylim(0, min(1.02, max(0.05, 1.15 * float(land.trajectory.relative_residual.max()))))
+    lasts = [float(proj.relative_residual[-1]) for proj in land.overlays.values()]  # every drawn line stays in view
+    top = max([float(land.trajectory.relative_residual.max()), *lasts])
+    err.set_ylim(0, min(1.02, max(0.05, 1.15 * top)))
     err.set_xlabel(f"snapshot (centre: {land.plane.snapshot}, dashed)")
     err.set_ylabel("‖d − proj(d)‖ / ‖d‖,  d = w − w_K")
     err.set_title("hidden by the plane (relative residual)")
