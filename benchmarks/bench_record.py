@@ -2,7 +2,9 @@
 
 1. Step-time overhead of recording every 10 steps / every epoch vs no recording
    (CPU training loop of a ~10M-parameter MLP).
-2. Snapshot throughput of the lossless store vs torch.save of the state_dict per snapshot.
+2. Sustained snapshot throughput of the store (lossless, lossless-fast, durable, and the write path
+   before issue 13) vs torch.save of the state_dict per snapshot, for a ~10M and a ~100M MLP, and
+   the time append() blocks the loop vs a synchronous torch.save.
 3. Compression ratio of each codec preset on per-iteration snapshots of a 1D-CNN trained on
    MNIST-1D, and for lossy presets the largest principal angle of the 15-D subspace against
    the lossless store's.
@@ -13,6 +15,7 @@ usage: python benchmarks/bench_record.py [--quick] [--out DIR]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -26,7 +29,7 @@ from torch import nn
 from pipeline.compute import peak_rss_mib
 from pipeline.experiments.data import loaders, mnist1d_arrays
 from pipeline.experiments.models import CNN1D, mlp
-from trajstore import TrajectoryStore
+from trajstore import TrajectoryStore, parallel, shardwrite
 from trajstore.recorder import Recorder
 from trajstore.format import stored_bytes
 
@@ -73,48 +76,83 @@ def overhead(out: Path, epochs: int, steps_per_epoch: int, repeats: int) -> dict
             "overhead_every_10_steps": ratio["every10"] - 1}
 
 
-def throughput(out: Path, snapshots: int) -> dict:
-    """Snapshots/s of append+flush (lossless) vs torch.save(state_dict) per snapshot."""
-    torch.manual_seed(0)
-    model = mlp([1024, 2560, 2048, 1024, 10])
-    nbytes = sum(p.numel() for p in model.parameters()) * 4
+@contextlib.contextmanager
+def zarr_write_path():
+    """The write path before issue 13: every params row through zarr (shardwrite declines)."""
+    saved = shardwrite.write_row
+    shardwrite.write_row = lambda *args: False
+    try:
+        yield
+    finally:
+        shardwrite.write_row = saved
+
+
+def throughput(out: Path, sizes: dict[str, list[int]], snapshots: dict[str, int], trials: int) -> dict:
+    """Sustained snapshots/s of append + close per codec vs torch.save(state_dict) per snapshot, and
+    the time append() blocks the loop vs a synchronous torch.save, per model size.
+
+    Configurations run interleaved in each trial (the machine is shared: drift hits all alike); the
+    ratio is the median over trials of torch.save's time / the store's in the same trial."""
+    configs = {"lossless": dict(codec="lossless"), "lossless-fast": dict(codec="lossless-fast"),
+               "lossless, durable (fsync)": dict(codec="lossless", durable=True),
+               "before: lossless-zstd through zarr": dict(codec="lossless-zstd", before=True)}
     results = {}
-    for trial in range(2):
+    for label, shape in sizes.items():
+        torch.manual_seed(0)
+        model = mlp(shape)
+        nbytes = sum(p.numel() for p in model.parameters()) * 4
+        k = snapshots[label]
+        names = list(configs) if label == "10M" else ["lossless", "lossless-fast"]
+        t_save, t_store = [], {name: [] for name in names}
+        blocking, blocking_save = [], []
         folder = out / "torchsave"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        t0 = time.perf_counter()
-        for i in range(snapshots):
-            with torch.no_grad():
-                model[0].weight.add_(1e-4)
-            torch.save(model.state_dict(), folder / f"{i}.pt")
-        t_save = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        store = TrajectoryStore.create(out / "throughput.zarr", model, overwrite=True)
-        for i in range(snapshots):
-            with torch.no_grad():
-                model[0].weight.add_(1e-4)
-            store.append(model, step=i)
-        store.close()
-        t_store = time.perf_counter() - t0
-        # what the training loop waits for when snapshots are spaced out (every epoch):
-        # the copy and checks of append() vs a synchronous torch.save
-        store = TrajectoryStore.create(out / "blocking.zarr", model, overwrite=True)
-        blocking = []
-        for i in range(snapshots):
+        for trial in range(trials):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
             t0 = time.perf_counter()
-            store.append(model, step=i)
-            blocking.append(time.perf_counter() - t0)
-            store.flush()  # the background write finishes "during the next epoch"
-        store.close()
-        results = {"torch_save_MBps": snapshots * nbytes / t_save / 1e6,
-                   "append_blocking_ms": 1e3 * float(np.median(blocking)),
-                   "torch_save_ms": 1e3 * t_save / snapshots,
-                   "blocking_ratio_vs_torch_save": (t_save / snapshots) / float(np.median(blocking)),
-                   "store_MBps": snapshots * nbytes / t_store / 1e6,
-                   "ratio_vs_torch_save": t_save / t_store,
-                   "store_bytes_vs_torch_save_bytes": stored_bytes(str(out / "throughput.zarr")) /
-                   sum(f.stat().st_size for f in folder.iterdir())}
+            for i in range(k):
+                with torch.no_grad():
+                    model[0].weight.add_(1e-4)
+                t1 = time.perf_counter()
+                torch.save(model.state_dict(), folder / f"{i}.pt")
+                blocking_save.append(time.perf_counter() - t1)
+            t_save.append(time.perf_counter() - t0)
+            save_bytes = sum(f.stat().st_size for f in folder.iterdir())
+            shutil.rmtree(folder)
+            for name in names[trial % len(names):] + names[:trial % len(names)]:
+                conf = dict(configs[name])
+                before = conf.pop("before", False)
+                with zarr_write_path() if before else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    store = TrajectoryStore.create(out / "throughput.zarr", model, overwrite=True, **conf)
+                    for i in range(k):
+                        with torch.no_grad():
+                            model[0].weight.add_(1e-4)
+                        store.append(model, step=i)
+                    store.close()
+                    t_store[name].append(time.perf_counter() - t0)
+                if name == "lossless":
+                    ratio_bytes = stored_bytes(str(out / "throughput.zarr")) / save_bytes
+            # what the training loop waits for when snapshots are spaced out (every epoch): append()
+            # (copy and checks) vs a synchronous torch.save
+            store = TrajectoryStore.create(out / "blocking.zarr", model, overwrite=True)
+            for i in range(k):
+                t0 = time.perf_counter()
+                store.append(model, step=i)
+                blocking.append(time.perf_counter() - t0)
+                store.flush()  # the background write finishes "during the next epoch"
+            store.close()
+        shutil.rmtree(out / "throughput.zarr", ignore_errors=True)
+        shutil.rmtree(out / "blocking.zarr", ignore_errors=True)
+        med = lambda v: float(np.median(v))  # noqa: E731
+        results[label] = {
+            "n_params": nbytes // 4, "snapshots": k, "trials": trials,
+            "torch_save_GBps": k * nbytes / med(t_save) / 1e9,
+            "store_GBps": {name: k * nbytes / med(v) / 1e9 for name, v in t_store.items()},
+            "ratio_vs_torch_save": {name: med([a / b for a, b in zip(t_save, v)]) for name, v in t_store.items()},
+            "append_blocking_ms": 1e3 * med(blocking), "torch_save_ms": 1e3 * med(blocking_save),
+            "blocking_ratio_vs_torch_save": med(blocking_save) / med(blocking),
+            "store_bytes_vs_torch_save_bytes": ratio_bytes}
     return results
 
 
@@ -174,9 +212,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
     report = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "overhead": overhead(out, epochs=2, steps_per_epoch=20 if q else 200, repeats=1 if q else 3),
-        "throughput": throughput(out, snapshots=5 if q else 20),
+        "trajstore_threads": parallel.threads(),
+        "throughput": throughput(out, {"10M": [1024, 2560, 2048, 1024, 10], "100M": [4096, 6656, 6656, 4096, 10]},
+                                 {"10M": 5 if q else 12, "100M": 2 if q else 4}, trials=1 if q else 3),
         "compression": compression(out, snapshots=100 if q else 400),
     }
     report["peak_rss_MiB"] = peak_rss_mib()
@@ -185,10 +225,14 @@ def main() -> None:
     print(f"\nstep time: none {o['step_ms']['none']:.1f} ms, every epoch {o['step_ms']['epoch']:.1f} ms "
           f"({100 * o['overhead_every_epoch']:+.2f}%), every 10 steps {o['step_ms']['every10']:.1f} ms "
           f"({100 * o['overhead_every_10_steps']:+.2f}%)")
-    print(f"throughput (sustained): store {t['store_MBps']:.0f} MB/s vs torch.save {t['torch_save_MBps']:.0f} MB/s "
-          f"= {t['ratio_vs_torch_save']:.2f}x")
-    print(f"time the loop waits per snapshot: append {t['append_blocking_ms']:.1f} ms vs torch.save "
-          f"{t['torch_save_ms']:.1f} ms = {t['blocking_ratio_vs_torch_save']:.2f}x")
+    for label, r in t.items():
+        print(f"{label} ({r['n_params']:,} params, {r['n_params'] * 4 / 2**20:.0f} MiB a snapshot): torch.save "
+              f"{r['torch_save_GBps']:.2f} GB/s; sustained store, median ratio to torch.save over {r['trials']} trials:")
+        for name, ratio in r["ratio_vs_torch_save"].items():
+            print(f"  {name:36s} {r['store_GBps'][name]:.2f} GB/s = {ratio:.2f}x torch.save")
+        print(f"  the loop waits per snapshot: append {r['append_blocking_ms']:.1f} ms vs torch.save "
+              f"{r['torch_save_ms']:.1f} ms = {r['blocking_ratio_vs_torch_save']:.2f}x; store bytes / torch.save "
+              f"bytes {r['store_bytes_vs_torch_save_bytes']:.3f}")
     for name, e in c.items():
         extra = f", 15-D max principal angle {e['max_principal_angle_deg_15d']:.4f} deg" if name != "lossless" else ""
         print(f"compression {name}: {e['ratio']:.3f}x{extra}")

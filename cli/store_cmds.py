@@ -47,11 +47,16 @@ def _info_table(data: dict) -> Table:
         ("compression", f"{data['compression_ratio']:.3f}x (raw / snapshots)" if data["compression_ratio"] else "-"),
         ("gram cache", human_bytes(derived["gram"])),
         ("subspaces", human_bytes(derived["subspaces"]) + (f" ({per})" if per else "")),
+        ("landscapes", human_bytes(derived.get("landscapes", 0))),
         ("temporary", human_bytes(derived["temporary"]) + (" (`trajstore gc` frees it)" if derived["temporary"]
                                                            else "")),
         ("total on disk", human_bytes(data["total_bytes"])),
         ("codec", f"{data['codec']} ({'lossless' if data['lossless'] else 'lossy: ' + data['error_bound']})"),
-        ("dtype", data["dtype"]),
+        ("chunk codecs", data.get("chunk_codecs", {}).get("params", "")),
+        ("dtype", data["dtype"] + (f" (widened: {data['widened']})" if data.get("widened") else "")),
+        ("optimizer state", (f"{human_bytes(data['optimizer_state']['bytes'])} of the stored bytes ("
+                             f"{', '.join(data['optimizer_state']['keys']) or 'no state yet'})")
+         if data.get("optimizer_state") else "not recorded"),
         ("format version", str(data["format_version"])),
         ("metrics", ", ".join(data["metrics"]) or "-"),
     ]

@@ -442,3 +442,42 @@ def test_object_store_truncates_and_refuses_compaction_with_a_typed_error():
     removed = {i.path for i in gc(url).removed}
     assert "params/c/5/0" in removed and not any(k.startswith("params/c/2/") for k in removed)
     assert not fs.exists(f"{root}/params/c/4/0") and fs.exists(f"{root}/params/c/2/0")
+
+
+def test_drop_bad_only_on_a_bfloat16_xor_store_keeps_the_good_rows_bit_identical(tmp_path):
+    path = tmp_path / "run.zarr"
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    with TrajectoryStore.create(path, model, codec="xor-delta:4", chunk_size=1 << 10, shard_size=1 << 11) as store:
+        for i in range(12):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.01)
+            store.append(model, step=i)
+    before = contents(path)
+    flip(path, "params/c/5/0")  # rows 6, 7 decode through it; 8 is a keyframe, 9-11 decode through the chain
+    report = repair(path, drop_bad_only=True)
+    keep = [0, 1, 2, 3, 4, 8, 9, 10, 11]
+    assert report.ok and report.action == "compact" and report.committed_after == len(keep)
+    assert_same(contents(path), select(before, keep))
+
+
+def test_drop_bad_only_refuses_a_store_with_optimizer_state_and_changes_nothing(tmp_path):
+    from trajstore.errors import RepairError
+
+    path = tmp_path / "run.zarr"
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with TrajectoryStore.create(path, model, optimizer_state=True, chunk_size=1 << 10, shard_size=1 << 11) as store:
+        for i in range(6):
+            model(torch.randn(4, 64)).sum().backward()
+            opt.step()
+            store.append(model, step=i, optimizer=opt)
+    flip(path, "params/c/2/0")
+    files = tree(path)
+    with pytest.raises(RepairError, match="optimizer state"):
+        repair(path, drop_bad_only=True)
+    assert tree(path) == files
+    report = repair(path)  # truncating keeps the state of the snapshots it keeps
+    assert report.ok and report.committed_after == 2
+    with TrajectoryStore.open(path) as store:
+        assert store.optimizer_state(1)

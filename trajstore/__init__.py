@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     TrajstoreError,
 )
 from .layout import ParamLayout  # noqa: E402
+from .parallel import set_threads  # noqa: E402
 from .store import TrajectoryStore  # noqa: E402
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "TrajstoreError", "NotAStoreError", "FormatVersionError", "StoreLockedError", "StaleLockError",
     "LayoutMismatchError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "StoreExistsError", "InvalidArgumentError",
     "SnapshotIndexError", "StoreChangedError",
-    "Recorder", "import_checkpoints",
+    "Recorder", "import_checkpoints", "set_threads",
 ]
 
 

@@ -7,22 +7,30 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import zarr
 
-from . import distributed
+from . import distributed, optstate, shardwrite
 from ._creating import BACKFILL, backfill, create_row_array
 from ._lazy import is_module
 from ._values import check_epoch, check_metrics, check_source, check_step
 from .durability import commit_files, fsync_paths, row_files
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
 from .format import ATTR, BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, WALL_TIME
-from .layout import ParamLayout
+from .layout import BF16, ParamLayout, finite_mask, float32_to_bf16_bits, torch_view
 from .writer import Job
 
 OPEN_WRITERS: "weakref.WeakSet[Appending]" = weakref.WeakSet()
+
+
+@dataclass
+class SnapshotJob(Job):
+    """A Job with the optimizer state captured with the snapshot (stores that record it)."""
+
+    optimizer: "optstate.Captured | None" = None
 
 
 def _close_at_exit() -> None:
@@ -72,18 +80,28 @@ class Appending:
         return all(self._ctx.exchange(error, same, op="holds"))
 
     def append(self, source: object, *, step: int, epoch: int | None = None,
-               metrics: Mapping[str, float] | None = None, allow_nonfinite: bool = False) -> int:
+               metrics: Mapping[str, float] | None = None, allow_nonfinite: bool = False,
+               optimizer: object = None) -> int:
         """Queue one snapshot; returns its index. The copy is taken now, writing happens in the background.
 
         ``source``: nn.Module, state_dict, or a flat tensor/array (n,). Raises LayoutMismatchError
         on a wrong length or layout, NonFiniteError on NaN/Inf (unless ``allow_nonfinite``), and
-        any error of an earlier background write.
+        any error of an earlier background write. ``optimizer``: the model's torch optimizer, required
+        by (and only by) a store created with ``optimizer_state=True``; its per-parameter state is
+        copied now too and committed with the snapshot (``source`` must then be the nn.Module).
         """
         self._check_writable()
+        optstate.check_source(bool(self._meta.get("optimizer_state")), optimizer, self.path)
         # everything is validated before a row index or a staging buffer is taken: a refused
         # append leaves the store exactly as it was
         if self._ctx is None:
             buf, nonfinite, buffers, step, epoch, metrics = self._prepare(source, step, epoch, metrics, allow_nonfinite)
+            try:
+                captured = self._capture_optimizer(optimizer, source, step, allow_nonfinite)
+            except BaseException:
+                self._writer.release(buf)
+                raise
+            nonfinite = nonfinite or (captured is not None and captured.nonfinite is not None)
         else:  # collective: every rank stops with the first error any rank had, or none does
             prepared, error = None, None
             try:
@@ -101,15 +119,30 @@ class Appending:
                 raise
             buf, _, buffers, step, epoch, metrics = prepared
             nonfinite = any(flags)  # the row is non-finite when any rank's part is
+            captured = None  # refused in multi-process recordings (optstate.refuse_multiprocess)
         index = self._next_index
         self._next_index += 1
         self._last_step = step
         if self._writer is not None:
-            job = Job(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite)
+            job = SnapshotJob(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite, captured)
             # in a job, an error of the writer surfacing only now would be raised on this rank alone: it
             # waits for the next acquire or flush, which every rank exchanges
             self._writer.submit(job, check=self._ctx is None)
         return index
+
+    def _capture_optimizer(self, optimizer: object, source: object, step: int,
+                           allow_nonfinite: bool) -> "optstate.Captured | None":
+        """The optimizer's state now, checked like the weights (finite unless ``allow_nonfinite``)."""
+        if optimizer is None:
+            return None
+        if not hasattr(self, "_optim_dtypes"):
+            self._optim_dtypes = optstate.known_dtypes(self._group)
+        captured = optstate.capture(optimizer, source, self.layout, self.columns, self._optim_dtypes)
+        if captured.nonfinite is not None and not allow_nonfinite:
+            raise NonFiniteError(
+                f"snapshot at step {step}: the {captured.nonfinite} holds NaN or Inf; it was not recorded "
+                "(training has diverged?). Pass allow_nonfinite=True to record it anyway")
+        return captured
 
     def _prepare(self, source: object, step: object, epoch: object, metrics: Mapping | None,
                  allow_nonfinite: bool) -> tuple:
@@ -141,18 +174,22 @@ class Appending:
         buf = self._writer.acquire()
         try:
             try:
-                if sharded:
+                if sharded and self.values == BF16:  # bfloat16 shards via float32 (exact), into their bits
+                    wide = np.empty(len(buf), np.float32)
+                    distributed.flatten_local(self.layout, source, wide)
+                    torch_view(buf).copy_(torch_view(wide))
+                elif sharded:
                     distributed.flatten_local(self.layout, source, buf)
                 elif self.columns.is_identity:
                     self.layout.flatten_into(source, buf)
                 else:  # a replicated model appending to a store recorded sharded
-                    buf[:] = self.columns.to_stored(self.layout.flatten_into(source, np.empty(self.n_params, self.dtype)))
+                    buf[:] = self.columns.to_stored(self.layout.flatten_into(source, np.empty(self.n_params, self._raw)))
             except (TypeError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
                 if isinstance(exc, TrajstoreError):
                     raise
                 raise LayoutMismatchError(f"snapshot at step {step} does not fit the store's layout "
                                           f"({type(exc).__name__}: {exc}); nothing was recorded") from None
-            nonfinite = not np.isfinite(buf).all()
+            nonfinite = not finite_mask(buf, self.values).all()
             if nonfinite and not allow_nonfinite:
                 where = "this rank's shards" if sharded else self._first_nonfinite(buf)
                 raise NonFiniteError(
@@ -256,7 +293,7 @@ class Appending:
 
     def _first_nonfinite(self, buf: np.ndarray) -> str:
         for spec, lo, hi in zip(self.layout.specs, self.layout.offsets, self.layout.offsets[1:]):
-            if not np.isfinite(buf[lo:hi]).all():
+            if not finite_mask(buf[lo:hi], self.values).all():
                 return f"tensor {spec.name!r}"
         return "the snapshot"
 
@@ -277,7 +314,9 @@ class Appending:
             return  # a rank that writes nothing needs no decoded rows
         lo, hi = self._cols
         if self.codec.transform == "xor" and t > 0:
-            self._prev = self.reader().read_block(t - 1, t, lo, hi)[0].copy()
+            prev = self.reader().read_block(t - 1, t, lo, hi)[0]
+            # the xor runs on stored bits: a bfloat16 row back from its exact float32 widening
+            self._prev = float32_to_bf16_bits(prev) if self.values == BF16 else prev.copy()
         if self.codec.transform == "delta" and t > 0:
             reference = self.array(REFERENCE)
             if reference.shape != (1, self.n_columns):
@@ -301,7 +340,7 @@ class Appending:
     def _ensure_capacity(self, rows: int) -> None:
         """Grow every per-snapshot array to hold ``rows`` rows. Each array is checked on its own: a
         writer killed between two resizes leaves them at different sizes, and that must heal."""
-        arrays = [self.array(name) for name in self._row_array_names()]
+        arrays = [self.array(name) for name in self._row_array_names()] + optstate.arrays(self._group)
         largest = max(arr.shape[0] for arr in arrays)
         capacity = largest if largest >= rows else max(rows, 2 * largest, 16)
         for arr in arrays:
@@ -313,10 +352,15 @@ class Appending:
         if self._ctx is not None and self._ctx.sharded:
             return self._write_row_sharded(job)
         self._ensure_capacity(job.index + 1)
-        self._write_params(job)
-        self._write_row_arrays(job)
-        if self.durable and self._local_root is not None:
-            fsync_paths(row_files(self._local_root, job.index, self.metric_names()))  # data on disk before the commit
+        with shardwrite.overlapped():  # the params shards are written on other threads while the rest is
+            self._write_params(job)
+            self._write_row_arrays(job)
+            if self._meta.get("optimizer_state"):  # every key's row, before the commit: a snapshot is whole or absent
+                optstate.write_row(self._group, job.index, getattr(job, "optimizer", None) or optstate.Captured(),
+                                   self.n_columns, len(self.layout.specs))
+        if self.durable and self._local_root is not None:  # data on disk before the commit
+            fsync_paths(row_files(self._local_root, job.index, self.metric_names())
+                        + optstate.row_files(self._local_root, job.index))
         self._commit_meta({**self._meta, "committed": job.index + 1})
 
     def _write_row_sharded(self, job: Job) -> None:
@@ -362,7 +406,9 @@ class Appending:
             self._writable(REFERENCE)[0, lo:hi] = row
             self._reference = row.copy()
         stored = self.codec.encode(row, i, self._prev, self._reference)
-        self._writable(PARAMS)[i, lo:hi] = stored
+        local = None if self._local_root is None else self._local_root / PARAMS
+        if not shardwrite.write_row(local, i, lo, stored):  # whole local shards, chunks encoded in parallel
+            self._writable(PARAMS)[i, lo:hi] = stored
         if self.codec.transform == "xor":
             if self._prev is None:
                 self._prev = np.empty_like(row)

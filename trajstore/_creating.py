@@ -15,11 +15,11 @@ from .codecs import CodecPreset, get_preset
 from .columns import ColumnMap
 from .durability import fsync_paths
 from .errors import CorruptMetadataError, InvalidArgumentError, LayoutMismatchError, NotAStoreError, StoreExistsError
-from .format import (ATTR, BUFFERS, DERIVED_LOCK_NAME, EPOCH, FORMAT_VERSION, LOCK_NAME, METRICS, NONFINITE, PARAMS,
-                     REFERENCE, ROW_ARRAYS, ROW_CHUNK, ROW_DTYPES, STEP, WALL_TIME, clear_except_lock, create_rows,
-                     local_dir, open_root, zarr_store)
+from .format import (ATTR, BUFFERS, DERIVED_LOCK_NAME, EPOCH, LOCK_NAME, METRICS, NONFINITE, OPTIMIZER, PARAMS,
+                     REFERENCE, ROW_ARRAYS, ROW_CHUNK, ROW_DTYPES, STEP, VALUES_ATTR, WALL_TIME, clear_except_lock,
+                     create_rows, local_dir, open_root, required_version, zarr_store)
 from ._lazy import is_module
-from .layout import ParamLayout
+from .layout import BF16, HALF_DTYPES, ParamLayout, raw_dtype
 from .lock import WriterLock
 
 ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
@@ -27,13 +27,22 @@ ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
 
 def create_files(path: str, source: object, *, codec: "str | CodecPreset", metadata: dict | None,
     overwrite: bool, buffers: bool, chunk_size: int, shard_size: int, storage_options: dict | None,
-    durable: bool, break_lock: bool, columns: ColumnMap | None = None
+    durable: bool, break_lock: bool, columns: ColumnMap | None = None, optimizer_state: bool = False
     ) -> tuple[zarr.Group, dict, WriterLock]:
-    """Write an empty store at ``path``; returns its root group, attributes and the writer lock held."""
+    """Write an empty store at ``path``; returns its root group, attributes and the writer lock held.
+
+    A model whose tensors all have one half type (float16, bfloat16) is stored in it (format 3); any
+    other is widened to float32 (float64 if it has a float64 tensor), which holds its values exactly."""
     preset = get_preset(codec)
     layout = ParamLayout.of(source)
     if layout.n == 0:
         raise LayoutMismatchError("the source has no parameters to record")
+    values = layout.value_dtype()
+    if values in HALF_DTYPES and not preset.lossless:
+        raise InvalidArgumentError(
+            f"codec {preset.spec!r} stores float differences from snapshot 0 with a bound stated for float32; "
+            f"this model is {values}, stored natively in 2 bytes a value already: use codec 'lossless' or "
+            "'xor-delta' (lossless, smaller when snapshots are close)")
     columns = columns if columns is not None and not columns.is_identity else None
     buffer_layout = None
     if buffers:
@@ -69,32 +78,38 @@ def create_files(path: str, source: object, *, codec: "str | CodecPreset", metad
         with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
             clear_except_lock(path, storage_options)  # never under a running extraction
         group = zarr.open_group(zarr_store(path, False, storage_options), mode="a")
-        dtype = layout.storage_dtype()
+        dtype = raw_dtype(values)  # bfloat16: its uint16 bits
         chunk, shard = chunking(layout.n, chunk_size, shard_size)
         n = columns.n_columns if columns is not None else layout.n  # the params array's width
-        create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
+        params = create_rows(group, PARAMS, n, preset.stored_dtype(dtype), chunk, shard, preset)
+        if values == BF16:  # for readers of the bare zarr array: these uint16 are bfloat16 bits
+            params.attrs[VALUES_ATTR] = BF16
         if preset.transform == "delta":
-            create_rows(group, REFERENCE, n, dtype, chunk, shard, get_preset("lossless"), rows=1)
+            create_rows(group, REFERENCE, n, dtype, chunk, shard, preset.side_preset(), rows=1)
         if buffer_layout is not None and buffer_layout.n:
             m = buffer_layout.n
-            create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), get_preset("lossless"))
+            create_rows(group, BUFFERS, m, np.dtype("float64"), min(chunk, m), min(chunk, m), preset.side_preset())
         for name in ROW_ARRAYS:
             create_row_array(group, name, 0, ROW_DTYPES[name], ROW_FILL[name])
         group.create_group(METRICS)
-        meta = {
-            "format_version": FORMAT_VERSION if columns is not None else 1,  # unsharded: readable by format-1 readers
+        if optimizer_state:
+            group.create_group(OPTIMIZER)
+        meta = {  # the lowest version that describes it: older trajstores read what they can read right
+            "format_version": required_version(columns is not None, values, optimizer_state),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_id": uuid.uuid4().hex,  # tells this run from another later recorded at the same path
             "versions": {"trajstore": __version__, "zarr": zarr.__version__, "torch": _torch_version()},
             "layout": layout.to_json(),
             "buffer_layout": buffer_layout.to_json() if buffer_layout is not None and buffer_layout.n else None,
-            "dtype": dtype.name,
+            "dtype": values,
             "codec": preset.to_json(),
             "metadata": dict(metadata or {}),
             "committed": 0,
             "truncations": [],
             "all_chunks_written": True,  # every chunk of a committed row exists; row arrays carry crc32c
         }
+        if optimizer_state:
+            meta["optimizer_state"] = True
         if columns is not None:
             meta["columns"] = columns.to_json()
         group.attrs[ATTR] = meta
@@ -132,7 +147,7 @@ def _interrupted_create(path: str) -> bool:
     """Whether the local folder ``path`` holds only what :meth:`TrajectoryStore.create` writes, without
     the trajstore attributes it writes last: a create that was killed, holding no snapshot."""
     local = local_dir(path)
-    ours = {"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS, METRICS, LOCK_NAME, DERIVED_LOCK_NAME}
+    ours = {"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS, METRICS, OPTIMIZER, LOCK_NAME, DERIVED_LOCK_NAME}
     if local is None or not all(entry.name in ours for entry in local.iterdir()):
         return False
     try:

@@ -211,7 +211,8 @@ def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows:
                         part[i].update(np.ascontiguousarray(values).view(np.uint8))
                 hashers.update(part)
                 nonfinite.update(counts)
-            except READ_ERRORS as exc:
+            except CorruptSnapshotError as exc:  # the reader's verdict on the data; anything else (too many
+                # open files, no thread to be had, a bad setting) is no damage: raised, never flagged for repair
                 if r1 - r0 == 1:
                     source = getattr(exc, "index", None)
                     found.flag(r0, f"unreadable: {exc}" if source in (None, r0) else

@@ -22,7 +22,8 @@ import crc32c
 import numcodecs
 import numpy as np
 
-from .errors import CorruptMetadataError, CorruptSnapshotError
+from . import parallel
+from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError
 
 _EMPTY = 2**64 - 1
 
@@ -82,12 +83,29 @@ class FastShardReader:
     def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0) of the stored dtype (into ``out``)."""
         if out is None:
-            out = np.empty((r1 - r0, c1 - c0), self.dtype)
+            out = np.empty((max(0, r1 - r0), max(0, c1 - c0)), self.dtype)
+        elif out.shape != (max(0, r1 - r0), max(0, c1 - c0)) or out.dtype != self.dtype:
+            raise InvalidArgumentError(  # not the data's fault: never reported as a corrupt chunk
+                f"out must be a {(max(0, r1 - r0), max(0, c1 - c0))} array of {self.dtype} for rows [{r0}, {r1}) "
+                f"and columns [{c0}, {c1}), got {out.shape} of {out.dtype}")
+        if r1 <= r0 or c1 <= c0:
+            return out  # nothing to read (a rank that holds no columns, an empty row range)
         first, last = c0 // self.chunk, (c1 - 1) // self.chunk
+        tasks = []  # (row, shard, first chunk, last chunk): one shard's chunks in a task, or a part of them
         for row in range(r0, r1):
-            dest = out[row - r0]
             for shard in range(first // self.per_shard, last // self.per_shard + 1):
-                self._read_shard_part(row, shard, first, last, c0, c1, dest)
+                tasks.append((row, shard, max(first, shard * self.per_shard),
+                              min(last, (shard + 1) * self.per_shard - 1)))
+        workers = parallel.threads()
+        if 0 < len(tasks) < workers:  # fewer shards than threads: split them by chunks
+            pieces, split = -(-workers // len(tasks)), []
+            for row, shard, a, b in tasks:
+                step = max(1, -(-(b - a + 1) // pieces))
+                split += [(row, shard, k, min(b, k + step - 1)) for k in range(a, b + 1, step)]
+            tasks = split
+        # chunks decode in parallel (numcodecs releases the GIL); the first error in (row, column) order is raised
+        parallel.pmap(lambda task: self._read_shard_part(task[0], task[1], task[2], task[3], c0, c1,
+                                                         out[task[0] - r0]), tasks)
         return out
 
     def _read_shard_part(self, row, shard, first, last, c0, c1, dest) -> None:
@@ -166,18 +184,7 @@ def open_fast(path: str, storage_options: dict | None = None, strict: bool = Tru
         else:
             root = path
             meta = json.loads((Path(path) / "zarr.json").read_text())
-        (sharding,) = meta["codecs"]
-        conf = sharding["configuration"]
-        names = [c["name"] for c in conf["codecs"]]
-        ok = (sharding["name"] == "sharding_indexed" and conf.get("index_location", "end") == "end"
-              and names == ["bytes", "blosc", "crc32c"]
-              and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
-              and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-              and conf["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-              and len(meta["shape"]) == 2 and conf["chunk_shape"][0] == 1
-              and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1
-              and meta["chunk_key_encoding"]["name"] == "default")
-        reader = FastShardReader(root, meta, fs, strict) if ok else None
+        reader = FastShardReader(root, meta, fs, strict) if is_row_sharded(meta) else None
         if reader is not None and 0 < reader.chunk <= reader.shard == reader.per_shard * reader.chunk:
             return reader
         problem = "it describes another layout"
@@ -191,6 +198,24 @@ def open_fast(path: str, storage_options: dict | None = None, strict: bool = Tru
             f"((1, S) shards of bytes -> blosc -> crc32c chunks, index at the end, little-endian): {problem}. "
             "The file is damaged; restore it from a copy of the store")
     return None
+
+
+def is_row_sharded(meta: dict) -> bool:
+    """Whether array metadata (a ``zarr.json`` document) describe the layout trajstore writes for
+    ``params``: (1, S) shards of (1, C) chunks, ``bytes -> blosc -> crc32c`` inner codecs,
+    ``bytes -> crc32c`` index at the end, little-endian, default chunk keys. Raises KeyError,
+    TypeError, ValueError, ... on metadata that do not parse."""
+    (sharding,) = meta["codecs"]
+    conf = sharding["configuration"]
+    names = [c["name"] for c in conf["codecs"]]
+    return (sharding["name"] == "sharding_indexed" and conf.get("index_location", "end") == "end"
+            and names == ["bytes", "blosc", "crc32c"]
+            and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
+            and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+            and conf["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+            and len(meta["shape"]) == 2 and conf["chunk_shape"][0] == 1
+            and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1
+            and meta["chunk_key_encoding"]["name"] == "default")
 
 
 def row_layout_problem(meta: dict, dtype: str, checksummed: bool = True) -> str | None:

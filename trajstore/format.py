@@ -1,7 +1,14 @@
-"""Store format (versions 1 and 2): where things live in the zarr group, and how to open it.
+"""Store format (versions 1 to 3): where things live in the zarr group, and how to open it.
 
-Version 2 adds one optional attribute, ``columns``: the column map of a store recorded sharded
-(see columns.py). Stores without one are still written as version 1, so older trajstores read them.
+A store is written in the lowest version its features need (:func:`required_version`), so older
+trajstores read every store they can read correctly, and refuse the others by their version:
+
+* 1: rows in float32 (float64 when the model has a float64 tensor);
+* 2: adds ``columns``, the column map of a store recorded sharded (see columns.py);
+* 3: adds rows in the model's half type (``dtype`` ``"float16"``, or ``"bfloat16"``: its uint16
+  bits, the params array's attribute ``trajstore_values`` saying so), and ``optimizer_state``
+  (the ``optimizer/`` group, see optstate.py). A reader of version <= 2 would take those rows for
+  float32 values, or truncate and append without the optimizer rows: it must refuse them.
 
 Group attribute ``trajstore`` (JSON) holds the format version, layouts, codec, user
 metadata and the ``committed`` count. See ``shared/design.md`` for the commit protocol.
@@ -18,7 +25,7 @@ from zarr.storage import FsspecStore, LocalStore
 from .codecs import CodecPreset
 from .errors import CorruptMetadataError, FormatVersionError, NotAStoreError
 
-FORMAT_VERSION = 2  # 2: a "columns" map (stores recorded sharded); unsharded stores are still written as 1
+FORMAT_VERSION = 3  # 2: a "columns" map; 3: half-type rows or optimizer state (see required_version)
 ATTR = "trajstore"
 LOCK_NAME = ".trajstore.lock"
 DERIVED_LOCK_NAME = ".trajstore.derived.lock"
@@ -27,6 +34,9 @@ DERIVED_LOCK_NAME = ".trajstore.derived.lock"
 PARAMS, REFERENCE, BUFFERS = "params", "reference", "buffers"
 STEP, EPOCH, WALL_TIME, NONFINITE = "step", "epoch", "wall_time", "nonfinite"
 METRICS, SUBSPACES, GRAM = "metrics", "subspaces", "gram"
+OPTIMIZER = "optimizer"  # optimizer/<key>/values, optimizer/<key>/present (format 3, see optstate.py)
+VALUES_ATTR = "trajstore_values"  # on the params array of a bfloat16 store: its uint16 holds bfloat16 bits
+LANDSCAPES = "landscapes"  # derived: cached loss-landscape grids (pipeline/landscape_cache.py)
 ROW_ARRAYS = (STEP, EPOCH, WALL_TIME, NONFINITE)
 ROW_DTYPES = {STEP: "int64", EPOCH: "int64", WALL_TIME: "float64", NONFINITE: "bool"}  # metrics: float64
 
@@ -123,6 +133,13 @@ def open_root(path: str, mode: str, storage_options: dict | None = None) -> tupl
     return group, meta
 
 
+def required_version(columns: bool, values: str, optimizer_state: bool) -> int:
+    """The lowest format version that describes a store with these features (see the top)."""
+    if values in ("float16", "bfloat16") or optimizer_state:
+        return 3
+    return 2 if columns else 1
+
+
 def check_version(meta: dict, path: str) -> None:
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
@@ -150,8 +167,13 @@ def check_meta(meta: dict, path: str) -> None:
             if not (isinstance(spec.name, str) and isinstance(spec.dtype, str)  # torch names: bfloat16 too
                     and all(type(d) is int and 0 <= d < 1 << 62 for d in spec.shape)):
                 raise ValueError(f"tensor entry {spec}")
-        if not 0 < layout.n < 1 << 62 or np.dtype(meta["dtype"]) != layout.storage_dtype():
+        # the widened dtype (every version), or from version 3 the model's one half type
+        allowed = {layout.storage_dtype().name} | ({layout.value_dtype()} if meta["format_version"] >= 3 else set())
+        if not 0 < layout.n < 1 << 62 or meta["dtype"] not in allowed:
             raise ValueError(f"dtype {meta['dtype']!r} for a layout of {layout.n} elements")
+        if not isinstance(meta.get("optimizer_state", False), bool) or (
+                meta.get("optimizer_state") and meta["format_version"] < 3):
+            raise ValueError(f"optimizer_state {meta.get('optimizer_state')!r}")
         if meta.get("buffer_layout") is not None:
             ParamLayout.from_json(meta["buffer_layout"])
         CodecPreset.from_json(meta["codec"])

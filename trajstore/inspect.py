@@ -8,10 +8,14 @@ from typing import Callable
 import numpy as np
 
 from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, SubspaceNotFoundError
-from .format import (BUFFERS, GRAM, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, SUBSPACES, local_dir)
+from .format import (BUFFERS, GRAM, LANDSCAPES, METRICS, NONFINITE, OPTIMIZER, PARAMS, REFERENCE, ROW_ARRAYS, SUBSPACES,
+                     local_dir)
 from . import reader as _reader
 from ._scan import TRASH, Files
+from . import optstate
+from .codecs import describe_chain
 from .fastread import open_fast
+from .layout import HALF_DTYPES, raw_dtype
 from .store import TrajectoryStore
 
 ONE_ROW_PER_FILE = (PARAMS, REFERENCE, BUFFERS)  # shards (1, S): the file c/<row>/<k> holds row <row> only
@@ -26,10 +30,16 @@ def info(path: "str | os.PathLike") -> dict:
     data are counted apart in ``derived_bytes``: the Gram cache, each subspace (with its memory-map
     copy of the basis), and temporary files (writes killed part-way, rows beyond the committed count,
     an interrupted gc's trash: what ``trajstore gc`` frees). ``total_bytes`` is all of it.
+
+    ``dtype`` is what the rows hold (``bfloat16`` / ``float16``: the model's own, 2 bytes a value);
+    ``model_dtypes`` counts the model's elements per dtype, and ``widened`` says when the rows are
+    wider than the model (a mixed model, or a half model recorded by trajstore before format 3).
+    ``optimizer_state`` (None unless recorded) gives its keys and ``bytes``, which ``stored_bytes``
+    includes.
     """
     with TrajectoryStore.open(path, "r") as store:
         t, n = len(store), store.n_params
-        raw = t * n * store.dtype.itemsize
+        raw = t * n * raw_dtype(store.values).itemsize
         parts = disk_usage(store)
         size, encoded = parts["trajectory"], parts["snapshots"]
         steps = store.steps
@@ -46,28 +56,43 @@ def info(path: "str | os.PathLike") -> dict:
             "raw_bytes": raw,
             "snapshot_bytes": encoded,
             "compression_ratio": raw / encoded if encoded and raw else None,
-            "derived_bytes": {key: parts[key] for key in ("gram", "subspaces", "per_subspace", "temporary")},
+            "derived_bytes": {key: parts[key] for key in ("gram", "subspaces", "per_subspace", "landscapes",
+                                                          "temporary")},
             "total_bytes": parts["total"],
             "codec": store.codec.spec,
             "lossless": store.codec.lossless,
             "error_bound": store.codec.error_bound(),  # this version's statement of the bound
+            "chunk_codecs": _chunk_codecs(store),  # what the bytes are: read from each array's zarr.json
             "dtype": meta["dtype"],
+            "model_dtypes": store.layout.dtype_counts(),
+            "widened": _widened(store),
+            "optimizer_state": ({"keys": store.optimizer_state_keys, "bytes": parts["optimizer"]}
+                                if meta.get("optimizer_state") else None),
             "format_version": meta["format_version"],
             "created": meta.get("created"),
             "buffers": store.buffer_layout.n if store.buffer_layout else 0,
             "metrics": [name.split("/", 1)[1] for name in _row_arrays(store) if name.startswith(f"{METRICS}/")],
             "subspaces": _subspaces(store),
+            "subspace_sampling": _subspace_sampling(store),  # the sampling each was extracted with (None: none)
             "metadata": meta.get("metadata", {}),
         }
+
+
+def _chunk_codecs(store: TrajectoryStore) -> dict:
+    """The chunk codec chain each row-per-file array records in its metadata (params, reference,
+    buffers), e.g. ``{"params": "blosc(lz4, level 1, bitshuffle) + crc32c"}``: a preset name alone does
+    not say it (a ``lossless`` store of an earlier trajstore holds zstd)."""
+    return {name: describe_chain(store.group[name].metadata.to_dict())
+            for name in ONE_ROW_PER_FILE if name in store.group}
 
 
 def disk_usage(store: TrajectoryStore) -> dict:
     """Bytes on disk (or in the object store) by kind: ``trajectory`` (the store's own data, of which
     ``snapshots``: the chunks of params and reference), ``gram``, ``subspaces`` (``per_subspace``:
-    name -> bytes), ``temporary`` and ``total``."""
+    name -> bytes), ``landscapes`` (cached loss-landscape grids), ``temporary`` and ``total``."""
     t = len(store)
-    usage: dict = {"trajectory": 0, "snapshots": 0, "gram": 0, "subspaces": 0, "per_subspace": {}, "temporary": 0,
-                   "total": 0}
+    usage: dict = {"trajectory": 0, "snapshots": 0, "optimizer": 0, "gram": 0, "subspaces": 0, "per_subspace": {}, "landscapes": 0,
+                   "temporary": 0, "total": 0}
     for key, size in Files(store.path, store.storage_options).sizes().items():
         usage["total"] += size
         top, _, rest = key.partition("/")
@@ -75,6 +100,8 @@ def disk_usage(store: TrajectoryStore) -> dict:
             usage["temporary"] += size
         elif top == GRAM:
             usage["gram"] += size
+        elif top == LANDSCAPES:
+            usage["landscapes"] += size
         elif top == SUBSPACES:
             usage["subspaces"] += size
             if "/" in rest:
@@ -84,14 +111,27 @@ def disk_usage(store: TrajectoryStore) -> dict:
             usage["trajectory"] += size
             if top in (PARAMS, REFERENCE) and rest.startswith("c/"):
                 usage["snapshots"] += size
+            elif top == OPTIMIZER:
+                usage["optimizer"] += size
     return usage
 
 
 def _uncommitted_row(top: str, rest: str, committed: int) -> bool:
     """Whether ``top/rest`` is a chunk file of a row at or beyond ``committed`` (a killed writer's)."""
     parts = rest.split("/")
+    if top == OPTIMIZER:  # optimizer/<key>/<values|scalars|present>/c/<row>/<k>: one row per file too
+        top, parts = PARAMS, parts[2:]
     return top in ONE_ROW_PER_FILE and len(parts) >= 2 and parts[0] == "c" and parts[1].isdigit() \
         and int(parts[1]) >= (committed if top != REFERENCE else 1)
+
+
+def _widened(store: TrajectoryStore) -> str | None:
+    """Why the rows are wider than the model's tensors, or None when they hold its own dtype."""
+    halves = sorted(set(store.layout.dtype_counts()) & set(HALF_DTYPES))
+    if not halves or store.values in HALF_DTYPES:
+        return None
+    why = "a mixed-dtype model" if len(store.layout.dtype_counts()) > 1 else "recorded before format 3"
+    return f"{' and '.join(halves)} tensors stored as {store.values} ({why}); exact, 2x the bytes of native storage"
 
 
 def subspace_name(path: "str | os.PathLike", name: str | None) -> str:
@@ -109,6 +149,17 @@ def subspace_name(path: "str | os.PathLike", name: str | None) -> str:
                                     f"`trajstore extract {where} --dim D`")
     raise InvalidArgumentError(f"{where} holds {len(names)} subspaces ({', '.join(names)}); choose one with "
                                f"--name (e.g. --name {names[0]})")
+
+
+def _subspace_sampling(store: TrajectoryStore) -> dict:
+    """name -> the ``sampling`` attribute its extraction recorded (``extract --smooth/--window``), or None."""
+    found = {}
+    for name in _subspaces(store):
+        try:
+            found[name] = store.group[f"{SUBSPACES}/{name}"].attrs.get("sampling")
+        except (KeyError, FileNotFoundError):  # replaced (extract --follow) while listed
+            found[name] = None
+    return found
 
 
 def _subspaces(store: TrajectoryStore) -> list[str]:
@@ -215,7 +266,37 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
                                         "(allow_nonfinite): extraction must leave it out (--snapshots)")
             if progress:
                 progress(g1, t)
+        _verify_optimizer(store, t, allowed_nonfinite, report)
         return report
+
+
+def _verify_optimizer(store: TrajectoryStore, t: int, allowed: np.ndarray, report: VerifyReport) -> None:
+    """Every committed row of the optimizer state: checksums, missing files, layout, finiteness."""
+    if not store.attrs.get("optimizer_state"):
+        return
+    try:
+        keys = optstate.keys(store)
+    except CorruptSnapshotError as exc:
+        report.store_problems.append(str(exc))
+        return
+    for key, attrs in keys.items():
+        try:
+            first = int(attrs.get("first_row", 0))
+        except (TypeError, ValueError):
+            report.store_problems.append(f"the attributes of {store.path}/{OPTIMIZER}/{key}/zarr.json are damaged "
+                                         f"(first_row {attrs.get('first_row')!r})")
+            continue
+        for i in range(max(0, first), t):
+            try:
+                bad = optstate.check_row(store, key, attrs, i, _reader.CONTEXT_BYTES)
+            except CorruptMetadataError as exc:
+                report.store_problems.append(str(exc))
+                break
+            except (CorruptSnapshotError, ValueError, TypeError, KeyError, OSError) as exc:
+                report.problems.setdefault(i, []).append(f"optimizer state {key!r} unreadable: {exc}")
+                continue
+            if bad and not allowed[i]:
+                report.problems.setdefault(i, []).append(f"optimizer state {key!r}: {bad} non-finite values")
 
 
 def _row_arrays(store: TrajectoryStore, report: VerifyReport | None = None) -> list[str]:

@@ -170,8 +170,26 @@ class ParamLayout:
         return slice(self.offsets[i], self.offsets[i + 1])
 
     def storage_dtype(self) -> np.dtype:
-        """float64 when any tensor is float64, else float32 (half types widen exactly)."""
+        """The widened dtype: float64 when any tensor is float64, else float32 (half types widen exactly).
+        Every store of format < 3 holds its rows in it; newer ones hold a model of one half type natively
+        (:meth:`value_dtype`)."""
         return np.dtype("float64" if any(s.dtype == "float64" for s in self.specs) else "float32")
+
+    def value_dtype(self) -> str:
+        """The dtype a store records these tensors in: ``"float16"`` or ``"bfloat16"`` when every tensor
+        has that one half type (stored natively, 2 bytes a value), else :meth:`storage_dtype` (a mixed
+        model is widened to float32, which holds every half and float32 value exactly)."""
+        kinds = {s.dtype for s in self.specs}
+        if len(kinds) == 1 and next(iter(kinds)) in HALF_DTYPES:
+            return next(iter(kinds))
+        return self.storage_dtype().name
+
+    def dtype_counts(self) -> dict[str, int]:
+        """Elements per tensor dtype, e.g. ``{"bfloat16": 1200, "float32": 64}``."""
+        counts: dict[str, int] = {}
+        for spec in self.specs:
+            counts[spec.dtype] = counts.get(spec.dtype, 0) + spec.numel
+        return counts
 
     # -- serialisation ------------------------------------------------------------------
     def to_json(self) -> list[dict]:
@@ -239,20 +257,28 @@ class ParamLayout:
         return out
 
     def flatten_into(self, source: object, out: np.ndarray) -> np.ndarray:
-        """Copy ``source`` (module, state_dict, 1-D tensor/array of length n) into ``out`` (n,)."""
+        """Copy ``source`` (module, state_dict, 1-D tensor/array of length n) into ``out`` (n,).
+
+        ``out`` is a float array, or uint16 holding bfloat16 bits (a bfloat16 store's rows). Into a
+        16-bit ``out`` a value of a wider tensor is copied only when the half type holds it exactly;
+        otherwise LayoutMismatchError (a store records the model's dtype and never rounds silently).
+        """
         if isinstance(source, np.ndarray) or is_tensor(source):
             if source.ndim != 1 or source.shape[0] != self.n:
                 raise LayoutMismatchError(
                     f"snapshot has shape {tuple(source.shape)}, the store expects a flat vector of length {self.n}"
                 )
-            if isinstance(source, np.ndarray):
+            if isinstance(source, np.ndarray) and out.itemsize > 2:
                 np.copyto(out, source, casting="same_kind")
             else:
-                _torch().from_numpy(out).copy_(source.detach().reshape(-1))
+                if isinstance(source, np.ndarray):
+                    source = _torch().from_numpy(np.ascontiguousarray(
+                        source if source.dtype.kind == "f" else source.astype(np.float64)))
+                _copy_exact(torch_view(out), source.detach().reshape(-1), "the flat snapshot")
             return out
-        dst = _torch().from_numpy(out)  # (n,) shares memory with out
+        dst = torch_view(out)  # (n,) shares memory with out
         for spec, t, lo, hi in zip(self.specs, self.tensors_of(source), self.offsets, self.offsets[1:]):
-            dst[lo:hi].copy_(t.detach().reshape(-1))
+            _copy_exact(dst[lo:hi], t.detach().reshape(-1), f"tensor {spec.name!r}")
         return out
 
     def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
@@ -263,6 +289,63 @@ class ParamLayout:
             s.name: vec[lo:hi].reshape(s.shape).to(getattr(torch, s.dtype)).clone()
             for s, lo, hi in zip(self.specs, self.offsets, self.offsets[1:])
         }
+
+
+HALF_DTYPES = ("float16", "bfloat16")  # stored natively when a whole model has one of them
+BF16 = "bfloat16"  # no numpy (or zarr v3) type: stored as its uint16 bits, widened to float32 on read
+
+
+def raw_dtype(values: str) -> np.dtype:
+    """The numpy dtype of stored rows of ``values`` (a store's ``dtype``): uint16 bits for bfloat16."""
+    return np.dtype(np.uint16) if values == BF16 else np.dtype(values)
+
+
+def read_dtype(values: str) -> np.dtype:
+    """The numpy dtype rows of ``values`` decode to: float32 for bfloat16 (exact), else ``values``."""
+    return np.dtype(np.float32) if values == BF16 else np.dtype(values)
+
+
+def bf16_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bits (uint16, any shape) widened exactly to float32: the bits are float32's upper half."""
+    if out is None:
+        out = np.empty(bits.shape, np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
+
+
+def float32_to_bf16_bits(wide: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`bf16_to_float32` (for float32 values widened from bfloat16: the low half is zero)."""
+    return (np.ascontiguousarray(wide, np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def finite_mask(raw: np.ndarray, values: str) -> np.ndarray:
+    """Which stored values are finite; bfloat16 bits by their exponent (all ones: Inf or NaN)."""
+    if values == BF16:
+        return (raw & np.uint16(0x7F80)) != np.uint16(0x7F80)
+    return np.isfinite(raw)
+
+
+def torch_view(out: np.ndarray) -> torch.Tensor:
+    """``out`` as a tensor sharing its memory; uint16 is read as bfloat16 bits."""
+    torch = _torch()
+    if out.dtype == np.uint16:
+        return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(out)
+
+
+def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    """``dst.copy_(src)``; into a 16-bit ``dst`` from a wider ``src``, only values it holds exactly."""
+    dst.copy_(src)
+    if dst.element_size() == 2 and src.dtype != dst.dtype:
+        torch = _torch()
+        back, want = dst.to(torch.float64), src.to(device="cpu", dtype=torch.float64)  # both hold them exactly
+        same = (back == want) | (back.isnan() & want.isnan())
+        if not bool(same.all()):
+            j = int((~same).nonzero()[0, 0])
+            raise LayoutMismatchError(
+                f"{what} holds {src.dtype} values that {dst.dtype} cannot represent exactly (element {j}: "
+                f"{float(want[j])!r} would be stored as {float(back[j])!r}): the store records the model's dtype "
+                f"{str(dst.dtype).removeprefix('torch.')}. Cast the model back, or record it into a new store")
 
 
 def _storage_identity(t: torch.Tensor) -> object:

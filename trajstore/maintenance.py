@@ -31,9 +31,10 @@ import numpy as np
 
 from ._scan import (TRASH, Files, Scan, derived_locked, digest, open_locked, row_arrays, scan, tree_bytes)
 from .errors import LocalPathRequiredError, RepairError, StoreLockedError, SubspaceNotFoundError
-from .format import (BUFFERS, EPOCH, GRAM, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, SUBSPACES,
-                     WALL_TIME, local_dir, normalize)
+from .format import (BUFFERS, EPOCH, GRAM, LANDSCAPES, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP,
+                     SUBSPACES, WALL_TIME, local_dir, normalize)
 from ._creating import create_files
+from .layout import BF16, bf16_to_float32, float32_to_bf16_bits
 from .store import TrajectoryStore
 
 __all__ = ["repair", "gc", "RepairReport", "GcReport", "GcItem", "SnapshotNote"]
@@ -118,6 +119,11 @@ def repair(path: "str | os.PathLike", *, dry_run: bool = False, drop_bad_only: b
         report.committed_after = len(keep) if compact else k
         subspaces = sorted(store.group[SUBSPACES].group_keys()) if SUBSPACES in store.group else []
         if compact:
+            if store._meta.get("optimizer_state"):
+                raise RepairError(
+                    f"--drop-bad-only cannot carry {path}'s optimizer state into the rebuilt store yet, and would lose "
+                    "it; rerun without --drop-bad-only to truncate to the first bad snapshot (the state of the "
+                    "snapshots kept stays), or copy the good snapshots out first (`trajstore export`)")
             if local_dir(path) is None:
                 raise LocalPathRequiredError(
                     f"--drop-bad-only rebuilds {path} next to itself and swaps directories, which needs a local "
@@ -175,8 +181,11 @@ def _good_rows(store: TrajectoryStore, keep: list[int]) -> Iterator[tuple[int, n
     last, prev = -2, np.empty(0)
     for i in keep:
         if preset.transform == "xor" and not preset.is_keyframe(i) and last == i - 1:
-            stored = params[i, :]
-            row = np.bitwise_xor(stored, prev.view(stored.dtype)).view(store.dtype)
+            stored = params[i, :]  # (n,) raw bits: uint32/uint64, or bfloat16's uint16
+            if store.values == BF16:  # rows read back widened to float32: xor the bf16 bits, widen again
+                row = bf16_to_float32(np.bitwise_xor(stored, float32_to_bf16_bits(prev)))
+            else:
+                row = np.bitwise_xor(stored, prev.view(stored.dtype)).view(store.dtype)
         else:
             row = reader.read_block(i, i + 1)[0]
         last, prev = i, row
@@ -333,7 +342,7 @@ def gc(path: "str | os.PathLike", *, subspace: str | None = None, incomplete: bo
             report.removed.append(GcItem(TRASH, tree_bytes(files.local / TRASH), "left by an interrupted gc", "trash"))
             shutil.rmtree(files.local / TRASH) if not dry_run else None
         for key, size in sizes.items():
-            if key.split("/", 1)[0] not in (GRAM, SUBSPACES, TRASH) and ZARR_TEMP.search(key):
+            if key.split("/", 1)[0] not in (GRAM, SUBSPACES, LANDSCAPES, TRASH) and ZARR_TEMP.search(key):
                 drop(key, size, "zarr temporary file of a write killed part-way", "temp")
         t, g = len(store), store.group
         for name in [PARAMS, BUFFERS, REFERENCE] + row_arrays(g):
@@ -375,7 +384,7 @@ def _gc_derived(store: TrajectoryStore, root, files: Files, sizes: dict[str, int
     """gram/: a stale update or a cache that covers no current row; subspaces/: asked-for ones, temps."""
     subtree = (lambda prefix: sum(s for k, s in sizes.items() if k.startswith(prefix + "/")))
     for key, size in sizes.items():
-        if key.split("/", 1)[0] in (GRAM, SUBSPACES) and ZARR_TEMP.search(key):
+        if key.split("/", 1)[0] in (GRAM, SUBSPACES, LANDSCAPES) and ZARR_TEMP.search(key):
             _drop(files, report, key, size, "zarr temporary file of a write killed part-way", "temp")
     t = len(store)
     if GRAM in root and "update" in root[GRAM]:  # gram/value itself is never stale: update_gram reuses its prefix

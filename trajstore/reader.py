@@ -15,6 +15,7 @@ from .codecs import CodecPreset
 from .errors import CorruptMetadataError, CorruptSnapshotError, StoreChangedError
 from .fastread import open_fast
 from .format import ATTR, PARAMS, REFERENCE, local_dir, zarr_store
+from .layout import BF16, bf16_to_float32, raw_dtype, read_dtype
 
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError, ArithmeticError)
 CONTEXT_BYTES = 64 << 20  # memory for the decoding context of an xor-delta read (K rows x a column range)
@@ -26,7 +27,9 @@ class RowReader:
     def __init__(self, path: str, committed: int, n: int, dtype: str, codec: dict,
                  storage_options: dict | None = None, token: str = "", strict: bool = True):
         self.path, self.committed, self.n = path, committed, n
-        self.dtype = np.dtype(dtype)
+        self.values = str(dtype)  # the store's dtype: a numpy float dtype, or "bfloat16"
+        self.raw = raw_dtype(self.values)  # of the stored rows: bfloat16 as its uint16 bits
+        self.dtype = read_dtype(self.values)  # what reads return: bfloat16 widened exactly to float32
         self.codec_json = codec
         self.storage_options = storage_options
         self.token = token
@@ -63,8 +66,8 @@ class RowReader:
                 group = zarr.open_group(zarr_store(self.path, True, self.storage_options), mode="r", zarr_format=3)
             except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, OSError) as exc:
                 raise CorruptMetadataError(f"the group metadata {self._file('zarr.json')} is damaged ({exc})") from None
-            params = self._array(group, PARAMS, preset.stored_dtype(self.dtype), self.committed)
-            reference = self._array(group, REFERENCE, self.dtype, 1) if preset.transform == "delta" else None
+            params = self._array(group, PARAMS, preset.stored_dtype(self.raw), self.committed)
+            reference = self._array(group, REFERENCE, self.raw, 1) if preset.transform == "delta" else None
             self._arrays = (params, reference)
         return self._arrays
 
@@ -119,8 +122,9 @@ class RowReader:
                    out: np.ndarray | None = None) -> np.ndarray:
         """Decoded rows [r0, r1) and columns [c0, c1) as (r1 - r0, c1 - c0).
 
-        ``out`` (optional, (r1 - r0, c1 - c0) of the store's dtype) is filled and returned when the
-        rows need no decoding context (plain codec): callers reuse one buffer across blocks.
+        ``out`` (optional, (r1 - r0, c1 - c0) of the reader's ``dtype``) is filled and returned when the
+        rows need no decoding context (plain codec): callers reuse one buffer across blocks. A bfloat16
+        store's values come widened exactly to float32.
         Rows that decode from earlier ones (xor-delta) are decoded a column range at a time, so
         the context rows cost at most ``CONTEXT_BYTES`` of memory, never K full rows.
         """
@@ -158,8 +162,9 @@ class RowReader:
                 setattr(self, "_fast" if name == PARAMS else "_fast_ref", fast)
             self._fast_checked = True
         ref = self._reference_block(reference, c0, c1) if preset.transform == "delta" else None
+        plain = start == r0 and preset.transform == "plain"
         try:
-            target = out if out is not None and start == r0 and preset.transform == "plain" else None
+            target = out if out is not None and plain and self.raw == self.dtype else None
             if self._fast is not None:
                 stored = self._fast.read(start, r1, c0, c1, target)
             else:
@@ -173,7 +178,10 @@ class RowReader:
                 "fixes the store)", index=exc.index) from None
         except _DECODE_ERRORS as exc:
             raise self._locate_corruption(start, r1, c0, c1, exc) from None
-        return preset.decode(stored, start, ref, self.dtype)[r0 - start:]
+        decoded = preset.decode(stored, start, ref, self.raw)[r0 - start:]
+        if self.values != BF16:
+            return decoded
+        return bf16_to_float32(decoded, out if out is not None and plain else None)  # exact
 
     def _reference_block(self, reference, c0: int, c1: int) -> np.ndarray:
         """Columns [c0, c1) of the reference row every delta row decodes from, read checked."""
@@ -190,16 +198,21 @@ class RowReader:
             f"corrupt ({inner}); every snapshot decodes from it, so restore the store from a copy", index=0)
 
     def _locate_corruption(self, r0: int, r1: int, c0: int, c1: int, exc: Exception) -> Exception:
-        """Re-read row by row to name the corrupt snapshot."""
+        """Re-read row by row through zarr to name the corrupt snapshot. When zarr reads every row,
+        the data are not at fault (a bad argument, no thread to be had, ...): ``exc`` itself is
+        returned, never a corruption verdict that ``repair`` would truncate the store for. An OSError
+        (too many open files, permission, an I/O error) is the system's, not the data's: returned as is."""
         params, _ = self._open()  # the reference was read before (_reference_block)
         for i in range(r0, r1):
             try:
                 params[i, c0:c1]
+            except OSError as inner:
+                return inner
             except _DECODE_ERRORS as inner:
                 return CorruptSnapshotError(
                     f"snapshot {i} of store {self.path} is corrupt: {inner}. The other snapshots are "
                     f"intact; run `trajstore verify {self.path}` to list every bad snapshot", index=i)
-        return CorruptSnapshotError(f"reading snapshots {r0}..{r1 - 1} of {self.path} failed: {exc}")
+        return exc
 
 
 def check_unchanged(path: str, storage_options: dict | None, truncations: str, created: str) -> None:

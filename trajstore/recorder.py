@@ -23,12 +23,14 @@ from .store import TrajectoryStore, metric_key
 def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch.nn.Module, *,
                        codec: str = "lossless", buffers: bool = False, metadata: dict | None = None,
                        break_lock: bool = False, overwrite: bool = False, durable: bool = False,
-                       process_group: object = "auto") -> TrajectoryStore:
+                       process_group: object = "auto", optimizer_state: bool = False) -> TrajectoryStore:
     """Open ``path`` for appending, creating the store when it does not exist yet.
 
     ``overwrite=True`` replaces an existing store with a new, empty one (a fresh run);
-    ``durable=True`` fsyncs every snapshot before its commit (survives power loss). Collective in
-    a torch.distributed job (see :meth:`TrajectoryStore.create`): every rank calls it.
+    ``durable=True`` fsyncs every snapshot before its commit (survives power loss);
+    ``optimizer_state=True`` creates a store that records the optimizer's state with each snapshot
+    (an existing store must have been created so). Collective in a torch.distributed job (see
+    :meth:`TrajectoryStore.create`): every rank calls it.
     """
     if isinstance(path, TrajectoryStore):
         return path
@@ -40,11 +42,16 @@ def open_for_recording(path: "str | os.PathLike | TrajectoryStore", model: torch
         exists = context.broadcast(exists)
     if not exists or overwrite:
         return TrajectoryStore.create(path, model, codec=codec, buffers=buffers, metadata=metadata,
-                                      overwrite=overwrite, durable=durable, process_group=process_group)
+                                      overwrite=overwrite, durable=durable, process_group=process_group,
+                                      optimizer_state=optimizer_state)
     store = TrajectoryStore.open(path, "a", break_lock=break_lock, durable=durable, process_group=process_group)
     error = None
     try:
         store.layout.check_same(ParamLayout.from_module(model), "model")
+        if optimizer_state and not store.attrs.get("optimizer_state"):
+            raise InvalidArgumentError(f"{path} was created without optimizer state, so it cannot record it now "
+                                       "(its earlier snapshots have none): record into a new store, or without "
+                                       "optimizer_state")
     except BaseException as exc:  # noqa: BLE001 -- raised below, on every rank of a job
         error = exc
     if context is not None:
@@ -85,9 +92,22 @@ class Recorder:
     """
 
     def __init__(self, store: TrajectoryStore, model: torch.nn.Module, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = None, record_initial: bool = True):
+                 every_n_epochs: int | None = None, record_initial: bool = True,
+                 optimizer: torch.optim.Optimizer | None = None, record_optimizer_state: bool = False):
+        """``record_optimizer_state=True`` records ``optimizer``'s state (momentum buffers, Adam moments)
+        with every snapshot, into a store created with ``optimizer_state=True``; restore it with
+        ``store.load_optimizer_state(optimizer, model, index)``."""
         if every_n_steps is None and every_n_epochs is None:
             raise InvalidArgumentError("give every_n_steps, every_n_epochs, or both")
+        if record_optimizer_state and optimizer is None:
+            raise InvalidArgumentError("record_optimizer_state=True needs the optimizer: Recorder(..., optimizer=opt)")
+        if bool(store.attrs.get("optimizer_state")) != bool(record_optimizer_state):
+            raise InvalidArgumentError(
+                f"{store.path} records optimizer state with every snapshot: pass optimizer=opt, "
+                "record_optimizer_state=True" if record_optimizer_state is False else
+                f"{store.path} was created without optimizer state: create it with optimizer_state=True "
+                "(open_for_recording(path, model, optimizer_state=True)) to record it")
+        self.optimizer = optimizer if record_optimizer_state else None
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1, got {value}")
@@ -155,7 +175,8 @@ class Recorder:
         """Append a snapshot at ``step`` unless one was already taken there; returns whether it did."""
         if self._last_step is not None and step <= self._last_step:
             return False
-        self.store.append(self.model, step=step, epoch=epoch, metrics=_scalars(metrics))
+        self.store.append(self.model, step=step, epoch=epoch, metrics=_scalars(metrics),
+                          **({"optimizer": self.optimizer} if self.optimizer is not None else {}))
         self._last_step = step
         return True
 
@@ -240,22 +261,27 @@ class RecordingSession:
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
-                 overwrite: bool = False, durable: bool = False):
+                 overwrite: bool = False, durable: bool = False, optimizer_state: bool = False):
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1  # neither given: once per epoch. Both only when asked (uneven spacing biases DLDR)
         self.path, self.codec, self.buffers, self.overwrite = str(path), codec, buffers, overwrite
+        self.optimizer_state = optimizer_state  # record the trainer's optimizer's state with each snapshot
         self.durable = durable
         self.every_n_steps, self.every_n_epochs, self.record_initial = every_n_steps, every_n_epochs, record_initial
         self.store: TrajectoryStore | None = None
         self.recorder: Recorder | None = None
         self.run_id: str | None = None  # of the store recorded into; restored from a trainer checkpoint
 
-    def begin(self, model: torch.nn.Module, global_step: int, epoch: int | None) -> Recorder:
+    def begin(self, model: torch.nn.Module, global_step: int, epoch: int | None,
+              optimizer: torch.optim.Optimizer | None = None) -> Recorder:
         """Open (or create) the store and resume recording at ``global_step``.
 
         A fresh start (step 0) on a store that holds snapshots raises StoreExistsError unless the
-        session was made with ``overwrite=True``; a resume (step > 0) never overwrites.
+        session was made with ``overwrite=True``; a resume (step > 0) never overwrites. ``optimizer``:
+        the trainer's, whose state is recorded when the session was made with ``optimizer_state=True``.
         """
+        if self.optimizer_state and optimizer is None:
+            raise InvalidArgumentError("optimizer_state=True: the trainer gave the callback no optimizer to record")
         self.end(failed=True)  # a trainer restarted in the same process (a notebook) after a failure
         _refuse_fsdp1(model)
         key = normalize(self.path)
@@ -268,8 +294,14 @@ class RecordingSession:
         _SESSIONS[key] = self
         fresh = int(global_step) == 0
         self.store = open_for_recording(self.path, model, codec=self.codec, buffers=self.buffers,
-                                        overwrite=self.overwrite and fresh, durable=self.durable)
-        self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial)
+                                        overwrite=self.overwrite and fresh, durable=self.durable,
+                                        optimizer_state=self.optimizer_state)
+        try:
+            self.recorder = Recorder(self.store, model, self.every_n_steps, self.every_n_epochs, self.record_initial,
+                                     optimizer=optimizer, record_optimizer_state=self.optimizer_state)
+        except BaseException:
+            self.end(failed=True)
+            raise
         self.recorder._told_epoch_metrics = True  # callbacks pass every epoch's metrics: not the user's doing
         try:
             self.recorder.start(global_step, epoch=epoch, run_id=None if fresh else self.run_id)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import zarr
 
-from . import distributed
+from . import distributed, optstate
 from ._appending import OPEN_WRITERS, Appending
 from ._creating import BACKFILL, backfill, chunking, create_files
 from ._lazy import torch as _torch
@@ -26,7 +26,7 @@ from .columns import ColumnMap
 from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, SnapshotIndexError
 from .format import (BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, LOCK_NAME, METRICS, PARAMS,
                      ROW_DTYPES, STEP, WALL_TIME, local_dir, normalize, open_root, zarr_store)
-from .layout import ParamLayout, strip_prefixes
+from .layout import ParamLayout, raw_dtype, read_dtype, strip_prefixes
 from .lock import WriterLock
 from .fastread import open_fast, row_layout_problem
 from .reader import RowReader, check_unchanged
@@ -51,7 +51,9 @@ class TrajectoryStore(Appending):
         self.layout = ParamLayout.from_json(meta["layout"])
         self.buffer_layout = ParamLayout.from_json(meta["buffer_layout"]) if meta.get("buffer_layout") else None
         self.codec: CodecPreset = CodecPreset.from_json(meta["codec"])
-        self.dtype = np.dtype(meta["dtype"])
+        self.values: str = meta["dtype"]  # what the rows hold: a float dtype, or "bfloat16" (its uint16 bits)
+        self.dtype = read_dtype(self.values)  # what reads return: bfloat16 widened exactly to float32
+        self._raw = raw_dtype(self.values)  # of the staging buffers and stored rows
         self.columns = ColumnMap.from_json(self.layout.n, meta.get("columns"))  # where each parameter is stored
         self._writer: BackgroundWriter | None = None
         self._closed = False
@@ -62,6 +64,8 @@ class TrajectoryStore(Appending):
                 f"{context.world}: record it with that many ranks, or into a new store")
         self._cols = (distributed.write_range(self.columns, context.rank) if context is not None and context.sharded
                       else (0, self.n_columns))  # the columns this process writes
+        if context is not None and mode == "a" and meta.get("optimizer_state"):
+            raise optstate.refuse_multiprocess(f"{path} records optimizer state")
         if context is not None and context.sharded and mode == "a":
             params = group[PARAMS]
             self.columns.check_aligned(int((params.shards or params.chunks)[1]))
@@ -78,7 +82,7 @@ class TrajectoryStore(Appending):
             self._load_encoder_state()
             if context is None or context.is_writer:
                 width = self._cols[1] - self._cols[0]
-                self._writer = BackgroundWriter(width, self.dtype, self._write_row, depth=queue_depth)
+                self._writer = BackgroundWriter(width, self._raw, self._write_row, depth=queue_depth)
             OPEN_WRITERS.add(self)  # flushed at interpreter exit if the script never closes it
 
     # -- construction -------------------------------------------------------------------
@@ -87,11 +91,16 @@ class TrajectoryStore(Appending):
                metadata: dict | None = None, overwrite: bool = False, buffers: bool = False,
                chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD, queue_depth: int = 2,
                storage_options: dict | None = None, durable: bool = False,
-               break_lock: bool = False, process_group: object = "auto") -> "TrajectoryStore":
+               break_lock: bool = False, process_group: object = "auto", optimizer_state: bool = False
+               ) -> "TrajectoryStore":
         """Create a store for the parameters of ``source`` (nn.Module, state_dict or ParamLayout).
 
-        ``buffers=True`` also records the module's buffers (BN running statistics) in a separate
-        array. ``durable=True`` fsyncs each snapshot before its commit and the commit after, so
+        A model whose tensors all have one half type (float16 or bfloat16) is stored in it, 2 bytes a
+        value; any other is widened to float32 (float64 if it has a float64 tensor), which holds its
+        values exactly. ``buffers=True`` also records the module's buffers (BN running statistics) in a
+        separate array. ``optimizer_state=True`` records the optimizer's per-parameter state with every
+        snapshot (``append(..., optimizer=opt)``; single process only; see optstate.py).
+        ``durable=True`` fsyncs each snapshot before its commit and the commit after, so
         committed snapshots survive a power loss, not only a killed process (see durability.py).
         Returns the store open for appending (mode ``"a"``).
 
@@ -102,8 +111,11 @@ class TrajectoryStore(Appending):
         ``process_group=None`` records from this process alone.
         """
         kwargs = dict(codec=codec, metadata=metadata, overwrite=overwrite, buffers=buffers, chunk_size=chunk_size,
-                      shard_size=shard_size, storage_options=storage_options, durable=durable, break_lock=break_lock)
+                      shard_size=shard_size, storage_options=storage_options, durable=durable, break_lock=break_lock,
+                      optimizer_state=bool(optimizer_state))
         context = distributed.resolve(process_group, source, "TrajectoryStore.create")
+        if context is not None and optimizer_state:  # every rank raises alike, before any collective
+            raise optstate.refuse_multiprocess("TrajectoryStore.create(..., optimizer_state=True)")
         if context is not None:
             return cls._create_collective(context, normalize(path), source, queue_depth, kwargs)
         if distributed.has_shards(source):
@@ -318,11 +330,12 @@ class TrajectoryStore(Appending):
         """A picklable decoding view (t, n_columns) of the committed snapshots, in stored column order
         (the parameter order, except for a store recorded sharded: see :attr:`columns`)."""
         token = f"{len(self)}-{len(self._meta.get('truncations', []))}-{self._meta.get('created')}"
-        return RowReader(self.path, len(self), self.n_columns, self.dtype.name, self._meta["codec"],
+        return RowReader(self.path, len(self), self.n_columns, self.values, self._meta["codec"],
                          self.storage_options, token, strict=bool(self._meta.get("all_chunks_written")))
 
     def read(self, index: "int | slice | Sequence[int]") -> np.ndarray:
-        """Snapshot ``index`` as (n,), or several as (k, n), decoded to the store's float dtype."""
+        """Snapshot ``index`` as (n,), or several as (k, n), decoded to :attr:`dtype` (float32 for a
+        bfloat16 store: its values exactly)."""
         self._check_readable()
         t = len(self)
         if isinstance(index, slice):
@@ -398,6 +411,34 @@ class TrajectoryStore(Appending):
                     distributed.copy_into(tensor, value)
         return model
 
+    # -- optimizer state ------------------------------------------------------------------
+    @property
+    def optimizer_state_keys(self) -> list[str]:
+        """The optimizer state keys recorded (``["exp_avg", "exp_avg_sq", "step"]``); [] when none."""
+        return list(optstate.keys(self))
+
+    def optimizer_state(self, index: int) -> dict[str, dict[str, object]]:
+        """The optimizer state recorded with snapshot ``index``: tensor name -> {key: tensor or number}
+        (the shape of ``torch.optim.Optimizer.state``, keyed by parameter name). Tensors without state at
+        that snapshot (before the first step) are left out."""
+        if not self._meta.get("optimizer_state"):
+            raise InvalidArgumentError(f"store {self.path} records no optimizer state (create it with "
+                                       "optimizer_state=True)")
+        self._check_readable()
+        return optstate.read_state(self, self._check_index(index))
+
+    def load_optimizer_state(self, optimizer: "torch.optim.Optimizer", model: "torch.nn.Module",
+                             index: int) -> "torch.optim.Optimizer":
+        """Resume from snapshot ``index``: give ``optimizer`` (built over ``model``'s parameters) the state
+        recorded with it, through ``optimizer.load_state_dict`` (moved to each parameter's device and
+        dtype). Its param_groups (lr, momentum, betas, ...) stay as constructed. Pair it with
+        :meth:`load_into` for the weights."""
+        if not self._meta.get("optimizer_state"):
+            raise InvalidArgumentError(f"store {self.path} records no optimizer state (create it with "
+                                       "optimizer_state=True)")
+        self._check_readable()
+        optstate.load_into(self, optimizer, model, self._check_index(index))  # reads (checked) before it loads
+        return optimizer
 
     # -- internals ----------------------------------------------------------------------
     def _check_readable(self) -> None:

@@ -1,8 +1,9 @@
 """Background writer: staging buffers, a bounded queue and back-pressure.
 
-``submit`` takes a filled staging buffer and returns at once; a single thread encodes
-and writes rows in order through a ``write_row`` callback and hands the buffer back to
-the pool. When every buffer is in flight, ``acquire`` blocks (back-pressure) rather than
+``submit`` takes a filled staging buffer and returns at once; a single thread writes rows
+in order through a ``write_row`` callback and hands the buffer back to the pool. Within a
+row, the params shards of a local store are encoded on the :mod:`.parallel` pool and written
+while the row's small arrays are (:mod:`.shardwrite`); rows still commit one at a time, in order. When every buffer is in flight, ``acquire`` blocks (back-pressure) rather than
 letting memory grow. The first error in the thread is kept and raised, once, from the
 next ``acquire``/``submit``/``flush``/``close`` in the caller's thread; it is never swallowed.
 """

@@ -21,13 +21,16 @@ class TrajectoryCallback(pl.Callback):
     ``configure_model``): every rank writes its shard. FSDP1 (``strategy="fsdp"``) and DeepSpeed
     ZeRO-3 are refused in :meth:`setup`, on every rank. A rank that raises closes its store without
     collectives (:meth:`on_exception`); the others' next collective fails once its process has ended.
+
+    ``optimizer_state=True`` records the trainer's optimizer's state (momentum buffers, Adam moments)
+    with every snapshot: one optimizer, single process only (InvalidArgumentError otherwise).
     """
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
-                 overwrite: bool = False, durable: bool = False):
+                 overwrite: bool = False, durable: bool = False, optimizer_state: bool = False):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
-                                        overwrite, durable)
+                                        overwrite, durable, optimizer_state)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse FSDP1 (``strategy="fsdp"``) and DeepSpeed ZeRO-3 on every rank, before they wrap the model:
@@ -46,7 +49,13 @@ class TrajectoryCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # every rank: under DDP rank 0 writes and the others agree on errors; FSDP2 shards are written by each
-        self.session.begin(pl_module, trainer.global_step, trainer.current_epoch)
+        optimizer = None
+        if self.session.optimizer_state:
+            if len(trainer.optimizers) != 1:
+                raise InvalidArgumentError(f"optimizer_state=True records one optimizer; this trainer has "
+                                           f"{len(trainer.optimizers)}: record without optimizer_state")
+            optimizer = trainer.optimizers[0]
+        self.session.begin(pl_module, trainer.global_step, trainer.current_epoch, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -32,13 +32,16 @@ class TrajectoryCallback(TrainerCallback):
     Every checkpoint carries the store's run id (in ``trainer_state.json``, under
     ``stateful_callbacks["trajstore"]``), so resuming a checkpoint of another run into this store
     is refused before anything is dropped.
+
+    ``optimizer_state=True`` records the Trainer's optimizer's state (Adam moments, step counts) with
+    every snapshot; single process only (InvalidArgumentError under torchrun).
     """
 
     def __init__(self, path: "str | os.PathLike", every_n_steps: int | None = None, every_n_epochs: int | None = None,
                  codec: str = "lossless", buffers: bool = False, record_initial: bool = True,
-                 overwrite: bool = False, durable: bool = False):
+                 overwrite: bool = False, durable: bool = False, optimizer_state: bool = False):
         self.session = RecordingSession(path, every_n_steps, every_n_epochs, codec, buffers, record_initial,
-                                        overwrite, durable)
+                                        overwrite, durable, optimizer_state)
         self._logs: dict = {}
         self._pending: dict | None = None  # the step whose snapshot waits for that step's logs
 
@@ -48,7 +51,8 @@ class TrajectoryCallback(TrainerCallback):
         saved = kept.setdefault(STATE_KEY, {}) if isinstance(kept, dict) else {}
         # every rank (each loads trainer_state.json): under DDP rank 0 writes and the others agree on errors
         self.session.run_id = saved.get("run_id")  # of the checkpoint resumed from, if any
-        self.session.begin(model, state.global_step, _epoch(state))
+        optimizer = kwargs.get("optimizer") if self.session.optimizer_state else None
+        self.session.begin(model, state.global_step, _epoch(state), optimizer)
         saved["run_id"] = self.session.run_id  # written into every checkpoint from now on
 
     # The Trainer calls on_step_end *before* it logs that step (on_log), evaluates and saves. A due
