@@ -11,6 +11,13 @@ class Method(str, Enum):
     randomized = "randomized"
 
 
+class BasisPrecision(str, Enum):
+    """``extract --basis-precision``."""
+
+    float64 = "float64"
+    float32 = "float32"
+
+
 class Optimizer(str, Enum):
     """``train --optimizer``."""
 

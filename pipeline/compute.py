@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
+Finished = Callable[[int], None]  # called with a task's index as it finishes, in the calling thread
 
 
 class Interrupted(Exception):
@@ -71,8 +72,12 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def run_tasks(tasks: Sequence[Callable[[], T]], scheduler: object = None, progress: Progress | None = None,
-              stop: StopFlag | None = None, num_workers: int | None = None) -> list[T]:
-    """Run ``tasks`` (picklable zero-argument callables) and return their results in order."""
+              stop: StopFlag | None = None, num_workers: int | None = None,
+              finished: Finished | None = None) -> list[T]:
+    """Run ``tasks`` (picklable zero-argument callables) and return their results in order.
+
+    ``finished(i)`` (optional) is called in the calling thread as task ``i`` finishes: work that depends on
+    a task's output (reading back what it wrote) can then overlap with the tasks still running."""
     total = len(tasks)
     if progress:
         progress(0, total)
@@ -81,15 +86,15 @@ def run_tasks(tasks: Sequence[Callable[[], T]], scheduler: object = None, progre
     limit_malloc_arenas()
     client, owned = get_client(scheduler)
     if client is None:
-        return _run_threads(tasks, progress, stop, num_workers)
+        return _run_threads(tasks, progress, stop, num_workers, finished)
     try:
-        return _run_distributed(client, tasks, progress, stop)
+        return _run_distributed(client, tasks, progress, stop, finished)
     finally:
         if owned:
             client.close()
 
 
-def _run_distributed(client, tasks, progress, stop) -> list:
+def _run_distributed(client, tasks, progress, stop, finished=None) -> list:
     from distributed import as_completed
 
     total = len(tasks)
@@ -99,6 +104,8 @@ def _run_distributed(client, tasks, progress, stop) -> list:
     try:
         for done, future in enumerate(as_completed(futures), start=1):
             results[index[future.key]] = future.result()
+            if finished:
+                finished(index[future.key])
             if progress:
                 progress(done, total)
             if stop:
@@ -109,7 +116,7 @@ def _run_distributed(client, tasks, progress, stop) -> list:
     return results
 
 
-def _run_threads(tasks, progress, stop, num_workers) -> list:
+def _run_threads(tasks, progress, stop, num_workers, finished=None) -> list:
     counter = {"done": 0}
     lock = threading.Lock()
     idle = threading.Condition()
@@ -133,8 +140,12 @@ def _run_threads(tasks, progress, stop, num_workers) -> list:
                 idle.notify_all()
 
     class _Progress(Callback):
-        def _posttask(self, key, result, dsk, state, worker_id):
-            if progress and isinstance(key, tuple) is False and str(key).startswith("block-"):
+        def _posttask(self, key, result, dsk, state, worker_id):  # dask calls it in the calling thread
+            if isinstance(key, tuple) or not str(key).startswith("block-"):
+                return
+            if finished:
+                finished(int(str(key)[len("block-"):]))
+            if progress:
                 with lock:
                     counter["done"] += 1
                     progress(counter["done"], len(tasks))

@@ -27,14 +27,17 @@ from trajstore import TrajectoryStore
 from trajstore.errors import InvalidArgumentError, NonFiniteError, SubspaceExistsError
 from trajstore.reader import RowReader
 
-from .blocks import check_finite, column_blocks, read_rows, run_resumable, wide_blocks
+from .blocks import SUB_BLOCK, check_finite, column_blocks, read_rows, run_resumable, scratch, wide_blocks
 from .compute import Progress, StopFlag
 from .gram import update_gram
 from .locking import extraction_access
+from .readback import ReadBackDigest
+from .sampling import Sampling
 from .settings import (STAGING, ExtractionSettings, check_dim_fits, check_dim_variance,  # noqa: F401 (re-exported)
                        parse_snapshots, resolve_snapshots, selection_json)
 from .subspace import SUBSPACES, Subspace, open_subspace
 from .subspace_write import create_subspace_group, digest_of, discard, promote_subspace, staging_name  # noqa: F401
+from .subspace_write import ORTHONORMALISE, begin_orthonormalising, needs_orthonormalising, orthonormaliser
 
 
 def check_extract_args(*, dim: int | None, variance: float | None, method: str, name: str,
@@ -44,21 +47,29 @@ def check_extract_args(*, dim: int | None, variance: float | None, method: str, 
                        smooth=smooth, window=window).validate()
 
 
-def _check_finite(store: TrajectoryStore, rows: list[int], default: bool) -> None:
-    """Refuse snapshots recorded with NaN or Inf, and say exactly which selection leaves them out."""
+def _check_finite(store: TrajectoryStore, rows: list[int], default: bool, sampling: Sampling | None = None) -> None:
+    """Refuse snapshots recorded with NaN or Inf, and say exactly which selection leaves them out (with a
+    window: the whole windows holding them, so that the later windows keep their snapshots)."""
     from .gram import nonfinite_rows
 
     bad = sorted(set(nonfinite_rows(store)) & set(rows))
     if not bad:
         return
-    keep = [i for i in rows if i not in set(bad)]
+    drop, why = set(bad), ""
+    if sampling is not None and (sampling.window or 1) > 1:
+        k = sampling.window
+        spans = {pos // k for pos, i in enumerate(rows) if i in drop}  # the windows (or the left-out tail) holding them
+        drop = {i for pos, i in enumerate(rows) if pos // k in spans}
+        why = (f"; with --window {k} the whole window holding each is left out (dropping a snapshot alone would "
+               "shift every later window by one snapshot, e.g. out of line with the epochs)")
+    keep = [i for i in rows if i not in drop]
     if keep == list(range(keep[0], keep[-1] + 1)) if keep else False:
         spec = f"{keep[0]}:{keep[-1] + 1}"
     else:
         spec = ",".join(map(str, keep))
     raise NonFiniteError(
         f"snapshots {bad} of {store.path} hold NaN or Inf (recorded with allow_nonfinite); extraction needs "
-        f"finite snapshots. Leave them out: --snapshots {spec} (snapshots=[...] in Python)"
+        f"finite snapshots. Leave them out: --snapshots {spec} (snapshots=[...] in Python){why}"
         + ("" if default else ", or choose another selection"))
 
 
@@ -98,23 +109,29 @@ def choose_dim(lam: np.ndarray, dim: int | None, variance: float | None, total: 
 
 
 def _basis_task(reader: RowReader, path: str, storage_options, name: str, rows: list[int], weights: np.ndarray,
-                mean_weights: np.ndarray, block: int, c0: int, c1: int) -> int:
+                mean_weights: np.ndarray, precision: str, block: int, c0: int, c1: int) -> int:
     """P[c0:c1] = (X_S − x_s0)[:, c0:c1]ᵀ W, the block's mean Σ m_i x_i and its PᵀP, written to the store.
 
     W (t_S, d) = A V Λ^{-1/2} and m (t_S,) = A 1/t' carry the sampling A; Σ m_i = 1 and W's columns sum
-    to 0, so the shift by the first selected row drops out of P and comes back exactly in the mean."""
+    to 0, so the shift by the first selected row drops out of P and comes back exactly in the mean.
+    ``precision`` "float64" (default) widens the rows and multiplies in float64; "float32" subtracts and
+    multiplies in float32 (faster; measured errors in benchmarks/results/bench_extract.txt)."""
     x = read_rows(reader, rows, c0, c1)  # (t_S, C) float32
     dim = weights.shape[1]
+    dtype = np.dtype(precision)
     basis = np.empty((c1 - c0, dim), np.float32)
     mean = np.empty(c1 - c0, np.float32)
-    both_t = np.vstack([weights.T, mean_weights[None, :]])  # (d + 1, t_S): one GEMM gives P and the mean
+    coeffs = np.hstack([weights, mean_weights[:, None]]).astype(dtype)  # (t_S, d + 1): one GEMM gives P and the mean
+    both_buf = scratch(f"both_{dtype.name}", (SUB_BLOCK, dim + 1), dtype)
+    stored_buf = scratch("stored", (SUB_BLOCK, dim), np.float64)
     ptp = np.zeros((dim, dim), np.float64)
-    for s0, d in wide_blocks(x):  # (t_S, S) float64: rows minus the first
+    for s0, d in wide_blocks(x, dtype=dtype):  # (t_S, S): rows minus the first
         s1 = s0 + d.shape[1]
-        both = both_t @ d  # (d + 1, S)
-        basis[s0:s1] = both[:dim].T
-        mean[s0:s1] = both[dim] + x[0, s0:s1]
-        stored = basis[s0:s1].astype(np.float64)  # PᵀP of the float32 values as stored
+        both = np.matmul(d.T, coeffs, out=both_buf[:s1 - s0])  # (S, d + 1): P's rows, in their stored layout
+        basis[s0:s1] = both[:, :dim]
+        mean[s0:s1] = both[:, dim] + x[0, s0:s1]
+        stored = stored_buf[:s1 - s0]
+        stored[...] = basis[s0:s1]  # PᵀP of the float32 values as stored
         ptp += stored.T @ stored
     check_finite(ptp, x, reader.path, c0, c1, rows)
     from trajstore.format import zarr_store
@@ -144,7 +161,7 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", setti
                      block_size: int | None = None, overwrite: bool = False,
                      progress: Progress | None = None, stop: StopFlag | None = None,
                      log: Callable[[str], None] | None = None, break_lock: bool = False,
-                     _staging: bool = False) -> Subspace:
+                     basis_precision: str = "float64", _staging: bool = False) -> Subspace:
     """Extract the top-d DLDR subspace of a store's trajectory and write it under ``subspaces/<name>/``.
 
     The settings come as keyword arguments or as one :class:`~pipeline.settings.ExtractionSettings`.
@@ -159,25 +176,34 @@ def extract_subspace(store_or_path: "TrajectoryStore | str | os.PathLike", setti
     message saying so). Snapshots recorded with NaN or Inf must be left out through ``snapshots``; the
     error says which. ``break_lock=True`` takes over the derived-data lock of an extraction that died
     (object stores). Extractions into different names of a local store run side by side; see
-    pipeline/locking.py.
+    pipeline/locking.py. ``basis_precision="float32"`` computes the basis product P = Dᵀ W in float32
+    (the Gram stays float64): measured at n = 10M, t = 100 it is faster at a principal angle of about 1e-5
+    rad to the float64 P (benchmarks/results/bench_extract.txt); the default float64 is exact to float32
+    storage.
     """
     began = time.perf_counter()
+    if settings is not None and not isinstance(settings, ExtractionSettings):
+        raise InvalidArgumentError(
+            f"the second argument of extract_subspace is settings=ExtractionSettings(...), got {settings!r}; give "
+            "the other settings as keyword arguments, e.g. extract_subspace(path, dim=3)")
     if settings is None:
         settings = ExtractionSettings(dim=dim, variance=variance, snapshots=snapshots, name=name, method=method,
-                                      block_size=block_size, smooth=smooth, window=window, staging=_staging)
+                                      block_size=block_size, smooth=smooth, window=window,
+                                      basis_precision=basis_precision, staging=_staging)
     elif any(v is not None for v in (dim, variance, snapshots, smooth, window, block_size)) \
-            or (name, method, _staging) != ("default", "gram", False):
+            or (name, method, basis_precision, _staging) != ("default", "gram", "float64", False):
         raise InvalidArgumentError("give the extraction's settings either as settings=ExtractionSettings(...) or as "
                                    "keyword arguments, not both")
     settings.validate()
     run = _Runtime(scheduler, progress, stop, log)
     store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore.open(store_or_path, "r")
     rows = resolve_snapshots(settings.snapshots, len(store))
-    _check_finite(store, rows, settings.snapshots is None)
+    _check_finite(store, rows, settings.snapshots is None, settings.sampling)
     _sampled_count(settings, rows)
     name, requested = settings.name, settings.requested()
     state = [store.attrs.get("created"), len(store.attrs.get("truncations", []))]
-    attrs = {"snapshots": rows, **requested, "committed": len(store), "store_state": state}
+    attrs = {"snapshots": rows, **requested, "committed": len(store), "store_state": state,
+             "basis_precision": settings.basis_precision}
     with extraction_access(store, name, break_lock=break_lock, stop=stop, log=log) as access:
         root = access.root
         if SUBSPACES not in root:
@@ -200,7 +226,8 @@ def _resume_or_discard(store: TrajectoryStore, subspaces: zarr.Group, settings: 
     attributes to go on with). Only an unfinished extraction of the same request is resumed."""
     name, requested = settings.name, settings.requested()
     found = subspaces[name].attrs.asdict()
-    same = all(found.get(k) == v for k, v in requested.items())
+    same = all(found.get(k) == v for k, v in requested.items()) \
+        and found.get("basis_precision", "float64") == settings.basis_precision  # never mix two in one P
     if found.get("complete") and not overwrite:
         raise SubspaceExistsError(
             f"subspace {name!r} already exists in {store.path}; pass overwrite=True (--overwrite) "
@@ -221,6 +248,9 @@ def _resume_or_discard(store: TrajectoryStore, subspaces: zarr.Group, settings: 
         return started, {**attrs, "snapshots": started, "committed": found.get("committed")}
     elif found.get("stage") == "spectrum":  # nothing but another request's spectrum passes: start afresh
         discard(store, subspaces, name)
+        if log:
+            log(f"discarded the unfinished randomized passes of another request under {name!r} "
+                f"({', '.join(f'{k}={found.get(k)!r}' for k in requested)}); extracting afresh")
     else:
         raise SubspaceExistsError(
             f"an unfinished extraction {name!r} with other settings is in {store.path} "
@@ -244,15 +274,16 @@ def _sampled_count(settings: ExtractionSettings, rows: list[int]) -> int:
     return t
 
 
-def _transform(settings: ExtractionSettings, rows: list[int]) -> np.ndarray | None:
-    """The sampling map A (t_S, t'), or None when the rows are used as they are."""
+def _transform(settings: ExtractionSettings, rows: list[int]) -> "Sampling | None":
+    """The sampling map A (t_S, t') as its :class:`Sampling` (A is never formed), or None when the rows are
+    used as they are."""
     sampling = settings.sampling
-    return sampling.matrix(len(rows)) if sampling.active else None
+    return sampling if sampling.active else None
 
 
 def _spectrum(store, access, rows, settings: ExtractionSettings, transform, run: _Runtime, group):
     """(λ, V (t', ·), total variance, extra attrs) of the centred Gram of the sampled ``rows``."""
-    t = len(rows) if transform is None else transform.shape[1]
+    t = len(rows) if transform is None else transform.rows_out(len(rows))
     progress = _phase(run.progress, 0)
     if settings.method == "gram":
         with access.gram() as root:  # gram/ is shared: one Gram pass at a time, the others reuse it
@@ -260,7 +291,7 @@ def _spectrum(store, access, rows, settings: ExtractionSettings, transform, run:
                                    progress=progress, stop=run.stop)
         g = g[np.ix_(rows, rows)]  # (t_S, t_S)
         if transform is not None:
-            g = transform.T @ g @ transform  # (t', t'): the shifted Gram of the sampled rows, exactly
+            g = transform.apply_to_gram(g)  # (t', t') = Aᵀ G A: the shifted Gram of the sampled rows, exactly
         lam, vec = centred_spectrum(g)
         return lam, vec, float(lam.sum()), {"gram_blocks_computed": stats.blocks_computed,
                                             "gram_blocks_resumed": stats.blocks_resumed,
@@ -286,17 +317,26 @@ def _extract(store, access, rows: list[int], settings: ExtractionSettings, attrs
     subspaces, name = access.root[SUBSPACES], settings.name
     group = subspaces[name] if name in subspaces else None
     transform = _transform(settings, rows)
-    t = len(rows) if transform is None else transform.shape[1]
-    if group is not None and group.attrs.get("stage", "basis") == "basis":  # resume the basis pass
+    t = len(rows) if transform is None else transform.rows_out(len(rows))
+    if group is not None and group.attrs.get("stage", "basis") in ("basis", ORTHONORMALISE):  # resume a basis pass
         lam = np.asarray(group.attrs["eigenvalues"])  # with the stored eigenvectors: the identical result
         vec = group["eigenvectors"][:]
         d = vec.shape[1]
     else:
         if group is None and settings.method == "randomized":  # its spectrum passes are kept in the group
             group = subspaces.create_group(name, attributes={**attrs, "complete": False, "stage": "spectrum"})
-        lam, vec_all, total, extra = _spectrum(store, access, rows, settings, transform, run, group)
-        d = choose_dim(lam, settings.dim, settings.variance, total, t)
-        vec = vec_all[:, :d]
+        try:
+            lam, vec_all, total, extra = _spectrum(store, access, rows, settings, transform, run, group)
+            d = choose_dim(lam, settings.dim, settings.variance, total, t)
+        except InvalidArgumentError:  # refused: a randomized group with only its spectrum passes is of no use
+            if group is not None:
+                discard(store, subspaces, name)
+            raise
+        # V's columns are ⊥ 1 in exact arithmetic; K = C G C formed from a Gram shifted far from the
+        # selected rows (the cache is shifted by the store's first snapshot) leaves them ~ε‖G‖/λ_k along 1,
+        # and W = V Λ^-½ then adds (1ᵀw_k)(x̄_S − x_s0) to P's column k: with drift since s0, ‖PᵀP − I‖ of
+        # 1e-4..1e-2 (the review's drift repro). Project it out.
+        vec = vec_all[:, :d] - vec_all[:, :d].mean(axis=0)  # (t', d)
         left_out = rows[len(rows) - len(rows) % settings.window:] if settings.window else []
         if left_out and run.log:
             run.log(f"--window {settings.window}: the last {len(left_out)} of the {len(rows)} selected snapshots "
@@ -304,18 +344,35 @@ def _extract(store, access, rows: list[int], settings: ExtractionSettings, attrs
         group = create_subspace_group(subspaces, group, name, store, d, lam, vec, total,
                                        {**attrs, **extra, "sampling_left_out": left_out}, rows, settings)
     weights = vec / np.sqrt(lam[:d])[None, :]  # (t', d) = V Λ^{-1/2}
+    if (inverse_t := orthonormaliser(group)) is not None:  # the second pass: P L⁻ᵀ
+        weights = weights @ inverse_t
     mean_weights = np.full(t, 1.0 / t)
     if transform is not None:  # fold the sampling into the one pass over the snapshots
-        weights, mean_weights = transform @ weights, transform @ mean_weights  # (t_S, d), (t_S,)
+        weights = transform.to_snapshots(weights, len(rows))  # (t_S, d) = A V Λ^{-1/2}
+        mean_weights = transform.to_snapshots(mean_weights, len(rows))  # (t_S,) = A 1/t'
     blocks = column_blocks(store.n_columns, int(group["basis"].chunks[0]))
     task = functools.partial(_basis_task, store.reader(), store.path, store.storage_options, name, rows, weights,
-                             mean_weights)
-    offset = run_resumable(blocks, group["_done"][:], task, run.scheduler, _phase(run.progress, 1), run.stop)
+                             mean_weights, group.attrs.get("basis_precision", "float64"))
+    done = group["_done"][:]
+    digest = ReadBackDigest(group["basis"], blocks, done, name, store)
+    try:
+        offset = run_resumable(blocks, done, task, run.scheduler, _phase(run.progress, 1), run.stop,
+                               finished=digest.finished)
+    except BaseException:
+        digest.cancel()
+        raise
+    basis_digest = digest.result()
     ptp = np.zeros((d, d), np.float64)
     for b in range(len(blocks)):
         ptp += group["_ptp"][b]
-    group.attrs.update({"orthonormality_error": float(np.linalg.norm(ptp - np.eye(d))), "complete": True,
-                        "basis_blocks_resumed": offset, "basis_digest": digest_of(group["basis"], name, store)})
+    error = float(np.linalg.norm(ptp - np.eye(d)))
+    if needs_orthonormalising(group, error):  # P ← P L⁻ᵀ (PᵀP = L Lᵀ) by a second basis pass
+        if run.log:
+            run.log(f"‖PᵀP − I‖ = {error:.1e} after the basis pass: re-orthonormalising P (one more pass)")
+        begin_orthonormalising(group, ptp, error)
+        return _extract(store, access, rows, settings, attrs, run)
+    group.attrs.update({"orthonormality_error": error, "complete": True,
+                        "basis_blocks_resumed": offset, "basis_digest": basis_digest})
 
 
 def _phase(progress: Progress | None, phase: int) -> Progress | None:

@@ -36,6 +36,12 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     resumes on the next run) or after ``max_updates``.
     """
     check_follow_args(every=every, poll=poll)
+    if settings is not None and not isinstance(settings, ExtractionSettings):
+        raise InvalidArgumentError(f"settings must be an ExtractionSettings, got {settings!r}")
+    if settings is not None and (any(v is not None for v in (dim, variance, snapshots, smooth, window))
+                                 or (name, method) != ("default", "gram")):
+        raise InvalidArgumentError("give the extraction's settings either as settings=ExtractionSettings(...) or as "
+                                   "keyword arguments, not both")
     if settings is None:
         settings = ExtractionSettings(dim=dim, variance=variance, name=name, method=method, snapshots=snapshots,
                                       smooth=smooth, window=window)

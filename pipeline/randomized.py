@@ -30,6 +30,7 @@ from trajstore import TrajectoryStore
 
 from .blocks import check_finite, plan, read_rows, wide_blocks
 from .compute import Progress, StopFlag, run_tasks
+from .sampling import Sampling
 
 CHECKPOINT = "_spectrum"  # node of the unfinished subspace's group holding the finished passes
 
@@ -37,7 +38,7 @@ CHECKPOINT = "_spectrum"  # node of the unfinished subspace's group holding the 
 def _sketch_task(reader, rows, transform, k, seed, y, c0, c1) -> tuple[np.ndarray, float]:
     """One block's share of C D Ω (or of C D Dᵀ Y when ``y`` is given), and of ‖C D‖_F²."""
     x = read_rows(reader, rows, c0, c1)  # (t_S, C) float32
-    out = np.zeros((len(rows) if transform is None else transform.shape[1], k), np.float64)
+    out = np.zeros((len(rows) if transform is None else transform.rows_out(len(rows)), k), np.float64)
     sq = 0.0
     for s0, d in wide_blocks(x, transform=transform, centre=True):  # (t', S) float64: C D
         sq += float(np.einsum("ij,ij->", d, d))
@@ -61,24 +62,25 @@ def _bbt_task(reader, rows, transform, q, c0, c1) -> np.ndarray:
     return out
 
 
-def randomized_spectrum(store: TrajectoryStore, rows: list[int], k: int, *, transform: np.ndarray | None = None,
+def randomized_spectrum(store: TrajectoryStore, rows: list[int], k: int, *, transform: "Sampling | None" = None,
                         scheduler: object = None, block_size: int | None = None, n_power_iter: int = 2,
                         seed: int = 0, progress: Progress | None = None, stop: StopFlag | None = None,
                         checkpoint: zarr.Group | None = None, info: dict | None = None
                         ) -> tuple[np.ndarray, np.ndarray, float]:
     """Top-k eigenpairs of the centred Gram of the (sampled) rows without forming it.
 
-    Returns (λ (k,) descending, V (t', k), the whole variance ‖C D‖_F²). ``transform`` is the sampling
-    matrix A (t_S, t') or None; ``checkpoint`` a writable group where finished passes are kept (``info``
+    Returns (λ (k,) descending, V (t', k), the whole variance ‖C D‖_F²). ``transform`` is the
+    :class:`~pipeline.sampling.Sampling` (A (t_S, t') applied per block, never formed) or None;
+    ``checkpoint`` a writable group where finished passes are kept (``info``
     receives ``passes_resumed``: how many were found there).
     """
-    t = len(rows) if transform is None else transform.shape[1]
+    t = len(rows) if transform is None else transform.rows_out(len(rows))
     k = min(k, t - 1)
     oversample = min(t - 1, k + 10)
     reader = store.reader()
     blocks = plan(store, block_size)
     passes = 2 + n_power_iter
-    key = {"rows": list(rows), "transform": None if transform is None else _hash(transform), "k": oversample,
+    key = {"rows": list(rows), "transform": None if transform is None else transform.to_json(), "k": oversample,
            "seed": seed, "power_iterations": n_power_iter, "blocks": [list(b) for b in blocks]}
     saved = _Passes(checkpoint, key)
     if info is not None:
@@ -113,12 +115,6 @@ def randomized_spectrum(store: TrajectoryStore, rows: list[int], k: int, *, tran
     lam = np.clip(lam[order], 0.0, None)
     vec = q @ ub[:, order]  # (t', k) left singular vectors of C D
     return lam, vec, total
-
-
-def _hash(a: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.blake2b(np.ascontiguousarray(a, np.float64).tobytes(), digest_size=16).hexdigest()
 
 
 class _Passes:

@@ -16,6 +16,7 @@ from .checks import check_choice, check_fraction, check_int, check_node_name
 from .sampling import Sampling
 
 METHODS = ("gram", "randomized")
+BASIS_PRECISIONS = ("float64", "float32")  # the basis product P = Dᵀ W; the Gram is always float64
 STAGING = "__next__"  # prefix of the name a refresh (extract --follow) writes before it replaces the subspace
 
 
@@ -49,6 +50,7 @@ class ExtractionSettings:
     block_size: int | None = None
     smooth: float | None = None  # see pipeline/sampling.py
     window: int | None = None
+    basis_precision: str = "float64"  # "float32": the basis product in float32 (faster; see pipeline/dldr.py)
     staging: bool = field(default=False, repr=False)  # ``extract --follow`` writes under a reserved name
 
     @property
@@ -60,9 +62,16 @@ class ExtractionSettings:
         check_choice("method", self.method, METHODS)
         check_node_name("name", self.name[len(STAGING):] if self.staging else self.name)
         check_dim_variance(self.dim, self.variance)
+        check_choice("basis_precision", self.basis_precision, BASIS_PRECISIONS)
         if self.block_size is not None:
             check_int("block_size", self.block_size, 1)
         self.sampling.validate()
+        chosen = self.snapshots
+        if self.sampling.active and chosen is not None and not isinstance(chosen, slice) \
+                and any(b <= a for a, b in zip(list(chosen), list(chosen)[1:])):
+            raise InvalidArgumentError(
+                f"snapshots {list(chosen)} are not in increasing order: --window and --smooth group and average the "
+                "snapshots in the order given, which must be the order they were recorded in; sort them")
         if isinstance(self.snapshots, slice) and self.snapshots.step is not None and self.snapshots.step < 1:
             raise InvalidArgumentError(f"the step of snapshots {self.snapshots.start}:{self.snapshots.stop}:"
                                        f"{self.snapshots.step} must be >= 1")

@@ -69,8 +69,8 @@ class Subspace:
     basis: zarr.Array  # (n, d) float32, chunked by rows
     mean: zarr.Array  # (n,) float32
     singular_values: np.ndarray  # (d,) float64
-    explained_variance_ratio: np.ndarray  # (t,) float64: the whole spectrum (randomized: NaN where not computed)
-    eigenvectors: np.ndarray  # (t, d) float64: V of the centred Gram
+    explained_variance_ratio: np.ndarray  # (t',) float64: the whole spectrum (randomized: NaN where not computed)
+    eigenvectors: np.ndarray  # (t', d) float64: V of the centred Gram of the t' sampled rows (t' = t unsampled)
     attrs: dict
     store: TrajectoryStore | None = field(default=None, repr=False, compare=False)  # to re-check the attributes
 
@@ -105,7 +105,8 @@ class Subspace:
         return str(self.attrs["method"])
 
     def coordinates(self) -> np.ndarray:
-        """The trajectory's coordinates in the basis, (t, d): (w_i − w̄)ᵀ P = V_d Λ_d^{1/2}."""
+        """The sampled rows' coordinates in the basis, (t', d): (w_i − w̄)ᵀ P = V_d Λ_d^{1/2}, one per sampled
+        row (t' = t snapshots without ``window``; ``attrs["steps"]`` gives each row's step)."""
         return self.eigenvectors * self.singular_values[None, :]
 
     def cumulative_variance(self) -> np.ndarray:
@@ -298,6 +299,8 @@ def _open_once(store: TrajectoryStore, name: str, seen: bool) -> tuple[Subspace 
                 "interrupted); wait for it, or rerun the same extract command to resume it")
         found = Subspace(store.path, name, sub["basis"], sub["mean"], sub["singular_values"][:],
                          sub["explained_variance_ratio"][:], sub["eigenvectors"][:], attrs, store)
+    except SubspaceNotFoundError:  # a KeyError too: an answer, not a sign of a replacement
+        raise
     except (KeyError, FileNotFoundError):  # deleted between the listing and the reads
         return None, True
     now = found.current_attrs()
