@@ -82,8 +82,15 @@ def _chunk_codecs(store: TrajectoryStore) -> dict:
     """The chunk codec chain each row-per-file array records in its metadata (params, reference,
     buffers), e.g. ``{"params": "blosc(lz4, level 1, bitshuffle) + crc32c"}``: a preset name alone does
     not say it (a ``lossless`` store of an earlier trajstore holds zstd)."""
-    return {name: describe_chain(store.group[name].metadata.to_dict())
-            for name in ONE_ROW_PER_FILE if name in store.group}
+    chains = {}
+    for name in ONE_ROW_PER_FILE:
+        try:
+            if name in store.group:
+                chains[name] = describe_chain(store.group[name].metadata.to_dict())
+        except (ValueError, TypeError, KeyError) as exc:  # zarr refuses a damaged zarr.json: say which, typed
+            raise CorruptMetadataError(f"{store.path}/{name}/zarr.json is damaged ({type(exc).__name__}: {exc}); "
+                                       "run `trajstore verify` and restore the file from a backup") from None
+    return chains
 
 
 def disk_usage(store: TrajectoryStore) -> dict:
