@@ -17,7 +17,7 @@ fi
 pip install -q -e ".[test]" > /dev/null 2>&1 || true   # a bare machine: the project's own files only
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/$stamp-device.txt"
 status=0
-timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/$stamp-pytest-cuda.txt" || status=1
+timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/ 2>&1 | tee "$out/$stamp-pytest-cuda.txt" || status=1
 timeout 180 python3 benchmarks/bench_optim.py --device cuda --only psgd --steps 20 2>&1 | tee "$out/$stamp-bench-optim-psgd.txt" || status=1
 timeout 120 python3 benchmarks/bench_optim.py --device cuda --only pbfgs --steps 10 2>&1 | tee "$out/$stamp-bench-optim-pbfgs.txt" || status=1
 {
