@@ -481,3 +481,40 @@ def test_drop_bad_only_refuses_a_store_with_optimizer_state_and_changes_nothing(
     assert report.ok and report.committed_after == 2
     with TrajectoryStore.open(path) as store:
         assert store.optimizer_state(1)
+
+
+def test_drop_bad_only_keeps_an_old_bf16_stores_dtype_and_format(tmp_path):
+    """A bf16 model recorded widened to float32 by a trajstore before format 3: compaction keeps its
+    float32 rows and format version (older trajstores still read it), never an upgrade to native bf16."""
+    path = tmp_path / "old.zarr"
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    with torch.no_grad():
+        for q in model.parameters():
+            q.copy_(q.bfloat16().float())
+    rows = []
+    with TrajectoryStore.create(path, model, codec="lossless-zstd") as store:
+        for step in range(5):
+            with torch.no_grad():
+                for q in model.parameters():
+                    q.copy_((q + 0.25).bfloat16().float())
+            store.append(model, step=step)
+            rows.append(torch.cat([q.detach().reshape(-1) for q in model.parameters()]).numpy().copy())
+    root = json.loads((path / "zarr.json").read_text())
+    meta = root["attributes"]["trajstore"]
+    for spec in meta["layout"]:
+        spec["dtype"] = "bfloat16"  # what an older trajstore wrote for a bf16 model
+    assert meta["format_version"] == 1 and meta["dtype"] == "float32"
+    (path / "zarr.json").write_text(json.dumps(root))
+    shard = path / "params" / "c" / "2" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    report = repair(path, drop_bad_only=True)
+    assert report.ok and report.action == "compact" and report.committed_after == 4
+    meta = json.loads((path / "zarr.json").read_text())["attributes"]["trajstore"]
+    assert meta["format_version"] == 1 and meta["dtype"] == "float32"
+    with TrajectoryStore.open(path) as store:
+        assert store.values == "float32"
+        for j, i in enumerate([0, 1, 3, 4]):
+            np.testing.assert_array_equal(store.reader().read_block(j, j + 1)[0], rows[i])
+    assert verify(path).ok

@@ -229,3 +229,59 @@ def test_half_store_reopened_for_appending_continues_its_xor_chain(tmp_path, dty
         for i, model in enumerate(models):
             assert all(torch.equal(store.state_dict(i)[k], v) for k, v in model.state_dict().items())
     assert verify(path).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fsdp_shards_into_a_half_store_are_copied_exactly_or_refused(tmp_path, dtype):
+    """FSDP2 recording (each rank's DTensor shards): values a half store holds are copied bit for bit;
+    a shard cast to float32 with a value the half type would round is refused, like an unsharded append.
+    A real 1-rank gloo group and real DTensors (the 2-rank job in test_distributed_record takes longer)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from trajstore.distributed import flatten_local
+    from trajstore.layout import ParamLayout, raw_dtype, torch_view
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = half_model(dtype)
+        layout = ParamLayout.from_module(model)
+        values = str(dtype).removeprefix("torch.")
+        shards = {k: distribute_tensor(v.detach(), mesh, [Shard(0)]) for k, v in model.named_parameters()}
+        out = np.full(layout.n + 3, 7, raw_dtype(values))  # padding after the tensors
+        flatten_local(layout, shards, out)
+        want = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert torch.equal(torch_view(out)[:layout.n], want) and not out[layout.n:].any()
+        wide = {k: distribute_tensor(v.detach().float(), mesh, [Shard(0)]) for k, v in model.named_parameters()}
+        flatten_local(layout, wide, out)  # float32 holding half values: exact, accepted
+        assert torch.equal(torch_view(out)[:layout.n], want)
+        first = next(iter(wide))
+        wide[first] = distribute_tensor(wide[first].to_local() + 1e-4, mesh, [Shard(0)])  # not a half value
+        with pytest.raises(LayoutMismatchError, match="cannot represent exactly"):
+            flatten_local(layout, wide, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_values_attribute_disagreeing_with_the_store_dtype_is_refused(tmp_path):
+    """With xor codecs float16 and bfloat16 rows are both uint16 on disk: the params array's
+    trajstore_values attribute must agree with the store's dtype, or every value would be misread."""
+    from trajstore.errors import CorruptMetadataError
+
+    for dtype, tamper in [(torch.float16, "bfloat16"), (torch.bfloat16, None)]:
+        path = tmp_path / f"{dtype}.zarr"
+        model = half_model(dtype)
+        with TrajectoryStore.create(path, model, codec="xor-delta") as store:
+            store.append(model, step=0)
+        meta_file = path / "params" / "zarr.json"
+        meta = json.loads(meta_file.read_text())
+        assert meta["data_type"] == "uint16"
+        if tamper is None:
+            meta["attributes"].pop("trajstore_values")
+        else:
+            meta.setdefault("attributes", {})["trajstore_values"] = tamper
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(CorruptMetadataError, match="trajstore_values"):
+            TrajectoryStore.open(path)

@@ -368,3 +368,143 @@ def test_transformers_callback_records_the_trainers_optimizer(tmp_path):
     with TrajectoryStore.open(tmp_path / "run.zarr") as store:
         assert store.steps.tolist() == [0, 2, 4] and set(store.optimizer_state_keys) >= {"exp_avg", "exp_avg_sq"}
     _check_final_state(tmp_path / "run.zarr", model, trainer.optimizer)
+
+
+class ScaledLinear(nn.Module):
+    """A 0-d parameter (per-tensor state: Adam's moments land in 'scalars') and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.scale * self.lin(x)
+
+
+def test_state_kind_appearing_late_is_healthy(tmp_path):
+    """exp_avg starts as a 0-d tensor's scalar; elementwise values appear later: verify and repair say ok."""
+    from trajstore.maintenance import repair
+
+    torch.manual_seed(0)
+    model = ScaledLinear()
+    model.lin.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
+        for step in range(3):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            store.append(model, step=step, optimizer=opt)
+            model.lin.requires_grad_(True)  # its state (values arrays) appears at row 1
+        store.flush()
+        assert set(store.optimizer_state(0)) == {"scale"}
+    report = verify(tmp_path / "run.zarr")
+    assert report.ok, report.to_json()
+    assert repair(tmp_path / "run.zarr", dry_run=True).action == "none"
+
+
+def test_repair_truncates_at_corrupt_state(tmp_path):
+    """A flipped byte in optimizer state: repair finds it (as verify does) and truncates there."""
+    from trajstore.maintenance import repair
+
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
+        for step in range(4):
+            train(model, opt, range(step, step + 1))
+            store.append(model, step=step, optimizer=opt)
+    shard = tmp_path / "run.zarr" / "optimizer" / "exp_avg" / "values" / "c" / "2" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    dry = repair(tmp_path / "run.zarr", dry_run=True)
+    assert dry.action == "truncate" and [d.index for d in dry.dropped if d.bad] == [2]
+    assert "optimizer state 'exp_avg'" in dry.dropped[0].reasons[0]
+    report = repair(tmp_path / "run.zarr")
+    assert report.ok and report.committed_after == 2
+    assert verify(tmp_path / "run.zarr").ok
+
+
+def test_gc_removes_state_rows_beyond_committed(tmp_path):
+    from trajstore.maintenance import gc
+
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
+        for step in range(5):
+            train(model, opt, range(step, step + 1))
+            store.append(model, step=step, optimizer=opt)
+        store.truncate(2)
+    assert info(tmp_path / "run.zarr")["derived_bytes"]["temporary"] > 0
+    removed = {item.path for item in gc(tmp_path / "run.zarr").removed}
+    assert "optimizer/exp_avg/values/c/4/0" in removed and "optimizer/step/scalars/c/3/0" in removed
+    assert info(tmp_path / "run.zarr")["derived_bytes"]["temporary"] == 0
+    assert verify(tmp_path / "run.zarr").ok
+    with TrajectoryStore.open(tmp_path / "run.zarr") as store:
+        assert set(store.optimizer_state(1)["0.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
+
+
+def test_mixed_dtype_model_state_is_exact(tmp_path):
+    """bf16 + float32 model: a float32 tensor's state appearing after the bf16 one's is stored exactly
+    (the key's dtype holds the whole layout), and 0-d parameters of both dtypes keep their state exact."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(1.0, dtype=torch.bfloat16))
+            self.b = nn.Parameter(torch.tensor(1.0))
+            self.lin16 = nn.Linear(3, 2).to(torch.bfloat16)
+            self.lin32 = nn.Linear(3, 2)
+
+        def loss(self, x):
+            return (self.a.float() * 1.2345678 + self.b * 3.3333333
+                    + self.lin16(x.bfloat16()).float().sum() + self.lin32(x).pow(2).sum())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    model.lin32.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
+        for step in range(2):
+            model.loss(torch.randn(4, 3)).backward()
+            opt.step()
+            opt.zero_grad()
+            store.append(model, step=step, optimizer=opt)
+            model.lin32.requires_grad_(True)  # float32 elementwise state from row 1 on
+        store.flush()
+        recorded = store.optimizer_state(1)
+        for name, p in model.named_parameters():
+            live = opt.state[p]["momentum_buffer"]
+            assert torch.equal(recorded[name]["momentum_buffer"].to(live.dtype), live), name
+            assert torch.equal(recorded[name]["momentum_buffer"].double(), live.double()), name
+        fresh = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        store.load_optimizer_state(fresh, model, 1)
+        for p in model.parameters():
+            assert fresh.state[p]["momentum_buffer"].dtype == p.dtype
+            assert torch.equal(fresh.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+    assert verify(tmp_path / "run.zarr").ok
+
+
+def test_state_of_another_optimizer_kind_is_refused(tmp_path):
+    """Adam's moments never load silently into an SGD (fresh, or with its own momentum state)."""
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
+        train(model, adam, range(2))
+        store.append(model, step=0, optimizer=adam)
+        store.flush()
+        fresh_sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with pytest.raises(InvalidArgumentError, match=r"this SGD keeps \['momentum_buffer'\]"):
+            store.load_optimizer_state(fresh_sgd, model, 0)
+        assert not fresh_sgd.state  # nothing was loaded
+        trained_sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        train(model, trained_sgd, range(1))
+        with pytest.raises(InvalidArgumentError, match="exp_avg"):
+            store.load_optimizer_state(trained_sgd, model, 0)
+        amsgrad = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)  # keeps max_exp_avg_sq too
+        with pytest.raises(InvalidArgumentError, match="max_exp_avg_sq"):
+            store.load_optimizer_state(amsgrad, model, 0)
+        same = torch.optim.Adam(model.parameters(), lr=1e-2)
+        store.load_optimizer_state(same, model, 0)
+        assert all(torch.equal(same.state[p]["exp_avg"], adam.state[p]["exp_avg"]) for p in model.parameters())

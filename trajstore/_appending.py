@@ -20,7 +20,7 @@ from ._values import check_epoch, check_metrics, check_source, check_step
 from .durability import commit_files, fsync_paths, row_files
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
 from .format import ATTR, BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, WALL_TIME
-from .layout import BF16, ParamLayout, finite_mask, float32_to_bf16_bits, torch_view
+from .layout import BF16, ParamLayout, finite_mask, float32_to_bf16_bits
 from .writer import Job
 
 OPEN_WRITERS: "weakref.WeakSet[Appending]" = weakref.WeakSet()
@@ -174,11 +174,7 @@ class Appending:
         buf = self._writer.acquire()
         try:
             try:
-                if sharded and self.values == BF16:  # bfloat16 shards via float32 (exact), into their bits
-                    wide = np.empty(len(buf), np.float32)
-                    distributed.flatten_local(self.layout, source, wide)
-                    torch_view(buf).copy_(torch_view(wide))
-                elif sharded:
+                if sharded:  # into the store's dtype (bfloat16: its bits), half types exactly or refused
                     distributed.flatten_local(self.layout, source, buf)
                 elif self.columns.is_identity:
                     self.layout.flatten_into(source, buf)

@@ -27,17 +27,23 @@ ROW_FILL = {STEP: -1, EPOCH: -1, WALL_TIME: float("nan"), NONFINITE: False}
 
 def create_files(path: str, source: object, *, codec: "str | CodecPreset", metadata: dict | None,
     overwrite: bool, buffers: bool, chunk_size: int, shard_size: int, storage_options: dict | None,
-    durable: bool, break_lock: bool, columns: ColumnMap | None = None, optimizer_state: bool = False
-    ) -> tuple[zarr.Group, dict, WriterLock]:
+    durable: bool, break_lock: bool, columns: ColumnMap | None = None, optimizer_state: bool = False,
+    values: str | None = None) -> tuple[zarr.Group, dict, WriterLock]:
     """Write an empty store at ``path``; returns its root group, attributes and the writer lock held.
 
     A model whose tensors all have one half type (float16, bfloat16) is stored in it (format 3); any
-    other is widened to float32 (float64 if it has a float64 tensor), which holds its values exactly."""
+    other is widened to float32 (float64 if it has a float64 tensor), which holds its values exactly.
+    ``values`` overrides that choice with the widened dtype (repair rebuilding a store written before
+    format 3 keeps its storage dtype and format); anything not holding the layout exactly is refused."""
     preset = get_preset(codec)
     layout = ParamLayout.of(source)
     if layout.n == 0:
         raise LayoutMismatchError("the source has no parameters to record")
-    values = layout.value_dtype()
+    chosen = layout.value_dtype()
+    if values is not None and values not in (chosen, layout.storage_dtype().name):
+        raise InvalidArgumentError(f"cannot store a layout of {sorted(layout.dtype_counts())} in {values}: use "
+                                   f"{chosen} or {layout.storage_dtype().name}")
+    values = values or chosen
     if values in HALF_DTYPES and not preset.lossless:
         raise InvalidArgumentError(
             f"codec {preset.spec!r} stores float differences from snapshot 0 with a bound stated for float32; "

@@ -25,7 +25,7 @@ from . import errors
 from ._lazy import is_module, is_tensor, torch as _torch
 from .columns import ColumnMap
 from .errors import InvalidArgumentError, LayoutMismatchError, RankFailedError, TrajstoreError
-from .layout import ParamLayout, strip_prefixes
+from .layout import ParamLayout, _copy_exact, strip_prefixes, torch_view
 
 if TYPE_CHECKING:
     import numpy as np
@@ -349,11 +349,13 @@ def write_range(columns: ColumnMap, rank: int) -> tuple[int, int]:
 
 def flatten_local(layout: ParamLayout, source: object, out: "np.ndarray") -> None:
     """Copy this rank's local shard of each tensor of ``source`` into ``out`` (its column range), in
-    layout order; the padding after them is set to zero."""
-    dst = _torch().from_numpy(out)
+    layout order; the padding after them is set to zero. ``out`` holds the store's dtype (uint16:
+    bfloat16 bits); into a half type only values it holds exactly (LayoutMismatchError, like an
+    unsharded append: a model cast to float32 after recording into a bf16 store is never rounded)."""
+    dst = torch_view(out)
     col = 0
-    for tensor in _tensors(layout, source):
+    for spec, tensor in zip(layout.specs, _tensors(layout, source)):
         local = tensor.to_local().detach().reshape(-1)
-        dst[col:col + local.numel()].copy_(local)
+        _copy_exact(dst[col:col + local.numel()], local, f"this rank's shard of tensor {spec.name!r}")
         col += local.numel()
     dst[col:].zero_()

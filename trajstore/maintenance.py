@@ -31,8 +31,9 @@ import numpy as np
 
 from ._scan import (TRASH, Files, Scan, derived_locked, digest, open_locked, row_arrays, scan, tree_bytes)
 from .errors import LocalPathRequiredError, RepairError, StoreLockedError, SubspaceNotFoundError
-from .format import (BUFFERS, EPOCH, GRAM, LANDSCAPES, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP,
-                     SUBSPACES, WALL_TIME, local_dir, normalize)
+from .format import (BUFFERS, EPOCH, GRAM, LANDSCAPES, METRICS, NONFINITE, OPTIMIZER, PARAMS, REFERENCE, ROW_ARRAYS,
+                     STEP, SUBSPACES, WALL_TIME, local_dir, normalize)
+from . import optstate
 from ._creating import create_files
 from .layout import BF16, bf16_to_float32, float32_to_bf16_bits
 from .store import TrajectoryStore
@@ -157,15 +158,19 @@ def _create_like(store: TrajectoryStore, target: Path) -> TrajectoryStore:
         source = LayoutTemplate(store.layout, store.buffer_layout)
     settings = dict(codec=store.codec, metadata=store.metadata, buffers=store.buffer_layout is not None,
                     chunk_size=int(params.chunks[1]), shard_size=int((params.shards or params.chunks)[1]))
-    if store.columns.is_identity:
-        new = TrajectoryStore.create(target, source, process_group=None, **settings)
-    else:  # recorded sharded: the same column map, so the job's ranks can go on recording into it
-        group, meta, lock = create_files(
-            str(target), source, overwrite=False, storage_options=None, durable=False, break_lock=False,
-            columns=store.columns, **settings)
+    # the store's own storage dtype: a bf16 model recorded widened to float32 by an older trajstore stays
+    # float32 (and its format version), never silently upgraded to native bf16 (format 3)
+    group, meta, lock = create_files(
+        str(target), source, overwrite=False, storage_options=None, durable=False, break_lock=False,
+        columns=store.columns, values=store.values, **settings)
+    try:
         new = TrajectoryStore(str(target), group, meta, "a", lock, None)
-    if (new.layout != store.layout or new.buffer_layout != store.buffer_layout or new.dtype != store.dtype
-            or new.columns != store.columns):
+    except BaseException:
+        lock.release()
+        raise
+    if (new.layout != store.layout or new.buffer_layout != store.buffer_layout or new.values != store.values
+            or new.dtype != store.dtype or new.columns != store.columns
+            or new._meta["format_version"] > store._meta.get("format_version", 1)):
         new.close()
         raise RepairError(f"cannot rebuild {store.path} with the same parameter/buffer layout; it is unchanged")
     # the same run, compacted: trainer checkpoints that carry its run id still resume into it ("created"
@@ -345,7 +350,9 @@ def gc(path: "str | os.PathLike", *, subspace: str | None = None, incomplete: bo
             if key.split("/", 1)[0] not in (GRAM, SUBSPACES, LANDSCAPES, TRASH) and ZARR_TEMP.search(key):
                 drop(key, size, "zarr temporary file of a write killed part-way", "temp")
         t, g = len(store), store.group
-        for name in [PARAMS, BUFFERS, REFERENCE] + row_arrays(g):
+        state = [f"{OPTIMIZER}/{key}/{kind}" for key in (sorted(g[OPTIMIZER].group_keys()) if OPTIMIZER in g else [])
+                 for kind in optstate.KINDS]  # optimizer state rows, like params
+        for name in [PARAMS, BUFFERS, REFERENCE] + row_arrays(g) + state:
             if name not in g:
                 continue
             per_key = int((g[name].shards or g[name].chunks)[0])

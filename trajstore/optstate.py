@@ -5,14 +5,17 @@ A store created with ``optimizer_state=True`` records, with every snapshot, the 
 ``exp_avg``, ``exp_avg_sq``, ``step``, ...) the group ``optimizer/K`` holds:
 
 * ``values``  (t, n_columns): elementwise state (a tensor of its parameter's shape), in the
-  same column layout, chunks and shards as ``params``, in the state's dtype (one half type kept
-  natively, bfloat16 as its uint16 bits; anything else widened to float32 or float64);
+  same column layout, chunks and shards as ``params``, in a dtype fixed when the key first appears
+  that holds every parameter's dtype and that state's (one half type for all kept natively,
+  bfloat16 as its uint16 bits; a mixed model widened to float32, or float64); later state it would
+  round is refused (LayoutMismatchError), never stored rounded;
 * ``scalars`` (t, P) float64: per-tensor numbers (Adam's ``step``, a 0-d tensor), P = the
   layout's tensors;
 * ``present`` (t, P) uint8: 0 no state K for that tensor, 1 in ``values``, 2 in ``scalars``.
 
 Attributes of ``optimizer/K``: ``first_row`` (rows before it hold no state K: the key appeared
-there), ``values_dtype``, ``scalar_type`` (``"tensor:float32"``, ``"int"`` or ``"float"``).
+there), ``values_dtype``, ``scalar_type`` (``"tensor:float32"``, ``"int"`` or ``"float"``: the widest
+kind seen, so a mixed model's 0-d bfloat16 and float32 tensors both read back exactly).
 Every row from ``first_row`` on is written for every key (present all 0 when the optimizer had
 none), before the snapshot's commit: a committed snapshot has all of its state, checksummed
 (crc32c per chunk, like ``params``). Values of absent tensors are 0, never read.
@@ -144,24 +147,25 @@ def capture(optimizer: object, model: object, layout: ParamLayout, columns, dtyp
             else:  # a number, or a 0-d tensor (Adam's step; a 0-d parameter's state too)
                 if row.scalars is None:
                     row.scalars = np.zeros(P, np.float64)
-                    row.scalar_type = (f"tensor:{str(value.dtype).removeprefix('torch.')}"
-                                       if isinstance(value, torch.Tensor) else
-                                       "int" if isinstance(value, (int, np.integer)) else "float")
-                row.scalars[i] = float(value)
+                kind = (f"tensor:{str(value.dtype).removeprefix('torch.')}" if isinstance(value, torch.Tensor) else
+                        "int" if isinstance(value, (int, np.integer)) else "float")
+                row.scalar_type = widest_scalar_type(row.scalar_type, kind)  # a mixed model's 0-d tensors
+                row.scalars[i] = float(value)  # float64 holds every half, float32 and float64 value exactly
                 row.present[i] = SCALAR
         if tensors:
-            if key not in dtypes:
-                kinds = [TensorSpec(layout.specs[i].name, layout.specs[i].shape, str(v.dtype).removeprefix("torch."))
-                         for i, v in tensors]
-                dtypes[key] = ParamLayout(kinds).value_dtype()  # the layout's rule: one half type kept, else widened
-            row.values_dtype = dtypes[key]
+            # a new key's dtype holds every parameter's dtype (the whole layout, not just the tensors with
+            # state now: a mixed model's float32 tensors may get state later) and this state's: the layout's
+            # rule, one half type kept natively, anything else widened to float32 / float64
+            kinds = [TensorSpec(f"{key} of {layout.specs[i].name}", layout.specs[i].shape,
+                                str(v.dtype).removeprefix("torch.")) for i, v in tensors]
+            row.values_dtype = dtypes.get(key) or ParamLayout(list(layout.specs) + kinds).value_dtype()
             flat = np.zeros(layout.n, raw_dtype(row.values_dtype))  # absent tensors: 0, never read
             dst = torch_view(flat)
             for i, value in tensors:
                 lo, hi = layout.offsets[i], layout.offsets[i + 1]
-                _copy_exact(dst[lo:hi], value.detach().reshape(-1), f"optimizer state {key!r} of tensor "
-                                                                     f"{layout.specs[i].name!r}")
+                _copy_state_exact(dst[lo:hi], value.detach().reshape(-1), key, layout.specs[i].name)
                 row.present[i] = ELEMENTWISE
+            dtypes.setdefault(key, row.values_dtype)  # only once captured: a refused capture fixes nothing
             if out.nonfinite is None and not finite_mask(flat, row.values_dtype).all():
                 out.nonfinite = f"optimizer state {key!r}"
             row.values = flat if columns.is_identity else columns.to_stored(flat)
@@ -169,6 +173,39 @@ def capture(optimizer: object, model: object, layout: ParamLayout, columns, dtyp
             out.nonfinite = f"optimizer state {key!r}"
         out.keys[key] = row
     return out
+
+
+def widest_scalar_type(a: str | None, b: str) -> str:
+    """The ``scalar_type`` that restores numbers of kinds ``a`` and ``b`` without rounding either:
+    tensor dtypes promoted (``tensor:bfloat16`` and ``tensor:float32`` give ``tensor:float32``),
+    ``int`` and ``float`` give ``float``."""
+    if a is None or a == b:
+        return b
+    torch = _torch()
+    tensor_a, tensor_b = a.startswith("tensor:"), b.startswith("tensor:")
+    if not tensor_a and not tensor_b:
+        return "float"
+    as_dtype = (lambda k: getattr(torch, k.removeprefix("tensor:")) if k.startswith("tensor:") else
+                torch.int64 if k == "int" else torch.float64)
+    return "tensor:" + str(torch.promote_types(as_dtype(a), as_dtype(b))).removeprefix("torch.")
+
+
+def _copy_state_exact(dst: "torch.Tensor", src: "torch.Tensor", key: str, name: str) -> None:
+    """Copy state into the key's stored dtype; LayoutMismatchError for any value it would round."""
+    what = f"optimizer state {key!r} of tensor {name!r}"
+    torch = _torch()
+    if dst.element_size() == 2 or torch.promote_types(src.dtype, dst.dtype) == dst.dtype:
+        _copy_exact(dst, src, what)  # widening (exact), or a half type checked value by value
+        return
+    dst.copy_(src)  # a narrower float dtype than the state's (float64 state, key stored as float32)
+    back, want = dst.to(torch.float64), src.to(device="cpu", dtype=torch.float64)
+    same = (back == want) | (back.isnan() & want.isnan())
+    if not bool(same.all()):
+        j = int((~same).nonzero()[0, 0])
+        raise LayoutMismatchError(
+            f"{what} holds {src.dtype} values that {dst.dtype}, the dtype this store records {key!r} in, cannot "
+            f"represent exactly (element {j}: {float(want[j])!r} would be stored as {float(back[j])!r}); record "
+            "into a new store (a key's dtype is fixed when it first appears)")
 
 
 # -- the writer's side ------------------------------------------------------------------------
@@ -208,6 +245,10 @@ def write_row(group: zarr.Group, i: int, captured: Captured, n_columns: int, n_t
         if row.scalars is not None and "scalars" not in node:
             create_rows(node, "scalars", n_tensors, np.dtype(np.float64), n_tensors, n_tensors, lossless, capacity)
             node.attrs["scalar_type"] = row.scalar_type
+        elif row.scalars is not None and attrs.get("scalar_type") != row.scalar_type:  # widen (rows in float64: exact)
+            wide = widest_scalar_type(attrs.get("scalar_type"), row.scalar_type)
+            if wide != attrs.get("scalar_type"):
+                node.attrs["scalar_type"] = wide
         if "present" not in node:
             create_rows(node, "present", n_tensors, np.dtype(np.uint8), n_tensors, n_tensors, lossless, capacity)
         if "values" in node:
@@ -330,9 +371,45 @@ def load_into(store: "TrajectoryStore", optimizer: object, model: "torch.nn.Modu
                                       f"of the model's parameters recorded in {store.path}")
         if name in state:
             new[i] = state[name]
+    expected = _state_keys(optimizer)
+    for i, p in enumerate(params):
+        want = expected.get(id(p))
+        if i in new and want is not None and set(new[i]) != want:
+            raise InvalidArgumentError(
+                f"snapshot {index} of {store.path} holds optimizer state {sorted(new[i])} for tensor {names[id(p)]!r}; "
+                f"this {type(optimizer).__name__} keeps {sorted(want)}: load it into an optimizer of the kind and "
+                "settings it was recorded with (nothing was loaded)")
     sd = optimizer.state_dict()
     sd["state"] = new
     optimizer.load_state_dict(sd)
+
+
+def _state_keys(optimizer: object) -> dict[int, set[str]]:
+    """id(parameter) -> the state keys ``optimizer`` keeps for it after a step: its live state where it has
+    some, else what one step of a fresh optimizer of its class and group settings creates on a probe
+    tensor. Parameters of groups that cannot be probed (an optimizer trajstore cannot rebuild) are left out."""
+    torch = _torch()
+    out: dict[int, set[str]] = {}
+    for group in optimizer.param_groups:
+        held = lambda state: {k for k, v in state.items() if v is not None}  # noqa: E731 - as capture skips None
+        live = [held(optimizer.state[p]) for p in group["params"] if optimizer.state.get(p)]
+        keys = live[0] if live and all(k == live[0] for k in live) else None
+        if keys is None and not live:
+            try:
+                probe = torch.zeros(2, requires_grad=True)
+                probe.grad = torch.ones(2)
+                settings = {k: v for k, v in group.items() if k != "params"}
+                fresh = type(optimizer)([{**settings, "params": [probe]}], **getattr(optimizer, "defaults", {}))
+                fresh.step()
+                keys = held(fresh.state[probe])
+            except Exception:  # noqa: BLE001 - a custom optimizer with other arguments: no check
+                keys = None
+        for p in group["params"]:
+            if optimizer.state.get(p):
+                out[id(p)] = held(optimizer.state[p])
+            elif keys is not None:
+                out[id(p)] = keys
+    return out
 
 
 def check_source(store_has_state: bool, optimizer: object, path: str) -> None:
@@ -351,15 +428,19 @@ def check_row(store: "TrajectoryStore", key: str, attrs: dict, i: int, width_byt
     present = read_row(store, key, "present", attrs, i)
     if (present > SCALAR).any():
         raise CorruptSnapshotError(f"its 'present' row holds codes {sorted(set(present.tolist()))}", i)
+    if (present == ELEMENTWISE).any() and not attrs.get("values_dtype"):
+        raise CorruptSnapshotError("its 'present' row names elementwise state, but the key has no values array", i)
     bad = 0
-    if attrs.get("values_dtype"):
+    # values / scalars are created lazily (the first row a tensor's state of that kind appears), so rows
+    # between first_row and then have no chunks: read each kind only where 'present' says it is held
+    if attrs.get("values_dtype") and (present == ELEMENTWISE).any():
         n = store.n_columns
         width = max(1, width_bytes // 4)
         mask = store.columns.to_stored(np.repeat(present == ELEMENTWISE, np.diff(store.layout.offsets)))  # (n_columns,)
         for c0 in range(0, n, width):
             block = read_row(store, key, "values", attrs, i, c0, min(n, c0 + width))
             bad += int((~np.isfinite(block) & mask[c0:c0 + width]).sum())
-    if attrs.get("scalar_type") or (present == SCALAR).any():
+    if (present == SCALAR).any():
         scalars = read_row(store, key, "scalars", attrs, i)
         bad += int((~np.isfinite(scalars) & (present == SCALAR)).sum())
     return bad

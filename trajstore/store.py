@@ -25,8 +25,8 @@ from .codecs import CodecPreset
 from .columns import ColumnMap
 from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, SnapshotIndexError
 from .format import (BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, LOCK_NAME, METRICS, PARAMS,
-                     ROW_DTYPES, STEP, WALL_TIME, local_dir, normalize, open_root, zarr_store)
-from .layout import ParamLayout, raw_dtype, read_dtype, strip_prefixes
+                     ROW_DTYPES, STEP, VALUES_ATTR, WALL_TIME, local_dir, normalize, open_root, zarr_store)
+from .layout import BF16, ParamLayout, raw_dtype, read_dtype, strip_prefixes
 from .lock import WriterLock
 from .fastread import open_fast, row_layout_problem
 from .reader import RowReader, check_unchanged
@@ -54,6 +54,7 @@ class TrajectoryStore(Appending):
         self.values: str = meta["dtype"]  # what the rows hold: a float dtype, or "bfloat16" (its uint16 bits)
         self.dtype = read_dtype(self.values)  # what reads return: bfloat16 widened exactly to float32
         self._raw = raw_dtype(self.values)  # of the staging buffers and stored rows
+        self._check_values_attr()
         self.columns = ColumnMap.from_json(self.layout.n, meta.get("columns"))  # where each parameter is stored
         self._writer: BackgroundWriter | None = None
         self._closed = False
@@ -129,6 +130,20 @@ class TrajectoryStore(Appending):
         except BaseException:
             lock.release()
             raise
+
+    def _check_values_attr(self) -> None:
+        """The params array's ``trajstore_values`` attribute (bfloat16 bits) agrees with the group's dtype:
+        with xor codecs float16 and bfloat16 rows are both uint16 on disk, so a disagreement would read
+        every value as the other type."""
+        try:
+            attr = self._group[PARAMS].attrs.get(VALUES_ATTR)
+        except KeyError:
+            return  # a missing params array is reported where it is read (verify, repair)
+        if (attr == BF16) != (self.values == BF16) or (attr is not None and attr != self.values):
+            raise CorruptMetadataError(
+                f"{self.path}: the store's attributes say its rows hold {self.values}, its params array's "
+                f"{VALUES_ATTR} attribute says {attr or 'nothing (not bfloat16)'} (metadata damaged); restore "
+                "zarr.json and params/zarr.json from a copy of the store")
 
     @classmethod
     def _create_collective(cls, context: "distributed.RankContext", path: str, source: object, queue_depth: int,
