@@ -137,8 +137,8 @@ class TrajectoryStore(Appending):
         every value as the other type."""
         try:
             attr = self._group[PARAMS].attrs.get(VALUES_ATTR)
-        except KeyError:
-            return  # a missing params array is reported where it is read (verify, repair)
+        except (KeyError, ValueError, TypeError, AttributeError):  # ValueError: e.g. an unparsable zarr.json
+            return  # missing or damaged params metadata is reported where it is read (verify, repair, reads)
         if (attr == BF16) != (self.values == BF16) or (attr is not None and attr != self.values):
             raise CorruptMetadataError(
                 f"{self.path}: the store's attributes say its rows hold {self.values}, its params array's "
