@@ -333,15 +333,21 @@ def torch_view(out: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def first_inexact(dst: "torch.Tensor", src: "torch.Tensor") -> tuple:
+    """(index of the first element ``dst`` (already copied from ``src``) does not hold exactly, or None;
+    src and dst as float64 (n,) views). Both widen to float64 exactly; NaN matches NaN."""
+    torch = _torch()
+    back, want = dst.reshape(-1).to(torch.float64), src.reshape(-1).to(device="cpu", dtype=torch.float64)
+    same = (back == want) | (back.isnan() & want.isnan())
+    return (None if bool(same.all()) else int((~same).nonzero()[0, 0])), want, back
+
+
 def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     """``dst.copy_(src)``; into a 16-bit ``dst`` from a wider ``src``, only values it holds exactly."""
     dst.copy_(src)
     if dst.element_size() == 2 and src.dtype != dst.dtype:
-        torch = _torch()
-        back, want = dst.to(torch.float64), src.to(device="cpu", dtype=torch.float64)  # both hold them exactly
-        same = (back == want) | (back.isnan() & want.isnan())
-        if not bool(same.all()):
-            j = int((~same).nonzero()[0, 0])
+        j, want, back = first_inexact(dst, src)
+        if j is not None:
             raise LayoutMismatchError(
                 f"{what} holds {src.dtype} values that {dst.dtype} cannot represent exactly (element {j}: "
                 f"{float(want[j])!r} would be stored as {float(back[j])!r}): the store records the model's dtype "

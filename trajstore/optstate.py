@@ -39,8 +39,8 @@ from .codecs import get_preset
 from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, LayoutMismatchError
 from .fastread import open_fast
 from .format import OPTIMIZER, PARAMS, create_rows
-from .layout import (ParamLayout, TensorSpec, _copy_exact, bf16_to_float32, finite_mask, raw_dtype, strip_prefixes,
-                     torch_view, BF16)
+from .layout import (BF16, ParamLayout, TensorSpec, _copy_exact, bf16_to_float32, finite_mask, first_inexact, raw_dtype,
+                     strip_prefixes, torch_view)
 from .reader import check_unchanged
 
 if TYPE_CHECKING:
@@ -198,10 +198,8 @@ def _copy_state_exact(dst: "torch.Tensor", src: "torch.Tensor", key: str, name: 
         _copy_exact(dst, src, what)  # widening (exact), or a half type checked value by value
         return
     dst.copy_(src)  # a narrower float dtype than the state's (float64 state, key stored as float32)
-    back, want = dst.to(torch.float64), src.to(device="cpu", dtype=torch.float64)
-    same = (back == want) | (back.isnan() & want.isnan())
-    if not bool(same.all()):
-        j = int((~same).nonzero()[0, 0])
+    j, want, back = first_inexact(dst, src)
+    if j is not None:
         raise LayoutMismatchError(
             f"{what} holds {src.dtype} values that {dst.dtype}, the dtype this store records {key!r} in, cannot "
             f"represent exactly (element {j}: {float(want[j])!r} would be stored as {float(back[j])!r}); record "
