@@ -81,7 +81,7 @@ def demo_part(out: Path, seeds: list[int], epochs: int, sample_epochs: int, devi
         run_dir = out / f"seed-{seed}"
         Run(run_dir, config).execute(resume=True)
         store = run_dir / "trajectory.zarr"
-        p32 = Basis.from_store(store, "dldr")._resident.numpy()  # (n, d) float32 as stored
+        p32 = Basis.from_store(store, "dldr").to_numpy()  # (n, d) float32 as stored
         per_seed[seed] = {name: {**basis_error(p32, dt), **psgd_accuracy(store, dt, seed, epochs, device)}
                           for name, dt in DTYPES.items()}
         print(f"seed {seed}: " + ", ".join(f"{k} {v['test_acc']:.2%}" for k, v in per_seed[seed].items()), flush=True)

@@ -273,7 +273,7 @@ def phase_train(cfg: BenchConfig, host: str) -> dict:
     result["basis_load_io"] = io_delta(io0)
     result["basis_mode"] = basis.mode
     if host == "mmap":
-        mapped = basis._host  # the read-only np.memmap of the .npy copy
+        mapped = basis._mapped  # the read-only np.memmap of the .npy copy
         result["mmap_file_bytes"] = int(mapped.nbytes)
         fd = os.open(mapped.filename, os.O_RDONLY)
         try:  # drop its pages from the page cache: the steps read P from the disk

@@ -1,22 +1,29 @@
-"""Basis: the subspace P (n, d), resident on the device or streamed to it in row blocks.
+"""Basis: the subspace P (n, d), resident on the device or streamed to it tile by tile.
 
 P is split along the store's parameter layout, so the optimizers compute
 g̃ = Pᵀg = Σ_l P_lᵀ g_l and w_l += P_l c without ever building an n-vector.
 
-* resident: all of P on the device, one view per parameter tensor;
+P is held transposed, in column tiles of ``block_rows`` parameters (:mod:`pipeline.tiles`): both
+products then read P once, in long contiguous runs, and each tile is one contiguous copy to a device.
+
+* resident: all the tiles on the device (on the CPU: in RAM, shared out over the cores);
 * streamed: P stays in host memory (pinned) or in a memory-mapped uncompressed copy on
-  disk, and moves to the device in blocks of ``block_rows`` rows through two device buffers
-  with asynchronous copies on a side stream, so device memory for P is 2 x block_rows x d.
+  disk, and moves to the device tile by tile through two device buffers with asynchronous
+  copies on a side stream, so device memory for P is 2 x block_rows x d.
+
+Numerics: each product call covers at most :func:`piece_cols` parameters in float32, and g̃'s partial
+sums are added in float64 in the tiles' order (relative error ~1e-6 at 20M parameters, where one float32
+gemv over a whole tensor gave ~1e-4); resident and streamed P with the same tiles give the same bits.
 
 Under FSDP2 a rank's Basis holds only the rows of P its parameter shards cover (``from_store(...,
 model=model)``): its layout is the local one, n is the local count (see :mod:`pipeline.distributed`).
 
-**P in bfloat16 / float16** (``dtype=``): the device copy of P (resident, or the streamed block
+**P in bfloat16 / float16** (``dtype=``): the device copy of P (resident, or the streamed tile
 buffers and the host copy they are filled from) is held in that dtype, halving its memory and the bytes
-each product reads. The products still compute in float32: rows of P̂ are upcast in small pieces
-(:data:`UPCAST_BYTES` of float32 at a time), the gradient and the coefficients are never rounded to
-16 bits, and g̃ accumulates in float32 (float64 across blocks). So g̃ = P̂ᵀg and the update P̂ c are
-those of the rounded basis P̂ itself: the iterates stay exactly in w₀ + span(P̂). P̂ is not
+each product reads. The products still compute in float32: pieces of P̂ are upcast
+(:data:`UPCAST_BYTES` of float32 at most), the gradient and the coefficients are never rounded to
+16 bits, and g̃ accumulates in float32 per piece (float64 across pieces). So g̃ = P̂ᵀg and the update P̂ c
+are those of the rounded basis P̂ itself: the iterates stay exactly in w₀ + span(P̂). P̂ is not
 re-orthonormalised and no metric correction (P̂ᵀP̂)⁻¹ is applied: the optimizers run plain SGD / BFGS
 on h(s) = f(w₀ + P̂ s), whose metric P̂ᵀP̂ differs from I by about the 16-bit rounding (measured by
 benchmarks/bench_basis_dtype.py). The digest and fingerprint name the stored float32 P, so an optimizer
@@ -25,33 +32,30 @@ state moves between a float32 and a bfloat16 basis of the same extraction.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
+import threading
 import time
-import uuid
 import warnings
-from pathlib import Path
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from trajstore.errors import (
-    InvalidArgumentError,
-    LayoutMismatchError,
-    StoreWriteError,
-    SubspaceChangedError,
-    TrajstoreError,
-)
+from trajstore.errors import InvalidArgumentError, LayoutMismatchError, SubspaceChangedError
 from trajstore.layout import ParamLayout
 
+from .basis_cache import extraction_digest, mmap_copy
 from .distributed import Sharding, fsdp_modules, reshard, sharding_of
 from .subspace import ATTEMPTS, BasisDigest, Subspace, block_rows, open_subspace
+from .tiles import padded_rows, rows_of, tile_count, tile_in_place, tiles_of
 
-Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in block, end)
+R = TypeVar("R")
+Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in tile, end)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-UPCAST_BYTES = 16 << 20  # float32 bytes of P̂ upcast at a time by a 16-bit basis's products (one reused buffer)
+UPCAST_BYTES = 16 << 20  # float32 bytes of P̂ upcast at a time by a 16-bit basis's products (a reused buffer)
+CPU_TILE_COLS = 1 << 18  # parameters per tile on the CPU (benchmarks/bench_products.py)
+PIECE_COLS = {"cpu": 1 << 16, "cuda": 1 << 22}  # parameters per product call: g̃ folds into float64 after each
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,35 +63,126 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
+def tile_cols(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
+    """Parameters per tile: ``block_rows`` when given; else CUDA resident: all n (one tile), CUDA streamed:
+    64 MiB of float32 P, CPU: :data:`CPU_TILE_COLS` (tiles the cores share out)."""
+    if block_rows:
+        return max(1, min(n, int(block_rows)))
+    if device.type == "cuda":
+        return n if mode == "resident" else max(1, min(n, (64 << 20) // (d * 4)))
+    return max(1, min(n, CPU_TILE_COLS))
+
+
+def piece_cols(d: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Parameters one product call takes: :data:`PIECE_COLS`, and for a 16-bit basis at most
+    :data:`UPCAST_BYTES` of upcast float32."""
+    cols = PIECE_COLS.get(device.type, PIECE_COLS["cuda"])
+    return min(cols, max(1, UPCAST_BYTES // (d * 4))) if compute_dtype(dtype) != dtype else cols
+
+
+def product_workers(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
+    """Threads the products run on: on the CPU up to ``torch.get_num_threads()``, one per run of tiles."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), tile_count(n, tile_cols(n, d, device, mode, block_rows))))
+
+
+def scratch_bytes(n: int, d: int, device: torch.device, mode: str, dtype: torch.dtype, block_rows: int | None = None,
+                  mapped: bool = False) -> int:
+    """Device bytes a basis's products add once both have run: per product thread, P c of one piece (the
+    weights are rounded once), a 16-bit basis's upcast piece, and on the CPU a tile made from a memory map."""
+    cols = tile_cols(n, d, device, mode, block_rows)
+    piece = min(piece_cols(d, device, dtype), cols)
+    each = piece * 4 * (1 + (d if compute_dtype(dtype) != dtype else 0))
+    if mapped and device.type == "cpu" and mode == "streamed":
+        each += d * cols * (4 + (torch.finfo(dtype).bits // 8 if dtype != torch.float32 else 0))
+    return product_workers(n, d, device, mode, block_rows) * each
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that run the products' tiles on the CPU (each product call runs on one core)."""
+    size = max(1, torch.get_num_threads() - 1)
+    with _pool_lock:
+        if size not in _pools:
+            _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="trajstore-basis")
+        return _pools[size]
+
+
+def _check_dtype(dtype: object) -> None:
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(map(str, DTYPES))} (P is a float basis), "
+                                   f"got {dtype}")
+
+
+def _read_only(host: object) -> bool:
+    return isinstance(host, np.ndarray) and not host.flags.writeable
+
+
+def _digest_of(rows: "Callable[[int, int], np.ndarray]", n: int, d: int) -> str:
+    digest = BasisDigest()
+    step = block_rows((n, d))
+    for r0 in range(0, n, step):
+        digest.update(rows(r0, min(n, r0 + step)))
+    return digest.hexdigest()
+
+
+def _whole_copy(sub: Subspace, host: str, cache_dir: "str | os.PathLike | None", device: torch.device, mode: str,
+                block_rows: int | None) -> tuple[np.ndarray, str, torch.Tensor | None]:
+    """(P (n, d), its digest, P tiled or None), read and checked (see :meth:`Subspace.read`): memory-mapped
+    when ``host`` says so; into RAM and tiled in place when it will be held in host memory (P held once);
+    else (CUDA resident) as rows, which the Basis tiles on the device."""
+    n, d = sub.basis.shape
+    if _choose_host(host, n * d * 4) == "mmap":
+        return (*mmap_copy(sub, cache_dir), None)
+    if device.type == "cuda" and mode == "resident":
+        return (*sub.read(), None)
+    cols = tile_cols(n, d, device, mode, block_rows)
+    buf = padded_rows(n, d, cols)  # (k·cols, d)
+    _, digest = sub.read(buf[:n])
+    return buf[:n], digest, tile_in_place(buf, n, cols)
+
+
 class Basis:
     """An orthonormal basis P (n, d) split per parameter tensor. See :meth:`from_store`."""
 
     def __init__(self, host: "np.ndarray | torch.Tensor", layout: ParamLayout, *, device: "str | torch.device" = "cpu",
                  dtype: torch.dtype = torch.float32, mode: str = "auto", block_rows: int | None = None,
-                 fraction: float = 0.5, name: str = ""):
+                 fraction: float = 0.5, name: str = "", digest: str | None = None, tiles: torch.Tensor | None = None):
+        """``host``: P (n, d) float32 (numpy, possibly a read-only memory map, or a CPU tensor). ``tiles``: the
+        same P already in host tiles (k, d, block_rows) float32 (:meth:`from_store` tiles its read in place);
+        ``host`` then gives only the shape. ``digest``: the whole basis's, when known (else computed when needed).
+        ``block_rows``: parameters (rows of P) per tile, the unit that moves and that one thread works on."""
         n, d = host.shape
-        if dtype not in DTYPES:
-            raise InvalidArgumentError(f"dtype must be one of {', '.join(map(str, DTYPES))} (P is a float basis), "
-                                       f"got {dtype}")
+        _check_dtype(dtype)
         if n != layout.n:
             raise LayoutMismatchError(f"basis has {n} rows but the layout has {layout.n} parameters")
         self.layout, self.n, self.d, self.dtype, self.name = layout, n, d, dtype, name
         self.device = torch.device(device)
         self.mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, self.device, fraction)
         self.compute_dtype = compute_dtype(dtype)  # of the products: float32 for a 16-bit P
-        self._host = host  # (n, d): numpy (possibly a memmap) or a (pinned) torch tensor, as given (float32)
-        self._upcast_rows = max(1, UPCAST_BYTES // (d * 4)) if self.compute_dtype != dtype else None
-        self._scratch: torch.Tensor | None = None  # (<= upcast_rows, d) float32: where _pieces upcasts P̂
-        self.block_rows = int(block_rows or max(1, min(n, (64 << 20) // (d * 4))))
-        # streamed 16-bit P: a host copy in that dtype, so blocks cross to the device at 2 bytes a value
-        self._stream_host = self._low_precision_host() if self.mode == "streamed" and self._upcast_rows else None
-        self._resident = self._make_resident() if self.mode == "resident" else None  # (n, d)
-        if self._resident is not None:
-            self.block_rows = n
-        self._segments = [self._segments_of(r0, min(n, r0 + self.block_rows)) for r0 in range(0, n, self.block_rows)]
+        self.block_rows = tile_cols(n, d, self.device, self.mode, block_rows)  # parameters per tile
+        self._upcast = self.compute_dtype != dtype
+        self._piece_cols = piece_cols(d, self.device, dtype)  # per product call; g̃ folds into float64 after each
+
+        def rows(r0: int, r1: int) -> np.ndarray:  # (r1 - r0, d) float32 of the P given
+            return np.asarray(host[r0:r1], np.float32) if tiles is None else rows_of(tiles, n, r0, r1)
+
+        self._digest = digest  # of the whole of P (see pipeline.subspace.BasisDigest); computed when needed
+        if digest is None and self._upcast:  # P̂ holds rounded values: hash the float32 P now
+            self._digest = _digest_of(rows, n, d)
+        self._head = rows(0, min(n, 64))  # (<= 64, d) float32: what legacy_fingerprint hashes
+        # where P lives: tiles (k, d, cols) on the device (resident, or any CPU basis held in RAM) or in host memory
+        # (CUDA streamed, pinned); or a read-only memory map (n, d) whose tiles are made as they are read
+        self._mapped = host if tiles is None and _read_only(host) and self.mode == "streamed" else None
+        self._tiles = None if self._mapped is not None else self._make_tiles(host, tiles)
+        self._blocks = [self._segments_of(c0, min(n, c0 + self.block_rows)) for c0 in range(0, n, self.block_rows)]
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
-        self._buffers: list[torch.Tensor] | None = None
-        self._digest: str | None = None  # of the whole of P (see pipeline.subspace.BasisDigest); computed when needed
+        self._buffers: list[torch.Tensor] | None = None  # CUDA streaming: two (d, cols) device tiles
+        self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # per worker: upcast / transpose buffers, kept
         self.global_n = n  # parameters of the whole model (n: those whose rows this basis holds)
         self.sharding: Sharding | None = None  # FSDP2: this rank's rows and the mesh's group (from_store(model=))
 
@@ -113,12 +208,13 @@ class Basis:
         digest of the whole of P: it is checked against the subspace's attributes (before and after the read)
         and for NaN/Inf, see :meth:`Subspace.read_ranges`; ``host="mmap"`` is not available for it.
 
-        ``mode``: ``"resident"``, ``"streamed"`` or ``"auto"`` (resident when P takes less than
+        ``block_rows``: parameters per tile (see :mod:`pipeline.tiles`), by default
+        :func:`tile_cols`. ``mode``: ``"resident"``, ``"streamed"`` or ``"auto"`` (resident when P takes less than
         ``fraction`` of the device's free memory). Streamed P lives in ``host`` memory:
         ``"pinned"`` (RAM, page-locked when CUDA is present) or ``"mmap"`` (an uncompressed copy
         written once per store and subspace, in ``<store>/subspaces/<name>/`` or a folder of its own
         under ``cache_dir``; checked against the subspace before use and rebuilt when stale, see
-        :func:`_mmap_copy`); ``"auto"`` picks pinned when P takes less than half the free RAM, else mmap.
+        :func:`pipeline.basis_cache.mmap_copy`); ``"auto"`` picks pinned when P takes less than half the free RAM, else mmap.
 
         The basis returned is exactly one complete extraction's: what is read is checked against the digest
         the extraction recorded (a subspace written before digests: against its attributes, re-read after
@@ -127,6 +223,7 @@ class Basis:
         """
         if host not in ("auto", "pinned", "mmap"):
             raise InvalidArgumentError(f"host must be 'auto', 'pinned' or 'mmap', got {host!r}")
+        _check_dtype(dtype)
         sharding, checked = None, False
         if model is not None:  # an evaluation forward leaves the FSDP2 root gathered, its parameters plain
             reshard(fsdp_modules(model.modules()))
@@ -148,23 +245,21 @@ class Basis:
                     "host='mmap' maps an uncompressed copy of the whole of P in its stored order; a rank of a sharded "
                     "(FSDP2) model, or a store recorded sharded (P's rows in rank-major order), reads its rows into "
                     "RAM instead: use host='auto' or 'pinned'")
+            n, d = (sharding.layout.n if sharding is not None else layout.n), sub.dim
+            mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, torch.device(device), fraction)
             try:
                 if whole:
-                    data, digest = _host_copy(sub, host, cache_dir)
+                    data, digest, tiles = _whole_copy(sub, host, cache_dir, torch.device(device), mode, block_rows)
                 else:  # this rank's rows, or all rows of a store whose columns are permuted
                     ranges = sharding.ranges if sharding is not None else ((0, layout.n),)
-                    data, digest = sub.read_ranges(ranges), _extraction_digest(sub)
+                    data, digest, tiles = sub.read_ranges(ranges), extraction_digest(sub), None
                 break
             except SubspaceChangedError:
                 if attempt == ATTEMPTS - 1:
                     raise
         local = sharding.layout if sharding is not None else layout
-        if isinstance(data, np.ndarray) and data.flags.writeable and torch.cuda.is_available() \
-                and torch.device(device).type == "cuda" and mode != "resident" and compute_dtype(dtype) == dtype:
-            data = torch.from_numpy(data).pin_memory()  # (a 16-bit basis streams from a pinned copy of its own)
         basis = cls(data, local, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
-                    name=f"{sub.path}::{name}")
-        basis._digest = digest
+                    name=f"{sub.path}::{name}", digest=digest, tiles=tiles)
         basis.global_n, basis.sharding = layout.n, sharding
         return basis
 
@@ -201,12 +296,7 @@ class Basis:
         (from_store, whole or one rank's rows), else computed once over P. A sharded basis of a subspace
         written before digests has a hash of the extraction's attributes instead (``"attrs-blake2b:<hex>"``)."""
         if self._digest is None:
-            digest = BasisDigest()
-            rows = block_rows((self.n, self.d))
-            for r0 in range(0, self.n, rows):
-                block = self._host[r0:r0 + rows]
-                digest.update(block.numpy() if isinstance(block, torch.Tensor) else block)
-            self._digest = digest.hexdigest()
+            self._digest = _digest_of(self._rows, self.n, self.d)
         return self._digest
 
     def fingerprint(self) -> torch.Tensor:
@@ -226,34 +316,42 @@ class Basis:
             raise LayoutMismatchError("this optimizer state was saved by an earlier version, whose basis check needs "
                                       "the first 64 rows of the whole of P; load it into an unsharded model once and "
                                       "save it again")
-        head = np.asarray(self._host[: min(self.n, 64)], dtype=np.float32).tobytes()
+        head = self._head.tobytes()
         digest = int(hashlib.sha1(head).hexdigest()[:12], 16)
         return torch.tensor([self.n, self.d, float(digest)], dtype=torch.float64)
 
     # -- the two products -----------------------------------------------------------------
     @torch.no_grad()
     def project(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """g̃ = Σ_l P_lᵀ g_l as a (d,) float64 tensor on the device (products in :attr:`compute_dtype`,
-        float32 at least, summed in float64 across blocks).
+        """g̃ = Σ_l P_lᵀ g_l as a (d,) float64 tensor on the device.
 
-        One gradient per layout tensor, any memory format (read in the logical, row-major order the
-        store records); a ``None`` entry counts as zero: its rows of P are left out. A 16-bit basis
+        Each product call covers at most a few ten thousand parameters of one tensor (:func:`piece_cols`) in
+        :attr:`compute_dtype` (float32 at least); those partial sums are added in float64, tile by tile, in
+        the tiles' order whatever the threads: resident and streamed P with the same ``block_rows`` give the
+        same bits. One gradient per layout tensor, any memory format (read in the logical, row-major order
+        the store records); a ``None`` entry counts as zero: its rows of P are left out. A 16-bit basis
         multiplies its own rounded values P̂ (upcast piece by piece) with the unrounded gradient.
         """
         flats = [None if g is None else g.reshape(-1) for g in grads]  # views unless non-contiguous
-        out = torch.zeros(self.d, dtype=torch.float64, device=self.device)
-        for block, segments in self._iter_blocks():
-            acc = torch.zeros(self.d, dtype=self.compute_dtype, device=self.device)  # (d,)
-            for i, lo, hi, b0, b1 in segments:
+        cdt = self.compute_dtype
+
+        def tile_sum(tile: torch.Tensor, segments: list[Segment], scratch: dict) -> torch.Tensor:
+            acc = torch.zeros(self.d, dtype=torch.float64, device=self.device)  # (d,)
+            for i, lo, _, b0, b1 in segments:
                 if flats[i] is not None:
-                    for a, rows in self._pieces(block, b0, b1):  # rows: (k, d) in compute_dtype
-                        acc.addmv_(rows.T, flats[i][lo + a:lo + a + rows.shape[0]].to(self.compute_dtype))
-            out += acc.double()
+                    for a, cols in self._pieces(tile, b0, b1, scratch):  # cols: (d, k) in compute_dtype
+                        acc += torch.mv(cols, flats[i][lo + a:lo + a + cols.shape[1]].to(cdt)).double()
+            return acc
+
+        sums = self._over_tiles(tile_sum)
+        out = sums[0]
+        for part in sums[1:]:  # in the tiles' order: the same bits however the tiles were shared out
+            out += part
         return out
 
     @torch.no_grad()
     def add_lifted_(self, tensors: Sequence[torch.Tensor | None], coeffs: torch.Tensor, alpha: float = 1.0) -> None:
-        """tensors_l += alpha · P_l c, in place, block by block; ``None`` entries are skipped (left untouched).
+        """tensors_l += alpha · P_l c, in place, tile by tile; ``None`` entries are skipped (left untouched).
 
         A non-contiguous tensor (channels_last, transposed) is updated through a contiguous copy in
         the logical order, written back once at the end, so its memory format is kept. P c is computed
@@ -262,12 +360,22 @@ class Basis:
         c = coeffs.to(device=self.device, dtype=self.compute_dtype)  # (d,)
         staged = {i: t.contiguous() for i, t in enumerate(tensors) if t is not None and not t.is_contiguous()}
         flats = [None if t is None else staged.get(i, t).view(-1) for i, t in enumerate(tensors)]
-        for block, segments in self._iter_blocks():
-            for i, lo, hi, b0, b1 in segments:
-                flat = flats[i]
-                if flat is not None:
-                    for a, rows in self._pieces(block, b0, b1):  # rows: (k, d) in compute_dtype
-                        flat[lo + a:lo + a + rows.shape[0]].add_((rows @ c).to(flat.dtype), alpha=alpha)
+
+        def tile_lift(tile: torch.Tensor, segments: list[Segment], scratch: dict) -> None:
+            for i, lo, _, b0, b1 in segments:
+                if flats[i] is not None:
+                    for a, cols in self._pieces(tile, b0, b1, scratch):  # cols: (d, k) in compute_dtype
+                        k = cols.shape[1]
+                        lifted = scratch.get("lifted")
+                        if lifted is None or lifted.numel() < k:
+                            lifted = scratch["lifted"] = torch.empty(min(self._piece_cols, self.block_rows),
+                                                                     dtype=c.dtype, device=self.device)
+                        # P c into a buffer first: the weights are rounded once (an addmv_ into them rounds d times)
+                        pc = torch.mv(cols.T, c, out=lifted[:k])  # (k,)
+                        flats[i][lo + a:lo + a + k].add_(pc if flats[i].dtype == c.dtype else pc.to(flats[i].dtype),
+                                                         alpha=alpha)
+
+        self._over_tiles(tile_lift)
         for i, copy in staged.items():
             tensors[i].copy_(copy)
 
@@ -280,53 +388,106 @@ class Basis:
         self.add_lifted_(out, coeffs)
         return out
 
+    def to_numpy(self) -> np.ndarray:
+        """P (n, d) as float32 numpy, as this basis holds it (a 16-bit basis: its rounded values, widened)."""
+        return self._rows(0, self.n)
+
     def device_bytes(self) -> int:
-        """Device memory held for P: all of it (resident) or the two block buffers (streamed), plus a 16-bit
-        basis's upcast buffer (at most :data:`UPCAST_BYTES`) once a product has run."""
-        held = [self._resident] if self._resident is not None else list(self._buffers or ())
-        if self._scratch is not None:
-            held.append(self._scratch)
+        """Device memory held for P: all of it (resident) or the two tile buffers (CUDA streamed), plus each
+        product thread's buffers once the products have run (see :func:`scratch_bytes`)."""
+        held = [self._tiles] if self.mode == "resident" else list(self._buffers or ())
+        held += [b for scratch in self._scratch.values() for b in scratch.values() if b.device == self.device]
         return sum(b.numel() * b.element_size() for b in held)
 
     # -- internals ------------------------------------------------------------------------
-    def _make_resident(self) -> torch.Tensor:
-        """All of P on the device, (n, d). A read-only host array (a memory map) is copied in row blocks:
-        torch cannot share memory it must not write (and warns), and blocks bound the extra host memory."""
-        host = self._host
-        if isinstance(host, torch.Tensor) or host.flags.writeable:
-            return torch.as_tensor(np.asarray(host) if isinstance(host, np.ndarray) else host).to(
-                device=self.device, dtype=self.dtype)
-        out = torch.empty((self.n, self.d), dtype=self.dtype, device=self.device)
-        for r0 in range(0, self.n, self.block_rows):
-            r1 = min(self.n, r0 + self.block_rows)
-            out[r0:r1].copy_(self._host_block(r0, r1))
+    def _make_tiles(self, host: "np.ndarray | torch.Tensor", tiles: torch.Tensor | None) -> torch.Tensor:
+        """P as tiles (k, d, cols) in :attr:`dtype`: on the device when resident (or on the CPU), else in
+        page-locked host memory (CUDA streamed), from which each tile crosses to the device in one copy."""
+        on_device = self.mode == "resident" or self.device.type == "cpu"
+        where, pin = (self.device, False) if on_device else (torch.device("cpu"), True)
+        if tiles is None:
+            return tiles_of(host, self.block_rows, self.dtype, device=where, pin=pin)
+        if tuple(tiles.shape) != (tile_count(self.n, self.block_rows), self.d, self.block_rows):
+            raise InvalidArgumentError(f"tiles of shape {tuple(tiles.shape)} do not hold P ({self.n}, {self.d}) "
+                                       f"in tiles of {self.block_rows} columns")
+        if where.type == "cpu" and not pin:
+            return tiles if tiles.dtype == self.dtype else tiles.to(self.dtype)
+        low = tiles.to(self.dtype)
+        return low.pin_memory() if pin else low.to(where)
+
+    def _rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 of P as held, (r1 - r0, d) float32."""
+        if self._mapped is not None:
+            return np.array(self._mapped[r0:r1], np.float32)
+        return rows_of(self._tiles, self.n, r0, r1)
+
+    def _over_tiles(self, work: "Callable[[torch.Tensor, list[Segment], dict], R]") -> "list[R]":
+        """``work(tile (d, cols) on the device, its segments, scratch)`` for every tile, results in the tiles'
+        order. On the CPU the tiles are shared out, in contiguous runs, over up to ``torch.get_num_threads()``
+        threads (a product call runs on one core: this is how both cores read P); CUDA: one after the other."""
+        if self._stream is not None:
+            return [work(tile, segs, self._scratch_of(0)) for tile, segs in self._iter_cuda()]
+        k = len(self._blocks)
+        workers = min(torch.get_num_threads(), k) if self.device.type == "cpu" else 1
+
+        def run(w: int) -> list:
+            scratch = self._scratch_of(w)
+            with torch.no_grad():  # grad mode is per thread: the products never record a graph
+                return [work(self._tile(j, scratch), self._blocks[j], scratch)
+                        for j in range(w * k // workers, (w + 1) * k // workers)]
+
+        if workers <= 1:
+            return run(0)
+        futures = [_pool().submit(run, w) for w in range(1, workers)]
+        try:
+            out = run(0)  # the calling thread takes the first run
+        finally:
+            done = [f.exception() for f in futures]  # every worker has stopped before anything is raised
+        for f, exc in zip(futures, done):
+            if exc is not None:
+                raise exc
+            out.extend(f.result())
         return out
 
-    def _pieces(self, block: torch.Tensor, b0: int, b1: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Rows b0:b1 of a block as (offset from b0, rows (k, d) in compute_dtype): the block's own view
-        for a float32/float64 basis, else pieces of at most ``_upcast_rows`` rows upcast to float32."""
-        if self._upcast_rows is None:
-            yield 0, block[b0:b1]
-            return
-        if self._scratch is None:  # reused: a fresh allocation per piece costs page faults on the CPU
-            rows = min(self._upcast_rows, self.block_rows)
-            self._scratch = torch.empty((rows, self.d), dtype=self.compute_dtype, device=self.device)
-        for a in range(b0, b1, self._upcast_rows):
-            k = min(b1, a + self._upcast_rows) - a
-            yield a - b0, self._scratch[:k].copy_(block[a:a + k])
+    def _scratch_of(self, worker: int) -> dict:
+        return self._scratch.setdefault(worker, {})
 
-    def _low_precision_host(self) -> torch.Tensor | None:
-        """The host copy a streamed 16-bit basis copies its blocks from: (n, d) in its dtype, pinned when it
-        streams to a CUDA device; made once, in blocks. None for a read-only memory map (P larger than
-        half the free RAM), whose blocks are rounded as they are read (they then cross at 4 bytes a value)."""
-        host = self._host
-        if isinstance(host, np.ndarray) and not host.flags.writeable:
-            return None
-        out = torch.empty((self.n, self.d), dtype=self.dtype, pin_memory=self.device.type == "cuda")
-        for r0 in range(0, self.n, self.block_rows):
-            r1 = min(self.n, r0 + self.block_rows)
-            out[r0:r1].copy_(torch.as_tensor(host[r0:r1]))
-        return out
+    def _tile(self, j: int, scratch: dict) -> torch.Tensor:
+        """Tile j (d, cols) in :attr:`dtype` on the (CPU) device: held, or made from the memory map in this
+        worker's buffer (transposed as read; a 16-bit basis then rounds it, as a held tile was)."""
+        if self._tiles is not None:
+            return self._tiles[j]
+        return self._mapped_tile(j, scratch)
+
+    def _mapped_tile(self, j: int, scratch: dict) -> torch.Tensor:
+        c0 = j * self.block_rows
+        c1 = min(self.n, c0 + self.block_rows)
+        wide = scratch.get("tile32")
+        if wide is None:
+            wide = scratch["tile32"] = torch.zeros((self.d, self.block_rows), dtype=torch.float32)
+        np.copyto(wide.numpy()[:, :c1 - c0], self._mapped[c0:c1].T)  # (d, k) from rows (k, d)
+        if self.dtype == torch.float32:
+            return wide
+        tile = scratch.get("tile")
+        if tile is None:
+            tile = scratch["tile"] = torch.zeros((self.d, self.block_rows), dtype=self.dtype)
+        return tile.copy_(wide)
+
+    def _pieces(self, tile: torch.Tensor, b0: int, b1: int, scratch: dict) -> Iterator[tuple[int, torch.Tensor]]:
+        """Columns b0:b1 of a tile as (offset from b0, columns (d, k) in compute_dtype), at most
+        :func:`piece_cols` at a time: views of the tile, or a 16-bit tile's pieces upcast to float32
+        into this worker's buffer (reused: a fresh allocation per piece costs page faults on the CPU)."""
+        step = self._piece_cols
+        for a in range(b0, b1, step):
+            k = min(b1, a + step) - a
+            cols = tile[:, a:a + k]
+            if self._upcast:
+                up = scratch.get("up")
+                if up is None:
+                    up = scratch["up"] = torch.empty((self.d, min(step, self.block_rows)), dtype=self.compute_dtype,
+                                                     device=self.device)
+                cols = up[:, :k].copy_(cols)
+            yield a - b0, cols
 
     def _segments_of(self, r0: int, r1: int) -> list[Segment]:
         segs = []
@@ -336,49 +497,39 @@ class Basis:
                 segs.append((i, a - lo, b - lo, a - r0, b - r0))
         return segs
 
-    def _host_block(self, r0: int, r1: int) -> torch.Tensor:
-        if self._stream_host is not None:
-            return self._stream_host[r0:r1]
-        block = self._host[r0:r1]
-        return block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block, copy=True))
+    def _host_tile(self, j: int) -> torch.Tensor:
+        """Tile j (d, cols) in host memory, to copy to the device: held (pinned), or made from the memory map."""
+        if self._tiles is not None:
+            return self._tiles[j]
+        return self._mapped_tile(j, {}).clone() if self.dtype == torch.float32 else self._mapped_tile(j, {})
 
-    def _iter_blocks(self) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
-        if self._resident is not None:
-            yield self._resident, self._segments[0]
-            return
-        starts = range(0, self.n, self.block_rows)
-        if self._stream is None:  # CPU: the host block is the block
-            for r0, segs in zip(starts, self._segments):
-                yield self._host_block(r0, min(self.n, r0 + self.block_rows)).to(self.dtype), segs
-            return
-        yield from self._iter_cuda(list(starts))
-
-    def _iter_cuda(self, starts: list[int]) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
-        """Double-buffered: copy block k+1 on a side stream while block k is used."""
+    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
+        """Double-buffered: copy tile k+1 on a side stream while tile k is used."""
         if self._buffers is None:
-            self._buffers = [torch.empty((self.block_rows, self.d), dtype=self.dtype, device=self.device) for _ in range(2)]
+            self._buffers = [torch.empty((self.d, self.block_rows), dtype=self.dtype, device=self.device)
+                             for _ in range(2)]
         main = torch.cuda.current_stream(self.device)
         ready = [torch.cuda.Event(), torch.cuda.Event()]
         free = [torch.cuda.Event(), torch.cuda.Event()]
+        held = [None, None]  # the host tile each copy reads: kept alive until the copy has run
 
         def prefetch(k: int) -> None:
-            slot, r0 = k % 2, starts[k]
-            r1 = min(self.n, r0 + self.block_rows)
+            slot = k % 2
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(free[slot])
-                self._buffers[slot][: r1 - r0].copy_(self._host_block(r0, r1), non_blocking=True)
+                held[slot] = self._host_tile(k)
+                self._buffers[slot].copy_(held[slot], non_blocking=True)
                 ready[slot].record(self._stream)
 
         for slot in (0, 1):
             free[slot].record(main)
         prefetch(0)
-        for k, r0 in enumerate(starts):
-            if k + 1 < len(starts):
+        for k in range(len(self._blocks)):
+            if k + 1 < len(self._blocks):
                 prefetch(k + 1)
             slot = k % 2
             main.wait_event(ready[slot])
-            r1 = min(self.n, r0 + self.block_rows)
-            yield self._buffers[slot][: r1 - r0], self._segments[k]
+            yield self._buffers[slot], self._blocks[k]
             free[slot].record(main)
 
 
@@ -418,141 +569,6 @@ def _layout_of(path: str) -> ParamLayout:
 
     with TrajectoryStore.open(path, "r") as store:
         return store.layout
-
-
-def _host_copy(sub: Subspace, host: str, cache_dir: "str | os.PathLike | None") -> tuple[np.ndarray, str]:
-    """(P in host memory or memory-mapped, its digest), checked: see :meth:`Subspace.read`."""
-    host = _choose_host(host, sub.n_params * sub.dim * 4)
-    if host == "mmap":
-        return _mmap_copy(sub, cache_dir)
-    return sub.read()
-
-
-def _mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None") -> tuple[np.ndarray, str]:
-    """The subspace's basis as an uncompressed (n, d) float32 .npy, memory-mapped read-only, and its digest.
-
-    Each store and subspace has a folder of its own: ``<store>/subspaces/<name>/`` by default, or
-    ``<cache_dir>/<store name>-<hash of its path>/<name>/`` (also under ``./.trajstore-cache`` for a
-    remote store). The file is ``basis-<fingerprint>-<digest>.f32.npy``: the fingerprint hashes the
-    subspace's attributes, spectrum and shape, the digest is the whole basis's (the one its extraction
-    recorded; for a subspace written before digests, the one computed while the copy was made from a
-    checked read). Before use the whole file is hashed and must give that digest, so a file of another
-    store, subspace or extraction, or a damaged one, is rebuilt, never used. Each writer fills a private
-    temp file, checks what it copied (see :meth:`Subspace.verify`) and renames it into place: concurrent
-    loaders are safe (identical copies, the last rename wins) and a killed one leaves only its ``*.partial``.
-    """
-    folder = _cache_folder(sub, cache_dir)
-    prefix = f"basis-{_subspace_fingerprint(sub)}-"
-    expected = sub.digest
-    candidates = [folder / f"{prefix}{_hex(expected)}.f32.npy"] if expected is not None else \
-        sorted(folder.glob(f"{prefix}*.f32.npy"))  # an older subspace: the digest is in the file's name
-    data = target = None
-    for candidate in candidates:
-        data = _open_cached(candidate, sub, expected or _digest_in_name(candidate, prefix))
-        if data is not None:
-            target, digest = candidate, expected or _digest_in_name(candidate, prefix)
-            break
-    if data is None:
-        try:
-            if not folder.is_dir():
-                if cache_dir is None:  # the subspace's own folder: gone with it (do not create it again)
-                    sub.check_unchanged()
-                folder.mkdir(parents=True, exist_ok=True)
-            target, digest = _write_cached(folder, prefix, sub)
-        except (OSError, ValueError) as exc:  # e.g. its folder went with a subspace deleted meanwhile
-            if isinstance(exc, TrajstoreError):
-                raise
-            sub.check_unchanged()
-            raise StoreWriteError(f"could not write the memory-mapped copy of subspace {sub.name!r} into {folder} "
-                                  f"({exc}); free space there, pass another cache_dir, or use host='pinned'") from exc
-        data = _open_cached(target, sub, digest)
-        if data is None:
-            sub.check_unchanged()  # its folder may have gone with the subspace
-            raise StoreWriteError(
-                f"the memory-mapped copy of subspace {sub.name!r} written to {target} does not read back as the "
-                "store's basis; check that disk, pass another cache_dir, or use host='pinned'")
-    for old in [*folder.glob("basis-*.f32.npy"), folder / "basis.f32.npy"]:  # other versions are stale
-        if old != target:
-            try:
-                old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
-            except OSError:
-                pass
-    return data, digest
-
-
-def _extraction_digest(sub: Subspace) -> str:
-    """The digest its extraction recorded for the whole basis; for a subspace written before digests, a hash
-    of what identifies the extraction (its attributes, spectrum and shape)."""
-    if sub.digest is not None:
-        return sub.digest
-    h = hashlib.blake2b(json.dumps(sub.attrs, sort_keys=True, default=str).encode(), digest_size=16)
-    h.update(np.ascontiguousarray(sub.singular_values, dtype=np.float64).tobytes())
-    h.update(repr(tuple(sub.basis.shape)).encode())
-    return f"attrs-blake2b:{h.hexdigest()}"
-
-
-def _hex(digest: str) -> str:
-    return digest.rsplit(":", 1)[-1]
-
-
-def _digest_in_name(path: Path, prefix: str) -> str | None:
-    hexa = path.name[len(prefix):].removesuffix(".f32.npy")
-    return f"blake2b-128:{hexa}" if re.fullmatch(r"[0-9a-f]{32}", hexa) else None
-
-
-def _cache_folder(sub, cache_dir: "str | os.PathLike | None") -> Path:
-    from trajstore.format import local_dir
-
-    local = local_dir(sub.path)
-    if cache_dir is None and local is not None:
-        return local / "subspaces" / sub.name
-    where = str(local.resolve()) if local is not None else str(sub.path)
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", where.rstrip("/").rsplit("/", 1)[-1])[:48] or "store"
-    root = Path(cache_dir) if cache_dir is not None else Path.cwd() / ".trajstore-cache"
-    return root / f"{label}-{hashlib.sha1(where.encode()).hexdigest()[:12]}" / sub.name
-
-
-def _subspace_fingerprint(sub) -> str:
-    """A hash of what identifies one extraction: its attributes (settings, snapshots, eigenvalues,
-    creation time, duration), singular values and shape."""
-    h = hashlib.sha1(json.dumps(sub.attrs, sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(sub.singular_values, dtype=np.float64).tobytes())
-    h.update(repr(tuple(sub.basis.shape)).encode())
-    return h.hexdigest()[:16]
-
-
-def _open_cached(target: Path, sub: Subspace, digest: str | None) -> np.ndarray | None:
-    """The cached copy, memory-mapped, or None when it is missing, unreadable or not the basis whose
-    whole digest is ``digest`` (every row is hashed: a hole anywhere is found)."""
-    if digest is None:
-        return None
-    try:
-        data = np.load(target, mmap_mode="r")  # (n, d)
-    except (OSError, ValueError):
-        return None
-    if data.shape != tuple(sub.basis.shape) or data.dtype != np.float32 or not data.flags.c_contiguous:
-        return None
-    found = BasisDigest()
-    rows = block_rows(data.shape)
-    for r0 in range(0, data.shape[0], rows):
-        found.update(data[r0:r0 + rows])
-    return data if found.hexdigest() == digest else None
-
-
-def _write_cached(folder: Path, prefix: str, sub: Subspace) -> tuple[Path, str]:
-    """Copy the basis into a private temp file, check it (:meth:`Subspace.verify`), then rename it to
-    ``<prefix><digest>.f32.npy`` (atomic); returns that path and the digest."""
-    tmp = folder / f"{prefix}copy.f32.npy.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=sub.basis.shape)
-        _, digest = sub.read(out)  # raises, before the rename, when what was copied is not the extraction's basis
-        out.flush()
-        del out
-        target = folder / f"{prefix}{_hex(digest)}.f32.npy"
-        os.replace(tmp, target)
-        return target, digest
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _spec(name: str, tensor: torch.Tensor):

@@ -36,7 +36,8 @@ import torch
 from trajstore.codecs import get_preset
 from trajstore.errors import InvalidArgumentError
 
-from .basis import DTYPES, UPCAST_BYTES, _choose_host, _choose_mode
+from .basis import DTYPES, UPCAST_BYTES, _choose_host, _choose_mode, scratch_bytes, tile_cols
+from .tiles import tile_count
 
 # Compression ratios (raw float32 bytes / stored snapshot bytes) measured by benchmarks/bench_record.py
 # (benchmarks/results/bench_record.txt, "compression"): a 1D-CNN on MNIST-1D (pipeline.experiments.models.CNN1D,
@@ -236,13 +237,14 @@ def plan(params: "int | str", dim: "int | str", snapshots: "int | str | None" = 
     host = _choose_host("auto", n * d * 4, free=host_free)  # Basis.from_store(host="auto")'s rule
     location = ("device" if target == "cuda" else "host RAM") if mode == "resident" else \
         "memory-mapped disk" if host == "mmap" else "host RAM"
-    rows = int(block_rows or max(1, min(n, (64 << 20) // (d * 4))))  # Basis's default block
     accelerator = target == "cuda"
-    block = n if mode == "resident" else min(rows, n)
-    upcast = min(max(1, UPCAST_BYTES // (d * 4)), block) * d * 4 if size < 4 else 0  # Basis's upcast buffer
-    # resident: all of P; streamed: two block buffers on an accelerator (none on the CPU, which reads RAM)
-    held = basis_bytes if mode == "resident" else 2 * block * d * size if accelerator else 0
-    device_bytes = held + upcast
+    cols = tile_cols(n, d, torch.device(target), mode, block_rows)  # Basis's tiles
+    # resident: all of P; streamed: two tile buffers on an accelerator (none on the CPU, which reads RAM);
+    # plus the products' buffers (per thread: P c of a piece, a 16-bit basis's upcast piece, a mapped tile)
+    tiles = tile_count(n, cols) * cols * d * size  # P in tiles, the last one padded
+    held = tiles if mode == "resident" else 2 * cols * d * size if accelerator else 0
+    device_bytes = held + scratch_bytes(n, d, torch.device(target), mode, basis_dtype, block_rows,
+                                        mapped=location == "memory-mapped disk")
     step_link = 2 * basis_bytes if mode == "streamed" and accelerator else 0  # P's blocks, once per product
     step_device = 2 * basis_bytes + 3 * n * param_size + step_link  # P read twice; g read, w read and written;
     # streamed: the copies write the blocks into the device buffers

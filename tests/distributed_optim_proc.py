@@ -119,8 +119,8 @@ def fsdp2(job: Path, inputs: dict, rank: int, world: int, out: dict) -> None:
     out["fsdp/global_n"] = basis.global_n
     # the rows held are P's rows of this rank's shards: compare with the whole P read unsharded
     whole = Basis.from_store(job / "run.zarr")
-    mine = torch.cat([torch.as_tensor(whole._host[lo:hi]) for lo, hi in basis.sharding.ranges])
-    out["fsdp/rows_equal"] = bool(torch.equal(torch.as_tensor(basis._host), mine))
+    mine = torch.cat([torch.as_tensor(whole.to_numpy()[lo:hi]) for lo, hi in basis.sharding.ranges])
+    out["fsdp/rows_equal"] = bool(torch.equal(torch.as_tensor(basis.to_numpy()), mine))
     out["fsdp/fingerprint_equal"] = bool(torch.equal(basis.fingerprint(), whole.fingerprint()))
     out["fsdp/unsharded_basis_refused"] = _error(lambda: SubspaceSGD(model.parameters(), whole, lr=0.1))
 
@@ -229,11 +229,11 @@ def sharded_store(job: Path, inputs: dict, rank: int, world: int, out: dict) -> 
     in_order = torch.from_numpy(columns.to_global(stored.T).T.copy())  # (n, d), global order
     mine = torch.cat([in_order[lo:hi] for lo, hi in basis.sharding.ranges])
     out["sharded/permuted"] = not columns.is_identity
-    out["sharded/rows_equal"] = bool(torch.equal(torch.as_tensor(basis._host), mine))
+    out["sharded/rows_equal"] = bool(torch.equal(torch.as_tensor(basis.to_numpy()), mine))
     out["sharded/basis_n"] = basis.n
     out["sharded/local_count"] = sum(p.to_local().numel() for p in model.parameters())
     whole = Basis.from_store(path)  # unsharded: all rows, reordered the same way
-    out["sharded/whole_equal"] = bool(torch.equal(torch.as_tensor(whole._host), in_order))
+    out["sharded/whole_equal"] = bool(torch.equal(torch.as_tensor(whole.to_numpy()), in_order))
 
 
 def main(job: Path) -> int:

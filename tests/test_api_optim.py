@@ -61,7 +61,7 @@ def train(model, opt, k, seed=2, bfgs=False, shape=(1, 8), classes=10):
 
 
 def host_array(basis: Basis) -> np.ndarray:
-    return np.array(basis._host, dtype=np.float32, copy=True)
+    return basis.to_numpy()
 
 
 # -- 3: the memory-map cache is keyed by store and subspace and validated ------------------------------
@@ -110,7 +110,7 @@ start = threading.Barrier(6)
 def load():
     start.wait()
     try:
-        results.append(np.array(Basis.from_store(path, host="mmap", cache_dir=cache)._host))
+        results.append(Basis.from_store(path, host="mmap", cache_dir=cache).to_numpy())
     except Exception as exc:
         errors.append(repr(exc))
 
@@ -299,4 +299,4 @@ def test_memory_mapped_basis_becomes_resident_without_a_warning(tmp_path):
     model = start_model(path)
     grads = [torch.randn_like(p) for p in model.parameters()]
     torch.testing.assert_close(basis.project(grads), again.project(grads), rtol=0, atol=0)
-    np.testing.assert_array_equal(basis._resident.numpy(), open_subspace(path).to_numpy())
+    np.testing.assert_array_equal(basis.to_numpy(), open_subspace(path).to_numpy())

@@ -46,7 +46,7 @@ def _flat(tensors) -> np.ndarray:
 
 def _rounded(path, dtype) -> np.ndarray:
     """P̂: the stored float32 P rounded to ``dtype``, as float64 (n, d)."""
-    p32 = Basis.from_store(path, mode="resident")._resident
+    p32 = torch.from_numpy(Basis.from_store(path, mode="resident").to_numpy())
     return p32.to(dtype).double().numpy()
 
 
@@ -60,7 +60,7 @@ def test_low_precision_resident_and_streamed_agree(run, monkeypatch, dtype, u):
     monkeypatch.setattr(basis_module, "UPCAST_BYTES", 7 * f32.d * 4)  # pieces of 7 rows: every boundary case
     streamed = Basis.from_store(path, dtype=dtype, mode="streamed", block_rows=50)
     assert resident.device_bytes() == f32.n * f32.d * torch.finfo(dtype).bits // 8 == f32.device_bytes() // 2
-    assert streamed._stream_host.dtype == dtype  # blocks leave the host at 2 bytes a value
+    assert streamed._tiles.dtype == dtype  # tiles leave the host at 2 bytes a value
     p_hat = _rounded(path, dtype)
     exact = p_hat.T @ g  # what P̂ᵀg is, in float64
     scale = np.abs(p_hat).T @ np.abs(g)  # (d,)
@@ -93,7 +93,7 @@ def test_psgd_update_lies_exactly_in_span_of_rounded_basis(run, monkeypatch, mod
     products = 1e-6 * (np.abs(p_hat) @ np.abs(0.5 * g))  # float32 rounding of P̂ c (d = 6 terms)
     assert np.all(np.abs(delta - expected) <= ulp + products)
     residual = delta - p_hat @ np.linalg.lstsq(p_hat, delta, rcond=None)[0]
-    p32 = Basis.from_store(path, mode="resident")._resident.double().numpy()
+    p32 = Basis.from_store(path, mode="resident").to_numpy().astype(np.float64)
     outside_p = delta - p32 @ np.linalg.lstsq(p32, delta, rcond=None)[0]
     rounding = np.linalg.norm(ulp)  # w is float32: Δw is known to one ulp of w per element
     assert np.linalg.norm(residual) <= rounding

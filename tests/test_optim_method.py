@@ -49,7 +49,7 @@ def twin(model):
 
 
 def basis_matrix(basis) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(basis._host, dtype=np.float64))  # (n, d)
+    return torch.as_tensor(basis.to_numpy().astype(np.float64))  # (n, d)
 
 
 class Counting:

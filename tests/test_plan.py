@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -54,7 +55,8 @@ def test_resident_numbers_by_hand():
     assert (p.params, p.dim, p.snapshots, p.basis_dtype) == (n, d, 100, "bfloat16")
     assert p.basis_bytes == n * d * 2 and p.basis_float32_bytes == n * d * 4
     assert p.mode == "resident" and p.device == "cuda" and p.device_memory == 10 ** 9
-    assert p.basis_device_bytes == n * d * 2 + (UPCAST_BYTES // (d * 4)) * d * 4  # P and the upcast buffer
+    piece = min(1 << 22, UPCAST_BYTES // (d * 4))  # one CUDA product call's columns (16-bit: the upcast bound)
+    assert p.basis_device_bytes == n * d * 2 + piece * d * 4 + piece * 4  # P, the upcast piece, P c of a piece
     assert p.step_device_bytes == 2 * n * d * 2 + 3 * n * 4  # P twice; g, w read, w written (float32)
     assert p.step_link_bytes == 0 and p.link_bandwidth is None
     assert p.step_overhead_s == pytest.approx(p.step_device_bytes / 1e9)
@@ -69,8 +71,8 @@ def test_streamed_numbers_by_hand():
     n, d = 10 ** 7, 10
     p = plan(n, d, device_memory="300MB", bandwidth=1e12, link_bandwidth=1e9)
     assert p.mode == "streamed"
-    rows = (64 << 20) // (d * 4)  # Basis's default block
-    assert p.basis_device_bytes == 2 * rows * d * 4
+    rows = (64 << 20) // (d * 4)  # Basis's default tile
+    assert p.basis_device_bytes == 2 * rows * d * 4 + rows * 4  # two tile buffers, P c of one piece (a tile)
     assert p.step_link_bytes == 2 * n * d * 4
     assert p.step_device_bytes == 2 * n * d * 4 + 3 * n * 4 + p.step_link_bytes
     assert p.step_overhead_s == pytest.approx(p.step_link_bytes / 1e9)  # the link binds
@@ -89,14 +91,18 @@ def test_placement_is_basis_rule_at_its_boundary():
 @pytest.mark.parametrize("mode, memory", [("resident", "1GB"), ("streamed", "10MB")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_device_bytes_are_what_a_basis_holds(mode, memory, dtype):
-    """On the CPU (no block buffers), against a real Basis after a product (16-bit: its upcast buffer)."""
+    """On the CPU (no tile buffers), against a real Basis after both products (their per-thread buffers)."""
     model = mlp([1000, 1000, 10])
     layout = ParamLayout.from_module(model)
     d = 4
     p = plan(layout.n, d, device="cpu", device_memory=memory, dtype=dtype, bandwidth=1e9)
     assert p.mode == mode
-    basis = Basis.from_array(torch.linalg.qr(torch.randn(layout.n, d))[0], layout, dtype=dtype, mode=mode)
+    q = np.ascontiguousarray(torch.linalg.qr(torch.randn(layout.n, d))[0].numpy())
+    if p.location == "memory-mapped disk":  # what from_store(host="auto") then holds: a read-only map
+        q.setflags(write=False)
+    basis = Basis.from_array(q, layout, dtype=dtype, mode=mode)
     basis.project([torch.ones_like(w) for w in model.parameters()])
+    basis.add_lifted_([torch.zeros_like(w) for w in model.parameters()], torch.ones(d))
     assert p.basis_device_bytes == basis.device_bytes()
 
 

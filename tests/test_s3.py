@@ -93,7 +93,7 @@ def test_record_verify_extract_on_threads_and_cluster_then_train(s3, tmp_path):
 
     for host in ("pinned", "mmap"):
         basis = Basis.from_store(url, "threads", host=host, cache_dir=tmp_path / host)
-        np.testing.assert_array_equal(np.asarray(basis._host), threads.to_numpy())
+        np.testing.assert_array_equal(basis.to_numpy(), threads.to_numpy())
     data = batches(STEPS)
     x_all, y_all = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
     model = MixedNet()
