@@ -55,6 +55,7 @@ Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end,
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 UPCAST_BYTES = 16 << 20  # float32 bytes of P̂ upcast at a time by a 16-bit basis's products (a reused buffer)
 CPU_TILE_COLS = 1 << 18  # parameters per tile on the CPU (benchmarks/bench_products.py)
+ALIGN_COLS = 16  # tiles are a multiple of 16 parameters wide: 64 bytes of float32
 PIECE_COLS = {"cpu": 1 << 16, "cuda": 1 << 22}  # parameters per product call: g̃ folds into float64 after each
 
 
@@ -64,13 +65,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def tile_cols(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
-    """Parameters per tile: ``block_rows`` when given; else CUDA resident: all n (one tile), CUDA streamed:
-    64 MiB of float32 P, CPU: :data:`CPU_TILE_COLS` (tiles the cores share out)."""
+    """Parameters per tile: ``block_rows`` when given, else CUDA resident: all n (one tile), CUDA streamed:
+    64 MiB of float32 P, CPU: :data:`CPU_TILE_COLS` (tiles the cores share out); rounded up to a multiple of
+    :data:`ALIGN_COLS` (every tile then starts as aligned as the first: BLAS kernels round by alignment, and
+    P held anywhere, or tiled from a memory map, gives the same bits), at most n."""
     if block_rows:
-        return max(1, min(n, int(block_rows)))
-    if device.type == "cuda":
-        return n if mode == "resident" else max(1, min(n, (64 << 20) // (d * 4)))
-    return max(1, min(n, CPU_TILE_COLS))
+        cols = int(block_rows)
+    elif device.type == "cuda":
+        cols = n if mode == "resident" else (64 << 20) // (d * 4) // ALIGN_COLS * ALIGN_COLS
+    else:
+        cols = CPU_TILE_COLS
+    return max(1, min(n, -(-cols // ALIGN_COLS) * ALIGN_COLS))
 
 
 def piece_cols(d: int, device: torch.device, dtype: torch.dtype) -> int:

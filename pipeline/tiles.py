@@ -44,7 +44,7 @@ def tiles_of(rows: "np.ndarray | torch.Tensor", cols: int, dtype: torch.dtype, *
 def padded_rows(n: int, d: int, cols: int) -> np.ndarray:
     """An (k·cols, d) float32 buffer whose first n rows can be filled with P, then tiled in place
     by :func:`tile_in_place` (P is then held once, not twice)."""
-    return np.empty((tile_count(n, cols) * cols, d), np.float32)
+    return torch.empty((tile_count(n, cols) * cols, d), dtype=torch.float32).numpy()  # aligned as torch aligns
 
 
 def tile_in_place(buf: np.ndarray, n: int, cols: int) -> torch.Tensor:

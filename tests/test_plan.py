@@ -71,7 +71,7 @@ def test_streamed_numbers_by_hand():
     n, d = 10 ** 7, 10
     p = plan(n, d, device_memory="300MB", bandwidth=1e12, link_bandwidth=1e9)
     assert p.mode == "streamed"
-    rows = (64 << 20) // (d * 4)  # Basis's default tile
+    rows = (64 << 20) // (d * 4) // 16 * 16  # Basis's default tile (64 MiB, a multiple of 16 columns)
     assert p.basis_device_bytes == 2 * rows * d * 4 + rows * 4  # two tile buffers, P c of one piece (a tile)
     assert p.step_link_bytes == 2 * n * d * 4
     assert p.step_device_bytes == 2 * n * d * 4 + 3 * n * 4 + p.step_link_bytes
