@@ -42,7 +42,11 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from trajstore.errors import InvalidArgumentError, LayoutMismatchError, SubspaceChangedError
+from trajstore.errors import (
+    InvalidArgumentError,
+    LayoutMismatchError,
+    SubspaceChangedError,
+)
 from trajstore.layout import ParamLayout
 
 from .basis_cache import extraction_digest, mmap_copy
@@ -95,12 +99,13 @@ def product_workers(n: int, d: int, device: torch.device, mode: str, block_rows:
 def scratch_bytes(n: int, d: int, device: torch.device, mode: str, dtype: torch.dtype, block_rows: int | None = None,
                   mapped: bool = False) -> int:
     """Device bytes a basis's products add once both have run: per product thread, P c of one piece (the
-    weights are rounded once), a 16-bit basis's upcast piece, and on the CPU a tile made from a memory map."""
+    weights are rounded once), a 16-bit basis's upcast piece, and on the CPU a 16-bit basis's tile rounded
+    from the memory map (``mapped``)."""
     cols = tile_cols(n, d, device, mode, block_rows)
     piece = min(piece_cols(d, device, dtype), cols)
     each = piece * 4 * (1 + (d if compute_dtype(dtype) != dtype else 0))
-    if mapped and device.type == "cpu" and mode == "streamed":
-        each += d * cols * (4 + (torch.finfo(dtype).bits // 8 if dtype != torch.float32 else 0))
+    if mapped and device.type == "cpu" and mode == "streamed" and dtype != torch.float32:
+        each += d * cols * torch.finfo(dtype).bits // 8  # a tile of the float32 map, rounded to dtype
     return product_workers(n, d, device, mode, block_rows) * each
 
 
@@ -123,10 +128,6 @@ def _check_dtype(dtype: object) -> None:
                                    f"got {dtype}")
 
 
-def _read_only(host: object) -> bool:
-    return isinstance(host, np.ndarray) and not host.flags.writeable
-
-
 def _digest_of(rows: "Callable[[int, int], np.ndarray]", n: int, d: int) -> str:
     digest = BasisDigest()
     step = block_rows((n, d))
@@ -136,16 +137,17 @@ def _digest_of(rows: "Callable[[int, int], np.ndarray]", n: int, d: int) -> str:
 
 
 def _whole_copy(sub: Subspace, host: str, cache_dir: "str | os.PathLike | None", device: torch.device, mode: str,
-                block_rows: int | None) -> tuple[np.ndarray, str, torch.Tensor | None]:
-    """(P (n, d), its digest, P tiled or None), read and checked (see :meth:`Subspace.read`): memory-mapped
-    when ``host`` says so; into RAM and tiled in place when it will be held in host memory (P held once);
-    else (CUDA resident) as rows, which the Basis tiles on the device."""
+                block_rows: int | None) -> tuple[np.ndarray, str, "torch.Tensor | np.ndarray | None"]:
+    """(P (n, d) or a placeholder of its shape, its digest, P tiled or None), read and checked (see
+    :meth:`Subspace.read`): memory-mapped tiles when ``host`` says so; into RAM and tiled in place when it will
+    be held in host memory (P held once); else (CUDA resident) as rows, which the Basis tiles on the device."""
     n, d = sub.basis.shape
+    cols = tile_cols(n, d, device, mode, block_rows)
     if _choose_host(host, n * d * 4) == "mmap":
-        return (*mmap_copy(sub, cache_dir), None)
+        mapped, digest = mmap_copy(sub, cache_dir, cols)  # (k, d, cols), read-only
+        return np.broadcast_to(np.float32(0), (n, d)), digest, mapped
     if device.type == "cuda" and mode == "resident":
         return (*sub.read(), None)
-    cols = tile_cols(n, d, device, mode, block_rows)
     buf = padded_rows(n, d, cols)  # (k·cols, d)
     _, digest = sub.read(buf[:n])
     return buf[:n], digest, tile_in_place(buf, n, cols)
@@ -156,13 +158,20 @@ class Basis:
 
     def __init__(self, host: "np.ndarray | torch.Tensor", layout: ParamLayout, *, device: "str | torch.device" = "cpu",
                  dtype: torch.dtype = torch.float32, mode: str = "auto", block_rows: int | None = None,
-                 fraction: float = 0.5, name: str = "", digest: str | None = None, tiles: torch.Tensor | None = None):
+                 fraction: float = 0.5, name: str = "", digest: str | None = None,
+                 tiles: "torch.Tensor | np.ndarray | None" = None):
         """``host``: P (n, d) float32 (numpy, possibly a read-only memory map, or a CPU tensor). ``tiles``: the
-        same P already in host tiles (k, d, block_rows) float32 (:meth:`from_store` tiles its read in place);
-        ``host`` then gives only the shape. ``digest``: the whole basis's, when known (else computed when needed).
+        same P already in host tiles (k, d, block_rows) float32: a tensor (:meth:`from_store` tiles its read in
+        place) or a read-only numpy memory map (``host="mmap"``, read in place when streamed); ``host`` then
+        gives only the shape. ``digest``: the whole basis's, when known (else computed when needed).
         ``block_rows``: parameters (rows of P) per tile, the unit that moves and that one thread works on."""
         n, d = host.shape
         _check_dtype(dtype)
+        mapped = isinstance(tiles, np.ndarray)  # from_store(host="mmap"): the read-only file
+        if mapped:
+            with warnings.catch_warnings():  # torch warns of a read-only array: the products only read it
+                warnings.simplefilter("ignore", UserWarning)
+                tiles = torch.from_numpy(tiles)
         if n != layout.n:
             raise LayoutMismatchError(f"basis has {n} rows but the layout has {layout.n} parameters")
         self.layout, self.n, self.d, self.dtype, self.name = layout, n, d, dtype, name
@@ -180,10 +189,10 @@ class Basis:
         if digest is None and self._upcast:  # P̂ holds rounded values: hash the float32 P now
             self._digest = _digest_of(rows, n, d)
         self._head = rows(0, min(n, 64))  # (<= 64, d) float32: what legacy_fingerprint hashes
-        # where P lives: tiles (k, d, cols) on the device (resident, or any CPU basis held in RAM) or in host memory
-        # (CUDA streamed, pinned); or a read-only memory map (n, d) whose tiles are made as they are read
-        self._mapped = host if tiles is None and _read_only(host) and self.mode == "streamed" else None
-        self._tiles = None if self._mapped is not None else self._make_tiles(host, tiles)
+        # where P lives: tiles (k, d, cols) on the device (resident, or any CPU basis held in RAM), in host memory
+        # (CUDA streamed, pinned), or in the memory-mapped file of from_store(host="mmap") (streamed)
+        self._round_tiles = False  # a 16-bit basis streamed from a float32 memory map rounds each tile as used
+        self._tiles = self._make_tiles(host, tiles, mapped)
         self._blocks = [self._segments_of(c0, min(n, c0 + self.block_rows)) for c0 in range(0, n, self.block_rows)]
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
         self._buffers: list[torch.Tensor] | None = None  # CUDA streaming: two (d, cols) device tiles
@@ -405,7 +414,7 @@ class Basis:
         return sum(b.numel() * b.element_size() for b in held)
 
     # -- internals ------------------------------------------------------------------------
-    def _make_tiles(self, host: "np.ndarray | torch.Tensor", tiles: torch.Tensor | None) -> torch.Tensor:
+    def _make_tiles(self, host: "np.ndarray | torch.Tensor", tiles: torch.Tensor | None, mapped: bool) -> torch.Tensor:
         """P as tiles (k, d, cols) in :attr:`dtype`: on the device when resident (or on the CPU), else in
         page-locked host memory (CUDA streamed), from which each tile crosses to the device in one copy."""
         on_device = self.mode == "resident" or self.device.type == "cpu"
@@ -415,16 +424,18 @@ class Basis:
         if tuple(tiles.shape) != (tile_count(self.n, self.block_rows), self.d, self.block_rows):
             raise InvalidArgumentError(f"tiles of shape {tuple(tiles.shape)} do not hold P ({self.n}, {self.d}) "
                                        f"in tiles of {self.block_rows} columns")
+        if mapped and self.mode == "streamed":  # read in place (a 16-bit basis rounds each tile as it is used)
+            self._round_tiles = tiles.dtype != self.dtype
+            return tiles
         if where.type == "cpu" and not pin:
-            return tiles if tiles.dtype == self.dtype else tiles.to(self.dtype)
+            return tiles.clone() if mapped and tiles.dtype == self.dtype else tiles.to(self.dtype)  # into RAM
         low = tiles.to(self.dtype)
         return low.pin_memory() if pin else low.to(where)
 
     def _rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0:r1 of P as held, (r1 - r0, d) float32."""
-        if self._mapped is not None:
-            return np.array(self._mapped[r0:r1], np.float32)
-        return rows_of(self._tiles, self.n, r0, r1)
+        rows = rows_of(self._tiles, self.n, r0, r1)
+        return torch.from_numpy(rows).to(self.dtype).float().numpy() if self._round_tiles else rows
 
     def _over_tiles(self, work: "Callable[[torch.Tensor, list[Segment], dict], R]") -> "list[R]":
         """``work(tile (d, cols) on the device, its segments, scratch)`` for every tile, results in the tiles'
@@ -458,25 +469,14 @@ class Basis:
         return self._scratch.setdefault(worker, {})
 
     def _tile(self, j: int, scratch: dict) -> torch.Tensor:
-        """Tile j (d, cols) in :attr:`dtype` on the (CPU) device: held, or made from the memory map in this
-        worker's buffer (transposed as read; a 16-bit basis then rounds it, as a held tile was)."""
-        if self._tiles is not None:
+        """Tile j (d, cols) in :attr:`dtype` where the products run: held, or (a 16-bit basis streamed from
+        the float32 memory map) rounded into this worker's buffer, as a held tile was."""
+        if not self._round_tiles:
             return self._tiles[j]
-        return self._mapped_tile(j, scratch)
-
-    def _mapped_tile(self, j: int, scratch: dict) -> torch.Tensor:
-        c0 = j * self.block_rows
-        c1 = min(self.n, c0 + self.block_rows)
-        wide = scratch.get("tile32")
-        if wide is None:
-            wide = scratch["tile32"] = torch.zeros((self.d, self.block_rows), dtype=torch.float32)
-        np.copyto(wide.numpy()[:, :c1 - c0], self._mapped[c0:c1].T)  # (d, k) from rows (k, d)
-        if self.dtype == torch.float32:
-            return wide
         tile = scratch.get("tile")
         if tile is None:
-            tile = scratch["tile"] = torch.zeros((self.d, self.block_rows), dtype=self.dtype)
-        return tile.copy_(wide)
+            tile = scratch["tile"] = torch.empty((self.d, self.block_rows), dtype=self.dtype)
+        return tile.copy_(self._tiles[j])
 
     def _pieces(self, tile: torch.Tensor, b0: int, b1: int, scratch: dict) -> Iterator[tuple[int, torch.Tensor]]:
         """Columns b0:b1 of a tile as (offset from b0, columns (d, k) in compute_dtype), at most
@@ -504,9 +504,7 @@ class Basis:
 
     def _host_tile(self, j: int) -> torch.Tensor:
         """Tile j (d, cols) in host memory, to copy to the device: held (pinned), or made from the memory map."""
-        if self._tiles is not None:
-            return self._tiles[j]
-        return self._mapped_tile(j, {}).clone() if self.dtype == torch.float32 else self._mapped_tile(j, {})
+        return self._tiles[j].to(self.dtype) if self._round_tiles else self._tiles[j]
 
     def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
         """Double-buffered: copy tile k+1 on a side stream while tile k is used."""

@@ -2,6 +2,7 @@
 disk (one per store and subspace, rebuilt when stale), see :func:`mmap_copy`."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,47 +14,53 @@ import numpy as np
 
 from trajstore.errors import StoreWriteError, TrajstoreError
 
-from .subspace import BasisDigest, Subspace, block_rows
+from .subspace import Subspace
+from .tiles import put_rows, tile_count
 
 
-def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None") -> tuple[np.ndarray, str]:
-    """The subspace's basis as an uncompressed (n, d) float32 .npy, memory-mapped read-only, and its digest.
+def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -> tuple[np.ndarray, str]:
+    """The subspace's basis as an uncompressed float32 .npy in column tiles (k, d, cols) (see
+    :mod:`pipeline.tiles`: each tile one contiguous run, read by the products in place), memory-mapped
+    read-only, and the basis's digest.
 
     Each store and subspace has a folder of its own: ``<store>/subspaces/<name>/`` by default, or
     ``<cache_dir>/<store name>-<hash of its path>/<name>/`` (also under ``./.trajstore-cache`` for a
-    remote store). The file is ``basis-<fingerprint>-<digest>.f32.npy``: the fingerprint hashes the
-    subspace's attributes, spectrum and shape, the digest is the whole basis's (the one its extraction
-    recorded; for a subspace written before digests, the one computed while the copy was made from a
-    checked read). Before use the whole file is hashed and must give that digest, so a file of another
-    store, subspace or extraction, or a damaged one, is rebuilt, never used. Each writer fills a private
+    remote store). The file is ``basis-<fingerprint>-<digest>-t<cols>-<file hash>.f32.npy``: the fingerprint
+    hashes the subspace's attributes, spectrum and shape; the digest is the whole basis's (the one its
+    extraction recorded; for a subspace written before digests, the one computed while the copy was made from
+    a checked read); the file hash is blake2b-128 of the file's tiles, taken when it was written from that
+    checked read. Before use the whole file is hashed and must give that hash, so a file of another store,
+    subspace, extraction or tile width, or a damaged one, is rebuilt, never used. Each writer fills a private
     temp file, checks what it copied (see :meth:`Subspace.verify`) and renames it into place: concurrent
     loaders are safe (identical copies, the last rename wins) and a killed one leaves only its ``*.partial``.
     """
     folder = _cache_folder(sub, cache_dir)
     prefix = f"basis-{_subspace_fingerprint(sub)}-"
     expected = sub.digest
-    candidates = [folder / f"{prefix}{_hex(expected)}.f32.npy"] if expected is not None else \
-        sorted(folder.glob(f"{prefix}*.f32.npy"))  # an older subspace: the digest is in the file's name
-    data = target = None
-    for candidate in candidates:
-        data = _open_cached(candidate, sub, expected or _digest_in_name(candidate, prefix))
-        if data is not None:
-            target, digest = candidate, expected or _digest_in_name(candidate, prefix)
-            break
+    # an older subspace (no recorded digest): the digest is in the file's name
+    pattern = f"{prefix}{_hex(expected) if expected is not None else '*'}-t{cols}-*.f32.npy"
+    data = target = digest = None
+    for candidate in sorted(folder.glob(pattern)):
+        named = _names(candidate, prefix, cols)
+        if named is not None and (expected is None or named[0] == expected):
+            data = _open_cached(candidate, sub, cols, named[1])
+            if data is not None:
+                target, digest = candidate, named[0]
+                break
     if data is None:
         try:
             if not folder.is_dir():
                 if cache_dir is None:  # the subspace's own folder: gone with it (do not create it again)
                     sub.check_unchanged()
                 folder.mkdir(parents=True, exist_ok=True)
-            target, digest = _write_cached(folder, prefix, sub)
+            target, digest = _write_cached(folder, prefix, sub, cols)
         except (OSError, ValueError) as exc:  # e.g. its folder went with a subspace deleted meanwhile
             if isinstance(exc, TrajstoreError):
                 raise
             sub.check_unchanged()
             raise StoreWriteError(f"could not write the memory-mapped copy of subspace {sub.name!r} into {folder} "
                                   f"({exc}); free space there, pass another cache_dir, or use host='pinned'") from exc
-        data = _open_cached(target, sub, digest)
+        data = _open_cached(target, sub, cols, _names(target, prefix, cols)[1])
         if data is None:
             sub.check_unchanged()  # its folder may have gone with the subspace
             raise StoreWriteError(
@@ -83,9 +90,10 @@ def _hex(digest: str) -> str:
     return digest.rsplit(":", 1)[-1]
 
 
-def _digest_in_name(path: Path, prefix: str) -> str | None:
-    hexa = path.name[len(prefix):].removesuffix(".f32.npy")
-    return f"blake2b-128:{hexa}" if re.fullmatch(r"[0-9a-f]{32}", hexa) else None
+def _names(path: Path, prefix: str, cols: int) -> tuple[str, str] | None:
+    """(the basis digest, the file hash) a cache file's name gives, or None for another name."""
+    found = re.fullmatch(rf"([0-9a-f]{{32}})-t{cols}-([0-9a-f]{{32}})\.f32\.npy", path.name[len(prefix):])
+    return (f"blake2b-128:{found[1]}", found[2]) if found else None
 
 
 def _cache_folder(sub, cache_dir: "str | os.PathLike | None") -> Path:
@@ -109,34 +117,42 @@ def _subspace_fingerprint(sub) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_cached(target: Path, sub: Subspace, digest: str | None) -> np.ndarray | None:
-    """The cached copy, memory-mapped, or None when it is missing, unreadable or not the basis whose
-    whole digest is ``digest`` (every row is hashed: a hole anywhere is found)."""
-    if digest is None:
-        return None
+def _file_hash(tiles: np.ndarray) -> str:
+    """blake2b-128 of a (k, d, cols) float32 array's bytes, tile by tile."""
+    h = hashlib.blake2b(digest_size=16)
+    for tile in tiles:
+        h.update(memoryview(np.ascontiguousarray(tile)).cast("B"))
+    return h.hexdigest()
+
+
+def _open_cached(target: Path, sub: Subspace, cols: int, file_hash: str) -> np.ndarray | None:
+    """The cached copy (k, d, cols), memory-mapped, or None when it is missing, unreadable, of another
+    shape, or does not hash to ``file_hash`` (every tile is hashed: a hole anywhere is found)."""
+    n, d = sub.basis.shape
     try:
-        data = np.load(target, mmap_mode="r")  # (n, d)
+        data = np.load(target, mmap_mode="r")  # (k, d, cols)
     except (OSError, ValueError):
         return None
-    if data.shape != tuple(sub.basis.shape) or data.dtype != np.float32 or not data.flags.c_contiguous:
+    if data.shape != (tile_count(n, cols), d, cols) or data.dtype != np.float32 or not data.flags.c_contiguous:
         return None
-    found = BasisDigest()
-    rows = block_rows(data.shape)
-    for r0 in range(0, data.shape[0], rows):
-        found.update(data[r0:r0 + rows])
-    return data if found.hexdigest() == digest else None
+    return data if _file_hash(data) == file_hash else None
 
 
-def _write_cached(folder: Path, prefix: str, sub: Subspace) -> tuple[Path, str]:
-    """Copy the basis into a private temp file, check it (:meth:`Subspace.verify`), then rename it to
-    ``<prefix><digest>.f32.npy`` (atomic); returns that path and the digest."""
+def _write_cached(folder: Path, prefix: str, sub: Subspace, cols: int) -> tuple[Path, str]:
+    """Copy the basis, tiled, into a private temp file (what is read is checked: :meth:`Subspace.read`),
+    then rename it to ``<prefix><digest>-t<cols>-<file hash>.f32.npy`` (atomic); returns that path and
+    the digest."""
     tmp = folder / f"{prefix}copy.f32.npy.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    n, d = sub.basis.shape
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=sub.basis.shape)
-        _, digest = sub.read(out)  # raises, before the rename, when what was copied is not the extraction's basis
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(tile_count(n, cols), d, cols))
+        out[-1] = 0  # the last tile's padding
+        # rows of P into their tiles as they are read; raises, before the rename, when what was read is not the basis
+        digest = sub.read(sink=functools.partial(put_rows, out))[1]
         out.flush()
+        file_hash = _file_hash(out)
         del out
-        target = folder / f"{prefix}{_hex(digest)}.f32.npy"
+        target = folder / f"{prefix}{_hex(digest)}-t{cols}-{file_hash}.f32.npy"
         os.replace(tmp, target)
         return target, digest
     finally:

@@ -5,6 +5,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import zarr
@@ -123,8 +124,11 @@ class Subspace:
         stored = self.read()[0]  # (n_columns, d)
         return stored if self.columns.is_identity else np.ascontiguousarray(self.columns.to_global(stored.T).T)
 
-    def read(self, out: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    def read(self, out: np.ndarray | None = None,
+             sink: "Callable[[int, np.ndarray], None] | None" = None) -> tuple[np.ndarray | None, str]:
         """Read the whole basis into ``out`` (or a new (n, d) float32 array); returns it and its digest.
+        ``sink``: instead, ``sink(r0, rows)`` is called with each block of rows (k, d) as it is read (and None
+        returned for the array); the same checks apply, after the last block.
 
         Never returns a partly written or replaced basis: the digest of what was read must be the one the
         extraction recorded, the subspace must still be this extraction afterwards (else
@@ -132,16 +136,20 @@ class Subspace:
         it again through :func:`open_subspace`), and a subspace without a recorded digest must be finite.
         """
         n, d = self.basis.shape
-        out = np.empty((n, d), np.float32) if out is None else out
+        if sink is None:
+            out = np.empty((n, d), np.float32) if out is None else out
         digest, finite = BasisDigest(), True
         rows = block_rows((n, d), int(self.basis.chunks[0]))
+        scratch = np.empty((min(rows, n), d), np.float32) if sink is not None else None
         for r0 in range(0, n, rows):
-            block = out[r0:r0 + rows]
+            block = out[r0:r0 + rows] if sink is None else scratch[:min(rows, n - r0)]
             block[...] = self.basis[r0:r0 + rows, :]
             digest.update(block)
             finite = finite and bool(np.isfinite(block).all())
+            if sink is not None:
+                sink(r0, block)
         self.verify(digest.hexdigest(), finite)
-        return out, digest.hexdigest()
+        return out if sink is None else None, digest.hexdigest()
 
     @property
     def columns(self) -> ColumnMap:

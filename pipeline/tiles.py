@@ -73,3 +73,14 @@ def rows_of(tiles: torch.Tensor, n: int, r0: int, r1: int) -> np.ndarray:
         out[at - r0:stop - r0] = tiles[j, :, c:c + stop - at].T.to(device="cpu", dtype=torch.float32).numpy()
         at = stop
     return out
+
+
+def put_rows(tiles: np.ndarray, r0: int, rows: np.ndarray) -> None:
+    """Write rows (k, d) of P, from row r0 on, into their places in tiles (t, d, cols) (numpy, in place)."""
+    cols = tiles.shape[2]
+    at, end = r0, r0 + rows.shape[0]
+    while at < end:
+        j, c = divmod(at, cols)
+        stop = min(end, (j + 1) * cols)
+        tiles[j, :, c:c + stop - at] = rows[at - r0:stop - r0].T
+        at = stop

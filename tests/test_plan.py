@@ -12,7 +12,8 @@ import torch
 import pipeline.basis
 import pipeline.plan
 from cli.main import app
-from pipeline.basis import Basis
+from pipeline.basis import Basis, tile_cols
+from pipeline.tiles import tiles_of
 from pipeline.experiments.models import mlp
 from pipeline import extract_subspace
 from pipeline.plan import MEASURED_RATIOS, UPCAST_BYTES, parse_count, parse_size, plan, plan_store
@@ -90,7 +91,7 @@ def test_placement_is_basis_rule_at_its_boundary():
 
 @pytest.mark.parametrize("mode, memory", [("resident", "1GB"), ("streamed", "10MB")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_device_bytes_are_what_a_basis_holds(mode, memory, dtype):
+def test_device_bytes_are_what_a_basis_holds(tmp_path, mode, memory, dtype):
     """On the CPU (no tile buffers), against a real Basis after both products (their per-thread buffers)."""
     model = mlp([1000, 1000, 10])
     layout = ParamLayout.from_module(model)
@@ -98,9 +99,12 @@ def test_device_bytes_are_what_a_basis_holds(mode, memory, dtype):
     p = plan(layout.n, d, device="cpu", device_memory=memory, dtype=dtype, bandwidth=1e9)
     assert p.mode == mode
     q = np.ascontiguousarray(torch.linalg.qr(torch.randn(layout.n, d))[0].numpy())
-    if p.location == "memory-mapped disk":  # what from_store(host="auto") then holds: a read-only map
-        q.setflags(write=False)
-    basis = Basis.from_array(q, layout, dtype=dtype, mode=mode)
+    tiles = None
+    if p.location == "memory-mapped disk":  # what from_store(host="auto") then holds: the tiled file, mapped
+        np.save(tmp_path / "tiles.npy", tiles_of(q, tile_cols(layout.n, d, torch.device("cpu"), mode),
+                                                  torch.float32).numpy())
+        tiles = np.load(tmp_path / "tiles.npy", mmap_mode="r")
+    basis = Basis(q, layout, dtype=dtype, mode=mode, tiles=tiles)
     basis.project([torch.ones_like(w) for w in model.parameters()])
     basis.add_lifted_([torch.zeros_like(w) for w in model.parameters()], torch.ones(d))
     assert p.basis_device_bytes == basis.device_bytes()
