@@ -3,6 +3,7 @@
 #   1. the CUDA tests (pytest -m cuda): streamed basis == CPU result, snapshots of CUDA weights;
 #   2. bench_optim.py --device cuda: P-SGD resident and streamed against SGD at ~134M parameters;
 #   3. P-BFGS step time on the GPU (loss-only trials against backpropagating ones).
+#   4. bench_record_gpu.py: training-loop overhead of snapshots of CUDA weights, async vs sync copy.
 # Everything it prints goes to benchmarks/results/gpu/ (or $OUT/gpu when the device tool gives $OUT),
 # with a markdown summary. On a machine without CUDA it says so and exits 0.
 set -uo pipefail
@@ -20,6 +21,7 @@ status=0
 timeout 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/ 2>&1 | tee "$out/$stamp-pytest-cuda.txt" || status=1
 timeout 180 python3 benchmarks/bench_optim.py --device cuda --only psgd --steps 20 2>&1 | tee "$out/$stamp-bench-optim-psgd.txt" || status=1
 timeout 120 python3 benchmarks/bench_optim.py --device cuda --only pbfgs --steps 10 2>&1 | tee "$out/$stamp-bench-optim-pbfgs.txt" || status=1
+timeout 150 python3 benchmarks/bench_record_gpu.py --out "$out" 2>&1 | tee "$out/$stamp-bench-record-gpu.txt" || status=1
 {
     echo "# GPU check $stamp"
     echo
@@ -28,6 +30,7 @@ timeout 120 python3 benchmarks/bench_optim.py --device cuda --only pbfgs --steps
     echo "## pytest -m cuda"; echo '```'; tail -n 5 "$out/$stamp-pytest-cuda.txt"; echo '```'
     echo "## bench_optim --device cuda (P-SGD)"; echo '```'; tail -n 40 "$out/$stamp-bench-optim-psgd.txt"; echo '```'
     echo "## bench_optim --device cuda (P-BFGS)"; echo '```'; tail -n 30 "$out/$stamp-bench-optim-pbfgs.txt"; echo '```'
+    echo "## bench_record_gpu (snapshots of CUDA weights, issue 10)"; echo '```'; tail -n 12 "$out/$stamp-bench-record-gpu.txt"; echo '```'
 } > "$out/$stamp-summary.md"
 echo "gpu_check: status $status; results in $out"
 exit $status

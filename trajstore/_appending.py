@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 import zarr
 
-from . import distributed, optstate, shardwrite
+from . import devicecopy, distributed, optstate, shardwrite
 from ._creating import BACKFILL, backfill, create_row_array
 from ._lazy import is_module
 from ._values import check_epoch, check_metrics, check_source, check_step
@@ -89,13 +89,19 @@ class Appending:
         any error of an earlier background write. ``optimizer``: the model's torch optimizer, required
         by (and only by) a store created with ``optimizer_state=True``; its per-parameter state is
         copied now too and committed with the snapshot (``source`` must then be the nn.Module).
+        CUDA weights (one device, the store's dtype, no ``optimizer``) are copied without stalling training
+        (devicecopy.py): the weights as of this call land in host memory later, and NaN/Inf is seen only
+        then. Unless ``allow_nonfinite``, that snapshot and all appended after it are not recorded (earlier
+        ones stay committed) and the next append/flush/close raises NonFiniteError naming its step; reopen
+        the store (mode ``"a"``) to record again. With ``allow_nonfinite=True`` it is recorded and flagged.
         """
         self._check_writable()
         optstate.check_source(bool(self._meta.get("optimizer_state")), optimizer, self.path)
         # everything is validated before a row index or a staging buffer is taken: a refused
         # append leaves the store exactly as it was
         if self._ctx is None:
-            buf, nonfinite, buffers, step, epoch, metrics = self._prepare(source, step, epoch, metrics, allow_nonfinite)
+            buf, nonfinite, buffers, step, epoch, metrics, ready = self._prepare(source, step, epoch, metrics,
+                                                                                 allow_nonfinite, optimizer)
             try:
                 captured = self._capture_optimizer(optimizer, source, step, allow_nonfinite)
             except BaseException:
@@ -117,14 +123,15 @@ class Appending:
                 if prepared is not None and prepared[0] is not None:
                     self._writer.release(prepared[0])
                 raise
-            buf, _, buffers, step, epoch, metrics = prepared
+            buf, _, buffers, step, epoch, metrics, ready = prepared
             nonfinite = any(flags)  # the row is non-finite when any rank's part is
             captured = None  # refused in multi-process recordings (optstate.refuse_multiprocess)
         index = self._next_index
         self._next_index += 1
         self._last_step = step
         if self._writer is not None:
-            job = SnapshotJob(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite, captured)
+            job = SnapshotJob(index, buf, step, epoch, time.time(), metrics, buffers, nonfinite, ready=ready,
+                              optimizer=captured)
             # in a job, an error of the writer surfacing only now would be raised on this rank alone: it
             # waits for the next acquire or flush, which every rank exchanges
             self._writer.submit(job, check=self._ctx is None)
@@ -145,11 +152,12 @@ class Appending:
         return captured
 
     def _prepare(self, source: object, step: object, epoch: object, metrics: Mapping | None,
-                 allow_nonfinite: bool) -> tuple:
+                 allow_nonfinite: bool, optimizer: object = None) -> tuple:
         """Check one snapshot and copy this process's columns of it into a staging buffer.
 
-        Returns (buffer or None, non-finite, buffers row, step, epoch, metrics); raises, with the
-        buffer given back, when the snapshot cannot be recorded."""
+        Returns (buffer or None, non-finite, buffers row, step, epoch, metrics, ready: what the writer waits
+        on for CUDA weights still being copied, else None); raises, with the buffer given back, when the
+        snapshot cannot be recorded."""
         step, epoch, metrics = check_step(step, "step"), check_epoch(epoch), check_metrics(metrics)
         if self._last_step is not None and step <= self._last_step:
             raise InvalidArgumentError(
@@ -170,9 +178,13 @@ class Appending:
                 "shards (DTensors): resume it with the same wrapping it was recorded with, or record the FSDP2 run "
                 "into a new store")
         if self._writer is None:
-            return None, False, None, step, epoch, metrics  # a rank that writes nothing (DDP, rank > 0)
+            return None, False, None, step, epoch, metrics, None  # a rank that writes nothing (DDP, rank > 0)
+        plan = devicecopy.select(self, source, optimizer)  # CUDA weights: copied without stalling training
         buf = self._writer.acquire()
         try:
+            if plan is not None:  # checked for NaN/Inf by the writer thread, once the copy has landed
+                buffers, ready = plan.copier.capture(plan, buf, self, step, allow_nonfinite)
+                return buf, False, buffers, step, epoch, metrics, ready
             try:
                 if sharded:  # into the store's dtype (bfloat16: its bits), half types exactly or refused
                     distributed.flatten_local(self.layout, source, buf)
@@ -195,7 +207,7 @@ class Appending:
         except BaseException:
             self._writer.release(buf)
             raise
-        return buf, nonfinite, buffers, step, epoch, metrics
+        return buf, nonfinite, buffers, step, epoch, metrics, None
 
     def flush(self) -> None:
         """Block until every queued snapshot is committed; raises a background error if one occurred.
@@ -238,6 +250,7 @@ class Appending:
             if self._writer is not None:
                 self._writer.close()
         finally:
+            self._device_copier = None  # its device staging buffer (freed once its copies are done)
             if self._lock is not None:
                 self._lock.release()
             if self._ctx is not None and self._writer is not None and self._ctx.sharded:

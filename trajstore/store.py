@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 import zarr
 
-from . import distributed, optstate
+from . import devicecopy, distributed, optstate
 from ._appending import OPEN_WRITERS, Appending
 from ._creating import BACKFILL, backfill, chunking, create_files
 from ._lazy import torch as _torch
@@ -57,6 +57,7 @@ class TrajectoryStore(Appending):
         self._check_values_attr()
         self.columns = ColumnMap.from_json(self.layout.n, meta.get("columns"))  # where each parameter is stored
         self._writer: BackgroundWriter | None = None
+        self.async_device_copy = devicecopy.enabled_by_default()  # CUDA weights copied without a host sync
         self._closed = False
         self._ctx = context  # a multi-process recording (distributed.py), else None
         if context is not None and context.sharded and len(self.columns.rank_columns) != context.world:
@@ -92,8 +93,8 @@ class TrajectoryStore(Appending):
                metadata: dict | None = None, overwrite: bool = False, buffers: bool = False,
                chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD, queue_depth: int = 2,
                storage_options: dict | None = None, durable: bool = False,
-               break_lock: bool = False, process_group: object = "auto", optimizer_state: bool = False
-               ) -> "TrajectoryStore":
+               break_lock: bool = False, process_group: object = "auto", optimizer_state: bool = False,
+               async_device_copy: bool | None = None) -> "TrajectoryStore":
         """Create a store for the parameters of ``source`` (nn.Module, state_dict or ParamLayout).
 
         A model whose tensors all have one half type (float16 or bfloat16) is stored in it, 2 bytes a
@@ -103,6 +104,9 @@ class TrajectoryStore(Appending):
         snapshot (``append(..., optimizer=opt)``; single process only; see optstate.py).
         ``durable=True`` fsyncs each snapshot before its commit and the commit after, so
         committed snapshots survive a power loss, not only a killed process (see durability.py).
+        ``async_device_copy`` (single process; default on unless ``TRAJSTORE_ASYNC_DEVICE_COPY=0``): snapshots of
+        CUDA weights never stall training (trajstore/devicecopy.py; costs a device buffer the size of one
+        snapshot and page-locked host staging buffers); False copies them synchronously.
         Returns the store open for appending (mode ``"a"``).
 
         In a torch.distributed job (``process_group="auto"``: the default group, when initialised
@@ -126,7 +130,8 @@ class TrajectoryStore(Appending):
                 "a plain copy)")
         group, meta, lock = create_files(normalize(path), source, **kwargs)
         try:
-            return cls(normalize(path), group, meta, "a", lock, storage_options, queue_depth, durable)
+            return devicecopy.configured(cls(normalize(path), group, meta, "a", lock, storage_options, queue_depth,
+                                             durable), async_device_copy)
         except BaseException:
             lock.release()
             raise
@@ -182,10 +187,11 @@ class TrajectoryStore(Appending):
     @classmethod
     def open(cls, path: "str | os.PathLike", mode: str = "r", *, break_lock: bool = False,
              queue_depth: int = 2, storage_options: dict | None = None, durable: bool = False,
-             process_group: object = "auto") -> "TrajectoryStore":
+             process_group: object = "auto", async_device_copy: bool | None = None) -> "TrajectoryStore":
         """Open an existing store: ``mode="r"`` to read, ``"a"`` to append (takes the writer lock).
 
-        ``durable=True`` (append only) fsyncs every snapshot before its commit, as in :meth:`create`.
+        ``durable=True`` (append only) fsyncs every snapshot before its commit, as in :meth:`create`;
+        ``async_device_copy`` as there.
         In a torch.distributed job, opening to append is collective (see :meth:`create`): rank 0
         takes the lock, and a store recorded sharded is written by every rank again.
         """
@@ -194,7 +200,8 @@ class TrajectoryStore(Appending):
         path = normalize(path)
         context = distributed.resolve(process_group, what="TrajectoryStore.open(..., \"a\")") if mode == "a" else None
         if context is None:
-            return cls._open_locked(path, mode, break_lock, queue_depth, storage_options, durable, None)
+            return devicecopy.configured(cls._open_locked(path, mode, break_lock, queue_depth, storage_options,
+                                                          durable, None), async_device_copy)
         context = distributed.for_store(context, path)
         joined = lambda meta: distributed.with_sharding(context, meta.get("columns") is not None)  # noqa: E731
         opened = context.run_on_zero(lambda: cls._open_locked(path, mode, break_lock, queue_depth, storage_options,
