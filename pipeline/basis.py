@@ -58,9 +58,9 @@ R = TypeVar("R")
 Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in tile, end)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 UPCAST_BYTES = 16 << 20  # float32 bytes of P̂ upcast at a time by a 16-bit basis's products (a reused buffer)
-CPU_TILE_COLS = 1 << 18  # parameters per tile on the CPU (benchmarks/bench_products.py)
+CPU_TILE_COLS = 1 << 19  # parameters per tile on the CPU (benchmarks/bench_products.py)
 ALIGN_COLS = 16  # tiles are a multiple of 16 parameters wide: 64 bytes of float32
-PIECE_COLS = {"cpu": 1 << 16, "cuda": 1 << 22}  # parameters per product call: g̃ folds into float64 after each
+PIECE_COLS = {"cpu": 1 << 17, "cuda": 1 << 22}  # parameters per product call: g̃ folds into float64 after each
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
