@@ -273,9 +273,8 @@ def phase_train(cfg: BenchConfig, host: str) -> dict:
     result["basis_load_io"] = io_delta(io0)
     result["basis_mode"] = basis.mode
     if host == "mmap":
-        mapped = basis._mapped  # the read-only np.memmap of the .npy copy
-        result["mmap_file_bytes"] = int(mapped.nbytes)
-        fd = os.open(mapped.filename, os.O_RDONLY)
+        result["mmap_file_bytes"] = os.path.getsize(basis.mapped_file)  # the tiled .npy copy, memory-mapped
+        fd = os.open(basis.mapped_file, os.O_RDONLY)
         try:  # drop its pages from the page cache: the steps read P from the disk
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:

@@ -113,6 +113,16 @@ _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
+def _after_fork() -> None:  # a forked child has none of the parent's threads: start new pools when needed
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def _pool() -> ThreadPoolExecutor:
     """The threads that run the products' tiles on the CPU (each product call runs on one core)."""
     size = max(1, torch.get_num_threads() - 1)
@@ -168,6 +178,7 @@ class Basis:
         n, d = host.shape
         _check_dtype(dtype)
         mapped = isinstance(tiles, np.ndarray)  # from_store(host="mmap"): the read-only file
+        self.mapped_file: str | None = getattr(tiles, "filename", None) if mapped else None  # its path
         if mapped:
             with warnings.catch_warnings():  # torch warns of a read-only array: the products only read it
                 warnings.simplefilter("ignore", UserWarning)
@@ -196,7 +207,7 @@ class Basis:
         self._blocks = [self._segments_of(c0, min(n, c0 + self.block_rows)) for c0 in range(0, n, self.block_rows)]
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
         self._buffers: list[torch.Tensor] | None = None  # CUDA streaming: two (d, cols) device tiles
-        self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # per worker: upcast / transpose buffers, kept
+        self._scratch: dict[int, dict[str, torch.Tensor]] = {}  # per thread: the products' buffers, kept
         self.global_n = n  # parameters of the whole model (n: those whose rows this basis holds)
         self.sharding: Sharding | None = None  # FSDP2: this rank's rows and the mesh's group (from_store(model=))
 
@@ -357,9 +368,8 @@ class Basis:
                         acc += torch.mv(cols, flats[i][lo + a:lo + a + cols.shape[1]].to(cdt)).double()
             return acc
 
-        sums = self._over_tiles(tile_sum)
-        out = sums[0]
-        for part in sums[1:]:  # in the tiles' order: the same bits however the tiles were shared out
+        out = torch.zeros(self.d, dtype=torch.float64, device=self.device)  # (d,)
+        for part in self._over_tiles(tile_sum):  # in the tiles' order: the same bits however they were shared out
             out += part
         return out
 
@@ -380,10 +390,8 @@ class Basis:
                 if flats[i] is not None:
                     for a, cols in self._pieces(tile, b0, b1, scratch):  # cols: (d, k) in compute_dtype
                         k = cols.shape[1]
-                        lifted = scratch.get("lifted")
-                        if lifted is None or lifted.numel() < k:
-                            lifted = scratch["lifted"] = torch.empty(min(self._piece_cols, self.block_rows),
-                                                                     dtype=c.dtype, device=self.device)
+                        lifted = self._buffer(scratch, "lifted", (min(self._piece_cols, self.block_rows),),
+                                              c.dtype, self.device)
                         # P c into a buffer first: the weights are rounded once (an addmv_ into them rounds d times)
                         pc = torch.mv(cols.T, c, out=lifted[:k])  # (k,)
                         flats[i][lo + a:lo + a + k].add_(pc if flats[i].dtype == c.dtype else pc.to(flats[i].dtype),
@@ -441,14 +449,18 @@ class Basis:
         """``work(tile (d, cols) on the device, its segments, scratch)`` for every tile, results in the tiles'
         order. On the CPU the tiles are shared out, in contiguous runs, over up to ``torch.get_num_threads()``
         threads (a product call runs on one core: this is how both cores read P); CUDA: one after the other."""
-        if self._stream is not None:
-            return [work(tile, segs, self._scratch_of(0)) for tile, segs in self._iter_cuda()]
         k = len(self._blocks)
+        if k == 0:  # no rows here (an FSDP2 rank whose shards are all empty)
+            return []
         workers = min(torch.get_num_threads(), k) if self.device.type == "cpu" else 1
 
         def run(w: int) -> list:
-            scratch = self._scratch_of(w)
-            with torch.no_grad():  # grad mode is per thread: the products never record a graph
+            scratch = self._scratch_of()
+            # grad mode and autocast are per thread: the products never record a graph, and compute in
+            # compute_dtype even inside the caller's autocast (CUDA autocast would run mv in float16)
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                if self._stream is not None:
+                    return [work(tile, segs, scratch) for tile, segs in self._iter_cuda()]
                 return [work(self._tile(j, scratch), self._blocks[j], scratch)
                         for j in range(w * k // workers, (w + 1) * k // workers)]
 
@@ -465,17 +477,26 @@ class Basis:
             out.extend(f.result())
         return out
 
-    def _scratch_of(self, worker: int) -> dict:
-        return self._scratch.setdefault(worker, {})
+    def _scratch_of(self) -> dict:
+        """This thread's buffers: a basis may run products from several threads at once (and the pool's
+        threads serve every basis), so buffers are never shared between threads."""
+        return self._scratch.setdefault(threading.get_ident(), {})
+
+    @staticmethod
+    def _buffer(scratch: dict, key: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """scratch[key], made once: outside inference mode (a buffer made in it could not be written outside)."""
+        buf = scratch.get(key)
+        if buf is None:
+            with torch.inference_mode(False):
+                buf = scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
 
     def _tile(self, j: int, scratch: dict) -> torch.Tensor:
         """Tile j (d, cols) in :attr:`dtype` where the products run: held, or (a 16-bit basis streamed from
         the float32 memory map) rounded into this worker's buffer, as a held tile was."""
         if not self._round_tiles:
             return self._tiles[j]
-        tile = scratch.get("tile")
-        if tile is None:
-            tile = scratch["tile"] = torch.empty((self.d, self.block_rows), dtype=self.dtype)
+        tile = self._buffer(scratch, "tile", (self.d, self.block_rows), self.dtype, torch.device("cpu"))
         return tile.copy_(self._tiles[j])
 
     def _pieces(self, tile: torch.Tensor, b0: int, b1: int, scratch: dict) -> Iterator[tuple[int, torch.Tensor]]:
@@ -487,10 +508,7 @@ class Basis:
             k = min(b1, a + step) - a
             cols = tile[:, a:a + k]
             if self._upcast:
-                up = scratch.get("up")
-                if up is None:
-                    up = scratch["up"] = torch.empty((self.d, min(step, self.block_rows)), dtype=self.compute_dtype,
-                                                     device=self.device)
+                up = self._buffer(scratch, "up", (self.d, min(step, self.block_rows)), self.compute_dtype, self.device)
                 cols = up[:, :k].copy_(cols)
             yield a - b0, cols
 
@@ -509,8 +527,9 @@ class Basis:
     def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
         """Double-buffered: copy tile k+1 on a side stream while tile k is used."""
         if self._buffers is None:
-            self._buffers = [torch.empty((self.d, self.block_rows), dtype=self.dtype, device=self.device)
-                             for _ in range(2)]
+            with torch.inference_mode(False):
+                self._buffers = [torch.empty((self.d, self.block_rows), dtype=self.dtype, device=self.device)
+                                 for _ in range(2)]
         main = torch.cuda.current_stream(self.device)
         ready = [torch.cuda.Event(), torch.cuda.Event()]
         free = [torch.cuda.Event(), torch.cuda.Event()]

@@ -11,11 +11,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trajstore.errors import StoreWriteError, TrajstoreError
 
-from .subspace import Subspace
-from .tiles import put_rows, tile_count
+from .subspace import BasisDigest, Subspace, block_rows
+from .tiles import put_rows, rows_of, tile_count
 
 
 def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -> tuple[np.ndarray, str]:
@@ -66,8 +67,9 @@ def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -
             raise StoreWriteError(
                 f"the memory-mapped copy of subspace {sub.name!r} written to {target} does not read back as the "
                 "store's basis; check that disk, pass another cache_dir, or use host='pinned'")
-    for old in [*folder.glob("basis-*.f32.npy"), folder / "basis.f32.npy"]:  # other versions are stale
-        if old != target:
+    keep = f"{prefix}{_hex(digest)}-t"  # this extraction's copies (one per tile width) stay; others are stale
+    for old in [*folder.glob("basis-*.f32.npy"), folder / "basis.f32.npy"]:
+        if not old.name.startswith(keep):
             try:
                 old.unlink(missing_ok=True)  # a process still mapping it keeps its pages
             except OSError:
@@ -150,6 +152,13 @@ def _write_cached(folder: Path, prefix: str, sub: Subspace, cols: int) -> tuple[
         # rows of P into their tiles as they are read; raises, before the rename, when what was read is not the basis
         digest = sub.read(sink=functools.partial(put_rows, out))[1]
         out.flush()
+        copied, tiles, step = BasisDigest(), torch.from_numpy(out), block_rows((n, d))
+        for r0 in range(0, n, step):  # what the tiles hold must be the rows that were read and checked
+            copied.update(rows_of(tiles, n, r0, r0 + step))
+        if copied.hexdigest() != digest:
+            raise StoreWriteError(f"the tiled copy of subspace {sub.name!r} in {tmp} does not hold the basis that "
+                                  "was read; check that disk, pass another cache_dir, or use host='pinned'")
+        del tiles
         file_hash = _file_hash(out)
         del out
         target = folder / f"{prefix}{_hex(digest)}-t{cols}-{file_hash}.f32.npy"

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 
+MOVE_BYTES = 64 << 20  # float32 rows of P moved (and transposed) at a time by tiles_of
+
+
 def tile_count(n: int, cols: int) -> int:
     """Tiles of ``cols`` parameters that cover n."""
     return max(1, -(-n // cols))
@@ -27,15 +30,18 @@ def tiles_of(rows: "np.ndarray | torch.Tensor", cols: int, dtype: torch.dtype, *
     n, d = rows.shape
     k = tile_count(n, cols)
     out = torch.empty((k, d, cols), dtype=dtype, device=device, pin_memory=pin)  # (k, d, cols)
+    step = max(1, min(cols, MOVE_BYTES // (d * 4)))  # rows moved at a time: host memory stays bounded
     for j in range(k):
         c0, c1 = j * cols, min(n, (j + 1) * cols)
-        block = rows[c0:c1]  # (k, d)
-        if isinstance(block, np.ndarray) and out.device.type == "cpu" and out.dtype == torch.float32:
-            np.copyto(out[j].numpy()[:, :c1 - c0], block.T)  # straight from a (read-only) memory map
-        else:
+        for r0 in range(c0, c1, step):
+            r1 = min(c1, r0 + step)
+            block, dst = rows[r0:r1], out[j, :, r0 - c0:r1 - c0]  # (m, d) -> (d, m)
+            if isinstance(block, np.ndarray) and out.device.type == "cpu" and out.dtype == torch.float32:
+                np.copyto(dst.numpy(), block.T)  # straight from a (read-only) memory map
+                continue
             if isinstance(block, np.ndarray):  # a read-only memory map is copied: torch cannot share it
                 block = torch.from_numpy(np.array(block) if not block.flags.writeable else np.ascontiguousarray(block))
-            out[j, :, :c1 - c0].copy_(block.T)
+            dst.copy_(block.to(out.device).T)  # rows cross as they are, and are transposed where out lives
         if c1 - c0 < cols:
             out[j, :, c1 - c0:].zero_()
     return out

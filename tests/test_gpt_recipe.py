@@ -165,7 +165,7 @@ def test_bench_scale_phases_at_a_tiny_size(tmp_path):
     assert not (cfg.store / "subspaces" / "d8").exists()  # only the trained subspace is kept
     res, mm = report["train_resident"], report["train_mmap"]
     assert res["basis_mode"] == "resident" and mm["basis_mode"] == "streamed"
-    assert mm["mmap_file_bytes"] == rec["n_params"] * 3 * 4
+    assert 0 < mm["mmap_file_bytes"] - rec["n_params"] * 3 * 4 < 16 * 3 * 4 + 4096  # tiles (last padded), .npy header
     assert mm["max_loss_diff_vs_resident"] < 1e-4  # the same P-SGD steps, P read from the memory map
     assert all(np.isfinite(res[k]) for k in ("psgd_ms", "sgd_ms", "adamw_ms", "psgd_ratio_vs_adamw"))
 

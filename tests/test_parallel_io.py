@@ -163,6 +163,21 @@ def test_failed_parallel_write_commits_nothing_and_leaves_no_temp_file(tmp_path,
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
 
 
+def test_a_with_block_left_on_a_writer_error_raises_that_error_not_a_reminder(tmp_path):
+    """Review finding: leaving ``with store:`` on the writer's error, close() replaced it by its
+    "failed earlier" reminder (an ``except NonFiniteError`` around the block missed a deferred NaN)."""
+    x = trajectory(3, 5000)
+    store = write_store(tmp_path / "s.zarr", x[:2], chunk=1024, shard=2048, close=False)
+    (tmp_path / "s.zarr" / "params" / "c" / "2").write_bytes(b"in the way")
+    with pytest.raises(StoreWriteError) as raised:
+        with store:
+            store.append(x[2], step=100)
+            store.flush()
+    assert "failed earlier" not in str(raised.value) and "snapshot 2" in str(raised.value)
+    with TrajectoryStore.open(tmp_path / "s.zarr") as reread:
+        assert len(reread) == 2
+
+
 def test_thread_setting(monkeypatch):
     monkeypatch.delenv(parallel.ENV, raising=False)
     assert parallel.threads() == parallel.cores() >= 1

@@ -1,5 +1,7 @@
 """The subspace products on P's column tiles: accuracy against float64, and the same bits whatever
 holds P (resident, streamed, memory-mapped) and however many threads share the tiles out."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,126 @@ def test_grad_mode_is_off_in_every_product_thread():
     with torch.no_grad():
         basis.add_lifted_([w], torch.ones(d))
     assert w.grad_fn is None and not torch.equal(w.detach(), torch.zeros(n))
+
+
+def test_one_basis_used_from_two_threads_at_once_gives_each_its_own_result():
+    """Review finding: the products' buffers were shared by every caller of one basis (wrong weights)."""
+    import threading
+
+    n, d = 1_600_000, 8
+    q, _ = _problem(n, d)
+    basis = Basis(q, ParamLayout([TensorSpec("w", (n,), "float32")]), mode="resident", block_rows=16_384)
+    coeffs = [torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    want = [basis.lift(c)[0].clone() for c in coeffs]
+    worst = [0.0, 0.0]
+
+    def run(i: int) -> None:
+        for _ in range(10):
+            worst[i] = max(worst[i], float((basis.lift(coeffs[i])[0] - want[i]).abs().max()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert worst == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_under_inference_mode_then_outside_it(dtype):
+    """Review finding: buffers made under inference_mode could not be written outside it (RuntimeError)."""
+    n, d = 1000, 3
+    q, g = _problem(n, d)
+    basis = Basis(q, ParamLayout([TensorSpec("w", (n,), "float32")]), dtype=dtype)
+    with torch.inference_mode():
+        inside = basis.lift(torch.ones(d))[0].clone()
+        g_inside = basis.project([g])
+    assert torch.equal(basis.lift(torch.ones(d))[0], inside)
+    assert torch.equal(basis.project([g]), g_inside)
+
+
+def test_a_basis_without_rows_projects_to_zero_and_lifts_nothing():
+    """An FSDP2 rank whose shards are all empty holds no rows: g̃ = 0 (its share of the all-reduce), no crash."""
+    layout = ParamLayout([TensorSpec("w", (0,), "float32")])
+    basis = Basis(np.zeros((0, 4), np.float32), layout)
+    assert torch.equal(basis.project([torch.zeros(0)]), torch.zeros(4, dtype=torch.float64))
+    w = torch.zeros(0)
+    basis.add_lifted_([w], torch.ones(4))
+    assert w.numel() == 0
+
+
+def test_the_product_pool_works_in_a_forked_child():
+    """Review finding: after fork the pool's threads are gone and a product waited forever."""
+    import os
+
+    n, d = 1_200_000, 2
+    q, g = _problem(n, d)
+    basis = Basis(q, ParamLayout([TensorSpec("w", (n,), "float32")]), mode="resident", block_rows=65_536)
+    want = basis.project([g])  # the parent's pool has started
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when the product finishes and agrees
+        code = 1
+        try:
+            torch.set_num_threads(2)
+            code = 0 if torch.equal(basis.project([g]), want) else 3
+        finally:
+            os._exit(code)
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the product in the forked child did not finish in 60 s")
+
+
+# -- the memory-mapped copy in tiles ------------------------------------------------------------------------
+def _extracted(tmp_path, n=20_000, d=4):
+    from pipeline import extract_subspace
+
+    from .synthetic import trajectory, write_store
+
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(12, n), chunk=1024, shard=4096)
+    extract_subspace(path, dim=d)
+    return path
+
+
+def test_a_tiled_copy_that_does_not_hold_the_rows_read_is_never_renamed_into_use(tmp_path, monkeypatch):
+    """Review finding: the file hash in the name was taken of whatever the tiling wrote; a tiling bug
+    would have been used. The tiles are now checked against the extraction's digest before the rename."""
+    import pipeline.basis_cache as cache
+    from pipeline.tiles import put_rows
+    from trajstore.errors import StoreWriteError
+
+    path = _extracted(tmp_path)
+
+    def off_by_one(tiles, r0, rows):
+        put_rows(tiles, r0, rows * (1 + 1e-6 * (r0 == 0)))  # the first block slightly wrong
+
+    monkeypatch.setattr(cache, "put_rows", off_by_one)
+    with pytest.raises(StoreWriteError, match="does not hold the basis"):
+        Basis.from_store(path, host="mmap")
+    assert not list((path / "subspaces" / "default").glob("basis-*.f32.npy"))
+    monkeypatch.undo()
+    from pipeline import open_subspace
+
+    np.testing.assert_array_equal(Basis.from_store(path, host="mmap").to_numpy(), open_subspace(path).to_numpy())
+
+
+def test_copies_of_two_tile_widths_live_side_by_side(tmp_path):
+    """Review finding: loaders with different tile widths deleted each other's copy (a rebuild every load)."""
+    path = _extracted(tmp_path)
+    folder = path / "subspaces" / "default"
+    a = Basis.from_store(path, host="mmap", block_rows=4096)
+    b = Basis.from_store(path, host="mmap", block_rows=8192)
+    assert a.mapped_file != b.mapped_file and len(list(folder.glob("basis-*.f32.npy"))) == 2
+    before = Path(a.mapped_file).stat().st_mtime_ns
+    again = Basis.from_store(path, host="mmap", block_rows=4096)
+    assert again.mapped_file == a.mapped_file and Path(a.mapped_file).stat().st_mtime_ns == before  # reused
+    assert np.array_equal(again.to_numpy(), b.to_numpy())

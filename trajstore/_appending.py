@@ -134,7 +134,16 @@ class Appending:
                               optimizer=captured)
             # in a job, an error of the writer surfacing only now would be raised on this rank alone: it
             # waits for the next acquire or flush, which every rank exchanges
-            self._writer.submit(job, check=self._ctx is None)
+            try:
+                self._writer.submit(job, check=self._ctx is None)
+            except BaseException:  # an earlier background error: this row is not queued, its buffer is free
+                if ready is not None:  # once a device copy into it has landed
+                    try:
+                        ready()
+                    except BaseException:  # noqa: BLE001 -- its verdict no longer matters
+                        pass
+                self._writer.release(buf)
+                raise
         return index
 
     def _capture_optimizer(self, optimizer: object, source: object, step: int,
@@ -240,15 +249,16 @@ class Appending:
         if error is not None:
             raise error
 
-    def _close_local(self) -> None:
-        """Stop this process's writer (after it wrote what was queued) and release the lock it holds."""
+    def _close_local(self, repeat_failure: bool = True) -> None:
+        """Stop this process's writer (after it wrote what was queued) and release the lock it holds.
+        ``repeat_failure=False``: a writer error already raised is not raised again."""
         if self._closed:
             return
         self._closed = True
         OPEN_WRITERS.discard(self)
         try:
             if self._writer is not None:
-                self._writer.close()
+                self._writer.close(repeat_failure)
         finally:
             self._device_copier = None  # its device staging buffer (freed once its copies are done)
             if self._lock is not None:

@@ -239,6 +239,8 @@ class TrajectoryStore(Appending):
     def __exit__(self, *exc) -> None:
         if exc[0] is not None and self._ctx is not None:
             self._close_local()  # leaving on an error: the other ranks may never reach a collective close
+        elif exc[0] is not None:  # the error in flight stays the one raised (a writer error raised already
+            self._close_local(repeat_failure=False)  # is not replaced by its "failed earlier" reminder)
         else:
             self.close()
 

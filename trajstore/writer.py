@@ -111,19 +111,20 @@ class BackgroundWriter:
         self._jobs.join()
         self.raise_pending()
 
-    def close(self) -> None:
-        """Flush, then stop the thread. Raises a pending background error."""
+    def close(self, repeat_failure: bool = True) -> None:
+        """Flush, then stop the thread. Raises a pending background error; ``repeat_failure=False``: not the
+        "failed earlier" reminder of one already raised (a ``with`` block left on that very error)."""
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
-        self.raise_pending()
+        self.raise_pending(repeat_failure)
 
-    def raise_pending(self) -> None:
+    def raise_pending(self, repeat_failure: bool = True) -> None:
         if self._error is not None:
             err, self._error = self._error, None
             self._failed = err
             raise err
-        if self._failed is not None:
+        if self._failed is not None and repeat_failure:
             raise StoreWriteError(
                 f"the background writer failed earlier ({self._failed}); nothing after the last "
                 "committed snapshot was written. Fix the cause and reopen the store with mode='a'"
