@@ -4,7 +4,7 @@ For P (n, d) float32 at n = 1M and 10M, d = 15 and 40, in one run:
   read      one read of P (``tiles.sum()`` over all threads): the measured read bandwidth;
   bound     the two-pass bound of a P-SGD step, 2·n·d·4 bytes ÷ that bandwidth;
   row-major the previous Basis: P (n, d) row-major, one float32 gemv per tensor (``P.T @ g``, ``w += P @ c``);
-  tiled     today's Basis (P transposed in column tiles, shared over the threads, g̃ folded into float64 per
+  tiled     today's Basis (and the same on one thread: the layout's gain alone) (P transposed in column tiles, shared over the threads, g̃ folded into float64 per
             piece), resident and memory-mapped (``host="mmap"``: each tile transposed as it is read);
   P-SGD     ``SubspaceSGD.step()`` alone (the gradient already there), resident, whose extra work over a
             plain step is the two products.
@@ -81,13 +81,20 @@ def bench_one(n: int, d: int, repeats: int, folder: Path) -> dict:
         out[f"{label}_project_ms"] = median_ms(lambda: basis.project(grads), repeats)
         out[f"{label}_lift_ms"] = median_ms(lambda: basis.add_lifted_(w, c, alpha=-0.1), repeats)
         out[f"{label}_error"] = error(basis.project(grads))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the layout's gain alone: the tiles on one thread
+    try:
+        out["tiled_1thread_project_ms"] = median_ms(lambda: resident.project(grads), repeats)
+        out["tiled_1thread_lift_ms"] = median_ms(lambda: resident.add_lifted_(w, c, alpha=-0.1), repeats)
+    finally:
+        torch.set_num_threads(threads)
     del mapped
     params = [torch.nn.Parameter(torch.zeros(n - 1000)), torch.nn.Parameter(torch.zeros(1000))]
     for p, gl in zip(params, grads):
         p.grad = gl.clone()
     opt = SubspaceSGD(params, resident, lr=0.1, momentum=0.9)
     out["psgd_step_ms"] = median_ms(opt.step, repeats)
-    for label in ("row_major", "tiled", "mapped"):
+    for label in ("row_major", "tiled", "tiled_1thread", "mapped"):
         both = out[f"{label}_project_ms"] + out[f"{label}_lift_ms"]
         out[f"{label}_products_ms"] = both
         out[f"{label}_vs_bound"] = both / out["bound_ms"]
@@ -119,7 +126,7 @@ def main() -> None:
                       f"{r['bound_ms']:.1f} ms | row-major {r['row_major_products_ms']:.1f} ms "
                       f"({r['row_major_vs_bound']:.2f}x bound, err {r['row_major_error']:.1e}) | tiled "
                       f"{r['tiled_products_ms']:.1f} ms ({r['tiled_vs_bound']:.2f}x, err {r['tiled_error']:.1e}, "
-                      f"{r['speedup_vs_row_major']:.2f}x faster) | mapped {r['mapped_products_ms']:.1f} ms "
+                      f"{r['speedup_vs_row_major']:.2f}x faster; on 1 thread {r['tiled_1thread_products_ms']:.1f} ms) | mapped {r['mapped_products_ms']:.1f} ms "
                       f"({r['mapped_vs_bound']:.2f}x) | P-SGD step() {r['psgd_step_ms']:.1f} ms "
                       f"({r['psgd_step_vs_bound']:.2f}x bound)", flush=True)
     report = {"results": results, "peak_rss_MiB": peak_rss_mib(), "threads": torch.get_num_threads()}
