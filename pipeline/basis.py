@@ -89,11 +89,17 @@ def piece_cols(d: int, device: torch.device, dtype: torch.dtype) -> int:
     return min(cols, max(1, UPCAST_BYTES // (d * 4))) if compute_dtype(dtype) != dtype else cols
 
 
+def product_threads() -> int:
+    """Threads the CPU products may use: ``TRAJSTORE_PRODUCT_THREADS``, else ``torch.get_num_threads()``."""
+    value = os.environ.get("TRAJSTORE_PRODUCT_THREADS", "").strip()
+    return max(1, int(value)) if value.isdigit() else torch.get_num_threads()
+
+
 def product_workers(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
-    """Threads the products run on: on the CPU up to ``torch.get_num_threads()``, one per run of tiles."""
+    """Threads the products run on: on the CPU up to :func:`product_threads`, one per run of tiles."""
     if device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), tile_count(n, tile_cols(n, d, device, mode, block_rows))))
+    return max(1, min(product_threads(), tile_count(n, tile_cols(n, d, device, mode, block_rows))))
 
 
 def scratch_bytes(n: int, d: int, device: torch.device, mode: str, dtype: torch.dtype, block_rows: int | None = None,
@@ -125,7 +131,7 @@ if hasattr(os, "register_at_fork"):
 
 def _pool() -> ThreadPoolExecutor:
     """The threads that run the products' tiles on the CPU (each product call runs on one core)."""
-    size = max(1, torch.get_num_threads() - 1)
+    size = max(1, product_threads() - 1)
     with _pool_lock:
         if size not in _pools:
             _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="trajstore-basis")
@@ -452,7 +458,7 @@ class Basis:
         k = len(self._blocks)
         if k == 0:  # no rows here (an FSDP2 rank whose shards are all empty)
             return []
-        workers = min(torch.get_num_threads(), k) if self.device.type == "cpu" else 1
+        workers = min(product_threads(), k) if self.device.type == "cpu" else 1
 
         def run(w: int) -> list:
             scratch = self._scratch_of()
