@@ -100,9 +100,10 @@ def _table(p, planning) -> Table:
         ("placement", f"{where}: {p.mode} on {p.device} (the rule: resident when P <= {p.fraction:g} x "
                       f"{size(p.device_memory)}, {p.device_memory_source})"
                       + (f"; {host}" if p.mode == "streamed" else "")),
-        ("P copied into RAM" if cpu else "P in device memory", size(p.basis_device_bytes)
+        ("P in RAM" if cpu else "P in device memory", size(p.basis_device_bytes)
          + ("" if not cpu or p.mode == "resident" else
-            f" (streamed: blocks are read in place from {'the memory-mapped file' if p.host == 'mmap' else 'RAM'})")),
+            " (streamed: tiles read in place from the memory-mapped file; this is the products' buffers)"
+            if p.host == "mmap" else " (streamed on the CPU: the tiles are held in RAM)")),
         ("bytes per P-SGD step", f"{size(p.step_device_bytes)} through {memory}"
          + (f", {size(p.step_link_bytes)} host-to-device" if p.step_link_bytes else "")
          + (f", {size(p.step_disk_bytes)} read from disk" if p.step_disk_bytes else "")),

@@ -73,7 +73,9 @@ def tile_cols(n: int, d: int, device: torch.device, mode: str, block_rows: int |
     64 MiB of float32 P, CPU: :data:`CPU_TILE_COLS` (tiles the cores share out); rounded up to a multiple of
     :data:`ALIGN_COLS` (every tile then starts as aligned as the first: BLAS kernels round by alignment, and
     P held anywhere, or tiled from a memory map, gives the same bits), at most n."""
-    if block_rows:
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
+            raise InvalidArgumentError(f"block_rows must be a positive integer (parameters per tile), got {block_rows!r}")
         cols = int(block_rows)
     elif device.type == "cuda":
         cols = n if mode == "resident" else (64 << 20) // (d * 4) // ALIGN_COLS * ALIGN_COLS
@@ -90,9 +92,22 @@ def piece_cols(d: int, device: torch.device, dtype: torch.dtype) -> int:
 
 
 def product_threads() -> int:
-    """Threads the CPU products may use: ``TRAJSTORE_PRODUCT_THREADS``, else ``torch.get_num_threads()``."""
+    """Threads the CPU products may use: ``TRAJSTORE_PRODUCT_THREADS`` (a positive integer), else
+    ``torch.get_num_threads()``. Another value is reported once with a RuntimeWarning and not used: the
+    setting changes how fast the products run, never their bits."""
     value = os.environ.get("TRAJSTORE_PRODUCT_THREADS", "").strip()
-    return max(1, int(value)) if value.isdigit() else torch.get_num_threads()
+    if not value:
+        return torch.get_num_threads()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value not in _warned:
+        _warned.add(value)
+        warnings.warn(f"TRAJSTORE_PRODUCT_THREADS={value!r} is not a positive integer: using torch.get_num_threads()",
+                      RuntimeWarning, stacklevel=2)
+    return torch.get_num_threads()
+
+
+_warned: set[str] = set()
 
 
 def product_workers(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
@@ -138,6 +153,14 @@ def _pool() -> ThreadPoolExecutor:
         return _pools[size]
 
 
+def _check_device(device: "str | torch.device") -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device={str(device)!r} but torch sees no CUDA device here: use device='cpu', "
+                                   "or check the CUDA install (torch.cuda.is_available())")
+    return device
+
+
 def _check_dtype(dtype: object) -> None:
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(map(str, DTYPES))} (P is a float basis), "
@@ -176,7 +199,8 @@ class Basis:
                  dtype: torch.dtype = torch.float32, mode: str = "auto", block_rows: int | None = None,
                  fraction: float = 0.5, name: str = "", digest: str | None = None,
                  tiles: "torch.Tensor | np.ndarray | None" = None):
-        """``host``: P (n, d) float32 (numpy, possibly a read-only memory map, or a CPU tensor). ``tiles``: the
+        """``host``: P (n, d) float32 (numpy or a CPU tensor; a memory map of rows is read into tiles in RAM:
+        to stream P from disk, use ``from_store(host="mmap")`` or pass its tiled map as ``tiles``). ``tiles``: the
         same P already in host tiles (k, d, block_rows) float32: a tensor (:meth:`from_store` tiles its read in
         place) or a read-only numpy memory map (``host="mmap"``, read in place when streamed); ``host`` then
         gives only the shape. ``digest``: the whole basis's, when known (else computed when needed).
@@ -184,7 +208,7 @@ class Basis:
         n, d = host.shape
         _check_dtype(dtype)
         mapped = isinstance(tiles, np.ndarray)  # from_store(host="mmap"): the read-only file
-        self.mapped_file: str | None = getattr(tiles, "filename", None) if mapped else None  # its path
+        self.mapped_file: str | None = str(tiles.filename) if mapped else None  # its path
         if mapped:
             with warnings.catch_warnings():  # torch warns of a read-only array: the products only read it
                 warnings.simplefilter("ignore", UserWarning)
@@ -192,7 +216,7 @@ class Basis:
         if n != layout.n:
             raise LayoutMismatchError(f"basis has {n} rows but the layout has {layout.n} parameters")
         self.layout, self.n, self.d, self.dtype, self.name = layout, n, d, dtype, name
-        self.device = torch.device(device)
+        self.device = _check_device(device)
         self.mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, self.device, fraction)
         self.compute_dtype = compute_dtype(dtype)  # of the products: float32 for a 16-bit P
         self.block_rows = tile_cols(n, d, self.device, self.mode, block_rows)  # parameters per tile
@@ -209,6 +233,7 @@ class Basis:
         # where P lives: tiles (k, d, cols) on the device (resident, or any CPU basis held in RAM), in host memory
         # (CUDA streamed, pinned), or in the memory-mapped file of from_store(host="mmap") (streamed)
         self._round_tiles = False  # a 16-bit basis streamed from a float32 memory map rounds each tile as used
+        self._in_place = False  # the tiles are the memory map itself (from_store(host="mmap"), streamed)
         self._tiles = self._make_tiles(host, tiles, mapped)
         self._blocks = [self._segments_of(c0, min(n, c0 + self.block_rows)) for c0 in range(0, n, self.block_rows)]
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.mode == "streamed" else None
@@ -255,6 +280,7 @@ class Basis:
         if host not in ("auto", "pinned", "mmap"):
             raise InvalidArgumentError(f"host must be 'auto', 'pinned' or 'mmap', got {host!r}")
         _check_dtype(dtype)
+        _check_device(device)
         sharding, checked = None, False
         if model is not None:  # an evaluation forward leaves the FSDP2 root gathered, its parameters plain
             reshard(fsdp_modules(model.modules()))
@@ -421,9 +447,11 @@ class Basis:
         return self._rows(0, self.n)
 
     def device_bytes(self) -> int:
-        """Device memory held for P: all of it (resident) or the two tile buffers (CUDA streamed), plus each
-        product thread's buffers once the products have run (see :func:`scratch_bytes`)."""
-        held = [self._tiles] if self.mode == "resident" else list(self._buffers or ())
+        """Device memory held for P: all of it (resident, and on the CPU any basis not read from the memory map
+        in place) or the two tile buffers (CUDA streamed), plus each product thread's buffers once the products
+        have run (see :func:`scratch_bytes`)."""
+        in_ram = self.device.type == "cpu" and not self._in_place  # a CPU basis's tiles in RAM: its "device"
+        held = [self._tiles] if self.mode == "resident" or in_ram else list(self._buffers or ())
         held += [b for scratch in self._scratch.values() for b in scratch.values() if b.device == self.device]
         return sum(b.numel() * b.element_size() for b in held)
 
@@ -439,8 +467,9 @@ class Basis:
             raise InvalidArgumentError(f"tiles of shape {tuple(tiles.shape)} do not hold P ({self.n}, {self.d}) "
                                        f"in tiles of {self.block_rows} columns")
         if mapped and self.mode == "streamed":  # read in place (a 16-bit basis rounds each tile as it is used)
-            self._round_tiles = tiles.dtype != self.dtype
+            self._round_tiles, self._in_place = tiles.dtype != self.dtype, True
             return tiles
+        self.mapped_file = None  # copied out of the map: not read from it
         if where.type == "cpu" and not pin:
             return tiles.clone() if mapped and tiles.dtype == self.dtype else tiles.to(self.dtype)  # into RAM
         low = tiles.to(self.dtype)
@@ -459,12 +488,14 @@ class Basis:
         if k == 0:  # no rows here (an FSDP2 rank whose shards are all empty)
             return []
         workers = min(product_threads(), k) if self.device.type == "cpu" else 1
+        inference = torch.is_inference_mode_enabled()  # the caller's: its tensors may be inference tensors
 
         def run(w: int) -> list:
             scratch = self._scratch_of()
-            # grad mode and autocast are per thread: the products never record a graph, and compute in
-            # compute_dtype even inside the caller's autocast (CUDA autocast would run mv in float16)
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            # grad mode, inference mode and autocast are per thread: the products never record a graph, write
+            # the caller's tensors as the caller could, and compute in compute_dtype even inside the caller's
+            # autocast (CUDA autocast would run mv in float16)
+            with torch.inference_mode(inference), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 if self._stream is not None:
                     return [work(tile, segs, scratch) for tile, segs in self._iter_cuda()]
                 return [work(self._tile(j, scratch), self._blocks[j], scratch)

@@ -133,7 +133,7 @@ def _open_cached(target: Path, sub: Subspace, cols: int, file_hash: str) -> np.n
     n, d = sub.basis.shape
     try:
         data = np.load(target, mmap_mode="r")  # (k, d, cols)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # missing, not an .npy, empty (a crash before its data reached disk)
         return None
     if data.shape != (tile_count(n, cols), d, cols) or data.dtype != np.float32 or not data.flags.c_contiguous:
         return None

@@ -242,7 +242,9 @@ def plan(params: "int | str", dim: "int | str", snapshots: "int | str | None" = 
     # resident: all of P; streamed: two tile buffers on an accelerator (none on the CPU, which reads RAM);
     # plus the products' buffers (per thread: P c of a piece, a 16-bit basis's upcast piece, a mapped tile)
     tiles = tile_count(n, cols) * cols * d * size  # P in tiles, the last one padded
-    held = tiles if mode == "resident" else 2 * cols * d * size if accelerator else 0
+    # the CPU's "device" is RAM: P's tiles are held there unless read from the memory map in place
+    in_ram = not accelerator and location != "memory-mapped disk"
+    held = tiles if mode == "resident" or in_ram else 2 * cols * d * size if accelerator else 0
     device_bytes = held + scratch_bytes(n, d, torch.device(target), mode, basis_dtype, block_rows,
                                         mapped=location == "memory-mapped disk")
     step_link = 2 * basis_bytes if mode == "streamed" and accelerator else 0  # P's blocks, once per product

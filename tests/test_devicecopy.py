@@ -169,3 +169,16 @@ def test_restage_that_fails_leaves_the_pool_as_it_was():
     writer.release(a)
     writer.release(b)
     writer.close()
+
+
+@pytest.mark.parametrize("bad", ["false", 0, 1, "no"])
+def test_async_device_copy_takes_a_bool_only(tmp_path, bad):
+    """New-user finding: "false" turned the feature on (bool("false") is True)."""
+    from trajstore import TrajectoryStore
+    from trajstore.errors import InvalidArgumentError
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(InvalidArgumentError, match="async_device_copy"):
+        TrajectoryStore.create(tmp_path / "s.zarr", model, async_device_copy=bad)
+    with TrajectoryStore.create(tmp_path / "s.zarr", model, overwrite=True, async_device_copy=False) as store:
+        assert store.async_device_copy is False  # the refused create released its lock

@@ -200,10 +200,65 @@ def test_copies_of_two_tile_widths_live_side_by_side(tmp_path):
     """Review finding: loaders with different tile widths deleted each other's copy (a rebuild every load)."""
     path = _extracted(tmp_path)
     folder = path / "subspaces" / "default"
-    a = Basis.from_store(path, host="mmap", block_rows=4096)
-    b = Basis.from_store(path, host="mmap", block_rows=8192)
+    a = Basis.from_store(path, host="mmap", mode="streamed", block_rows=4096)
+    b = Basis.from_store(path, host="mmap", mode="streamed", block_rows=8192)
     assert a.mapped_file != b.mapped_file and len(list(folder.glob("basis-*.f32.npy"))) == 2
     before = Path(a.mapped_file).stat().st_mtime_ns
-    again = Basis.from_store(path, host="mmap", block_rows=4096)
+    again = Basis.from_store(path, host="mmap", mode="streamed", block_rows=4096)
     assert again.mapped_file == a.mapped_file and Path(a.mapped_file).stat().st_mtime_ns == before  # reused
     assert np.array_equal(again.to_numpy(), b.to_numpy())
+
+
+def test_lift_under_inference_mode_with_several_threads_writes_inference_tensors():
+    """New-user finding: the pool's threads were outside the caller's inference mode, and could not write
+    the inference tensors it passed (RuntimeError)."""
+    n, d = 1_100_000, 3
+    q, _ = _problem(n, d)
+    basis = Basis(q, ParamLayout([TensorSpec("w", (n,), "float32")]), mode="resident", block_rows=65_536)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = basis.lift(torch.ones(d))[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(got.double(), q.double().sum(1), atol=1e-6)
+
+
+def test_an_empty_cache_file_is_rebuilt(tmp_path):
+    """New-user finding: a 0-byte copy (a crash before its data reached the disk) raised EOFError on every load."""
+    from pipeline import open_subspace
+
+    path = _extracted(tmp_path)
+    first = Basis.from_store(path, host="mmap", mode="streamed")
+    Path(first.mapped_file).write_bytes(b"")
+    again = Basis.from_store(path, host="mmap", mode="streamed")
+    np.testing.assert_array_equal(again.to_numpy(), open_subspace(path).to_numpy())
+
+
+@pytest.mark.parametrize("bad", [0, -5, 3.5, True, "abc"])
+def test_block_rows_must_be_a_positive_integer(bad):
+    from trajstore.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="block_rows"):
+        Basis(np.zeros((100, 2), np.float32), ParamLayout([TensorSpec("w", (100,), "float32")]), block_rows=bad)
+
+
+def test_a_bad_product_thread_setting_warns_and_is_not_used(monkeypatch):
+    import pipeline.basis as basis_module
+
+    monkeypatch.setenv("TRAJSTORE_PRODUCT_THREADS", "abc")
+    monkeypatch.setattr(basis_module, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="TRAJSTORE_PRODUCT_THREADS"):
+        assert basis_module.product_threads() == torch.get_num_threads()
+    monkeypatch.setenv("TRAJSTORE_PRODUCT_THREADS", "1")
+    assert basis_module.product_threads() == 1
+
+
+def test_cuda_device_without_cuda_is_a_typed_error():
+    from trajstore.errors import InvalidArgumentError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidArgumentError, match="no CUDA device"):
+        Basis(np.zeros((100, 2), np.float32), ParamLayout([TensorSpec("w", (100,), "float32")]), device="cuda")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from ._lazy import is_module, is_tensor, torch as _torch
-from .errors import LayoutMismatchError, NonFiniteError
+from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError
 from .layout import BF16, torch_view
 
 if TYPE_CHECKING:
@@ -36,14 +36,24 @@ ENV = "TRAJSTORE_ASYNC_DEVICE_COPY"
 
 
 def enabled_by_default() -> bool:
-    """Whether stores copy CUDA weights asynchronously unless told otherwise (``TRAJSTORE_ASYNC_DEVICE_COPY``)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether stores copy CUDA weights asynchronously unless told otherwise (``TRAJSTORE_ASYNC_DEVICE_COPY``:
+    1/true/yes/on or 0/false/no/off; anything else is reported with a warning and the default, on, is used)."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value not in ("1", "true", "yes", "on", ""):
+        warnings.warn(f"{ENV}={value!r} is neither on (1/true/yes/on) nor off (0/false/no/off): using on",
+                      RuntimeWarning, stacklevel=3)
+    return True
 
 
 def configured(store: Any, async_device_copy: bool | None) -> Any:
     """``store`` with its ``async_device_copy`` option set (None: the default, :func:`enabled_by_default`)."""
     if async_device_copy is not None:
-        store.async_device_copy = bool(async_device_copy)
+        if not isinstance(async_device_copy, bool):  # "false" would be true
+            store._close_local()
+            raise InvalidArgumentError(f"async_device_copy must be True, False or None, got {async_device_copy!r}")
+        store.async_device_copy = async_device_copy
     return store
 
 
