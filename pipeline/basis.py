@@ -217,6 +217,8 @@ class Basis:
             raise LayoutMismatchError(f"basis has {n} rows but the layout has {layout.n} parameters")
         self.layout, self.n, self.d, self.dtype, self.name = layout, n, d, dtype, name
         self.device = _check_device(device)
+        if not 0 < fraction <= 1:
+            raise InvalidArgumentError(f"fraction must be in (0, 1] (of the free memory P may take), got {fraction!r}")
         self.mode = _choose_mode(mode, n * d * torch.finfo(dtype).bits // 8, self.device, fraction)
         self.compute_dtype = compute_dtype(dtype)  # of the products: float32 for a 16-bit P
         self.block_rows = tile_cols(n, d, self.device, self.mode, block_rows)  # parameters per tile
@@ -516,8 +518,16 @@ class Basis:
 
     def _scratch_of(self) -> dict:
         """This thread's buffers: a basis may run products from several threads at once (and the pool's
-        threads serve every basis), so buffers are never shared between threads."""
-        return self._scratch.setdefault(threading.get_ident(), {})
+        threads serve every basis), so buffers are never shared between threads; a new thread's entry
+        drops those of threads that have ended."""
+        me = threading.get_ident()
+        scratch = self._scratch.get(me)
+        if scratch is None:
+            alive = {t.ident for t in threading.enumerate()}
+            for gone in [key for key in self._scratch if key not in alive]:
+                self._scratch.pop(gone, None)
+            scratch = self._scratch[me] = {}
+        return scratch
 
     @staticmethod
     def _buffer(scratch: dict, key: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -36,7 +36,14 @@ import torch
 from trajstore.codecs import get_preset
 from trajstore.errors import InvalidArgumentError
 
-from .basis import DTYPES, UPCAST_BYTES, _choose_host, _choose_mode, scratch_bytes, tile_cols
+from .basis import (
+    DTYPES,
+    UPCAST_BYTES,
+    _choose_host,
+    _choose_mode,
+    scratch_bytes,
+    tile_cols,
+)
 from .tiles import tile_count
 
 # Compression ratios (raw float32 bytes / stored snapshot bytes) measured by benchmarks/bench_record.py
@@ -367,6 +374,8 @@ def _disk_bandwidth(given: float | None, folder: "str | os.PathLike | None") -> 
 
 
 def _positive(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidArgumentError(f"{what} must be a number of bytes per second (e.g. 2e10), got {value!r}")
     if not value > 0 or not np.isfinite(value):
         raise InvalidArgumentError(f"{what} must be a positive number of GB/s, got {value / 1e9:g} GB/s")
     return float(value)

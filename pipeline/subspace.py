@@ -15,6 +15,7 @@ from trajstore.columns import ColumnMap
 from trajstore.errors import (
     CorruptSnapshotError,
     InvalidArgumentError,
+    NotAStoreError,
     SubspaceChangedError,
     SubspaceNotFoundError,
 )
@@ -259,6 +260,18 @@ class Subspace:
         }
 
 
+def _open_store(path: "str | os.PathLike") -> TrajectoryStore:
+    """The store at ``path``, read-only; a ``trajstore train`` run directory is named as such, with its store."""
+    try:
+        return TrajectoryStore.open(path, "r")
+    except NotAStoreError:
+        inner = os.path.join(os.fspath(path), "trajectory.zarr")
+        if os.path.isdir(inner):
+            raise NotAStoreError(f"{path} is a `trajstore train` run directory, not a store: its store is {inner}; "
+                                 "pass that path") from None
+        raise
+
+
 def open_subspace(path: "str | os.PathLike | TrajectoryStore", name: str = "default") -> Subspace:
     """Read back a subspace written by :func:`pipeline.extract_subspace`.
 
@@ -267,7 +280,7 @@ def open_subspace(path: "str | os.PathLike | TrajectoryStore", name: str = "defa
     :meth:`Subspace.read` / :meth:`Subspace.to_numpy` (checked against the extraction's digest);
     ``basis`` and ``mean`` are the raw zarr arrays.
     """
-    store = path if isinstance(path, TrajectoryStore) else TrajectoryStore.open(path, "r")
+    store = path if isinstance(path, TrajectoryStore) else _open_store(path)
     seen = False  # listed (or complete) on an earlier try: going missing now means it is being replaced
     for attempt in range(ATTEMPTS):
         if attempt:

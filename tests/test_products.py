@@ -262,3 +262,22 @@ def test_cuda_device_without_cuda_is_a_typed_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(InvalidArgumentError, match="no CUDA device"):
         Basis(np.zeros((100, 2), np.float32), ParamLayout([TensorSpec("w", (100,), "float32")]), device="cuda")
+
+
+def test_a_run_directory_is_named_with_its_store_and_bad_numbers_are_typed(tmp_path):
+    """New-user findings: Basis.from_store on a `trajstore train` run directory gave no hint; fraction=0 and
+    plan(bandwidth="10") were taken silently or raised a raw TypeError."""
+    from pipeline.plan import plan
+    from trajstore.errors import InvalidArgumentError, NotAStoreError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _extracted(run)  # run/run.zarr
+    (run / "run.zarr").rename(run / "trajectory.zarr")
+    with pytest.raises(NotAStoreError, match="trajectory.zarr"):
+        Basis.from_store(run)
+    assert Basis.from_store(run / "trajectory.zarr").d == 4
+    with pytest.raises(InvalidArgumentError, match="fraction"):
+        Basis(np.zeros((100, 2), np.float32), ParamLayout([TensorSpec("w", (100,), "float32")]), fraction=0)
+    with pytest.raises(InvalidArgumentError, match="bandwidth"):
+        plan("1M", 4, device="cpu", bandwidth="10")
