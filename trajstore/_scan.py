@@ -16,8 +16,8 @@ import fsspec
 import numpy as np
 
 from . import optstate
-from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError
-from .format import BUFFERS, METRICS, NONFINITE, OPTIMIZER, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir
+from .errors import CorruptSnapshotError, InvalidArgumentError
+from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir
 from .store import TrajectoryStore
 
 READ_ERRORS = (CorruptSnapshotError, ValueError, RuntimeError, OSError, TypeError, KeyError)
@@ -193,31 +193,11 @@ def _scan_optimizer(store: TrajectoryStore, found: Scan, allowed: np.ndarray) ->
     """verify's checks of the optimizer state (format 3): every committed row of every key from its
     ``first_row`` (checksums, missing files, finiteness) through :func:`optstate.check_row`; damaged
     metadata is a store problem, as in verify."""
-    if not store.attrs.get("optimizer_state"):
-        return
-    try:
-        keys = optstate.keys(store)
-    except CorruptMetadataError as exc:
-        found.store_problems.append(str(exc))
-        return
-    for key, attrs in keys.items():
-        try:
-            first = max(0, int(attrs.get("first_row", 0)))
-        except (TypeError, ValueError):
-            found.store_problems.append(f"the attributes of {store.path}/{OPTIMIZER}/{key}/zarr.json are damaged "
-                                        f"(first_row {attrs.get('first_row')!r})")
-            continue
-        for i in range(first, found.committed):
-            try:
-                bad = optstate.check_row(store, key, attrs, i, BLOCK_BYTES)
-            except CorruptMetadataError as exc:
-                found.store_problems.append(str(exc))
-                break
-            except READ_ERRORS as exc:
-                found.flag(i, f"optimizer state {key!r} unreadable: {exc}")
-                continue
-            if bad and not allowed[i]:
-                found.flag(i, f"optimizer state {key!r}: {bad} non-finite values (not recorded with allow_nonfinite)")
+    for i, problem, nonfinite in optstate.problems(store, found.committed, allowed, BLOCK_BYTES, READ_ERRORS):
+        if i is None:
+            found.store_problems.append(problem)
+        else:
+            found.flag(i, problem + (" (not recorded with allow_nonfinite)" if nonfinite else ""))
 
 
 def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows: int,

@@ -279,31 +279,12 @@ def verify(path: "str | os.PathLike", progress: Callable[[int, int], None] | Non
 
 def _verify_optimizer(store: TrajectoryStore, t: int, allowed: np.ndarray, report: VerifyReport) -> None:
     """Every committed row of the optimizer state: checksums, missing files, layout, finiteness."""
-    if not store.attrs.get("optimizer_state"):
-        return
-    try:
-        keys = optstate.keys(store)
-    except CorruptSnapshotError as exc:
-        report.store_problems.append(str(exc))
-        return
-    for key, attrs in keys.items():
-        try:
-            first = int(attrs.get("first_row", 0))
-        except (TypeError, ValueError):
-            report.store_problems.append(f"the attributes of {store.path}/{OPTIMIZER}/{key}/zarr.json are damaged "
-                                         f"(first_row {attrs.get('first_row')!r})")
-            continue
-        for i in range(max(0, first), t):
-            try:
-                bad = optstate.check_row(store, key, attrs, i, _reader.CONTEXT_BYTES)
-            except CorruptMetadataError as exc:
-                report.store_problems.append(str(exc))
-                break
-            except (CorruptSnapshotError, ValueError, TypeError, KeyError, OSError) as exc:
-                report.problems.setdefault(i, []).append(f"optimizer state {key!r} unreadable: {exc}")
-                continue
-            if bad and not allowed[i]:
-                report.problems.setdefault(i, []).append(f"optimizer state {key!r}: {bad} non-finite values")
+    read_errors = (CorruptSnapshotError, ValueError, TypeError, KeyError, OSError)
+    for i, problem, _ in optstate.problems(store, t, allowed, _reader.CONTEXT_BYTES, read_errors):
+        if i is None:
+            report.store_problems.append(problem)
+        else:
+            report.problems.setdefault(i, []).append(problem)
 
 
 def _row_arrays(store: TrajectoryStore, report: VerifyReport | None = None) -> list[str]:

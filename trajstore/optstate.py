@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import zarr
@@ -443,3 +443,35 @@ def check_row(store: "TrajectoryStore", key: str, attrs: dict, i: int, width_byt
         bad += int((~np.isfinite(scalars) & (present == SCALAR)).sum())
     return bad
 
+
+def problems(store: "TrajectoryStore", rows: int, allowed: np.ndarray, block_bytes: int,
+             read_errors: tuple) -> "Iterator[tuple[int | None, str, bool]]":
+    """verify's and repair's checks of the optimizer state: every committed row (< ``rows``) of every key
+    from its ``first_row`` through :func:`check_row` (checksums, missing files, layout, finiteness). Yields
+    (None, a problem of the store, False) for damaged metadata, or (row, its problem, whether the problem is
+    non-finite values that ``allowed`` (rows recorded with allow_nonfinite) does not excuse)."""
+    if not store.attrs.get("optimizer_state"):
+        return
+    try:
+        found = keys(store)
+    except CorruptMetadataError as exc:
+        yield None, str(exc), False
+        return
+    for key, attrs in found.items():
+        try:
+            first = max(0, int(attrs.get("first_row", 0)))
+        except (TypeError, ValueError):
+            yield None, (f"the attributes of {store.path}/{OPTIMIZER}/{key}/zarr.json are damaged "
+                         f"(first_row {attrs.get('first_row')!r})"), False
+            continue
+        for i in range(first, rows):
+            try:
+                bad = check_row(store, key, attrs, i, block_bytes)
+            except CorruptMetadataError as exc:
+                yield None, str(exc), False
+                break
+            except read_errors as exc:
+                yield i, f"optimizer state {key!r} unreadable: {exc}", False
+                continue
+            if bad and not allowed[i]:
+                yield i, f"optimizer state {key!r}: {bad} non-finite values", True
