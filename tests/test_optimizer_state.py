@@ -154,17 +154,23 @@ def test_state_trajstore_cannot_record_and_nonfinite_state(tmp_path):
     assert store.attrs["committed"] == 1
 
 
-def test_corrupt_state_chunk_is_found_and_named(tmp_path):
+def _adam_run_with_a_flipped_state_byte(tmp_path, key: str) -> torch.nn.Module:
+    """4 Adam snapshots with their state in run.zarr, then one bit of row 2's ``key`` shard flipped; the model."""
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
         for step in range(4):
             train(model, opt, range(step, step + 1))
             store.append(model, step=step, optimizer=opt)
-    shard = tmp_path / "run.zarr" / "optimizer" / "exp_avg_sq" / "values" / "c" / "2" / "0"
+    shard = tmp_path / "run.zarr" / "optimizer" / key / "values" / "c" / "2" / "0"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x10
     shard.write_bytes(bytes(data))
+    return model
+
+
+def test_corrupt_state_chunk_is_found_and_named(tmp_path):
+    model = _adam_run_with_a_flipped_state_byte(tmp_path, "exp_avg_sq")  # in row 2
     report = verify(tmp_path / "run.zarr")
     assert not report.ok and list(report.problems) == [2]
     assert "optimizer state 'exp_avg_sq' unreadable" in report.problems[2][0]
@@ -408,16 +414,7 @@ def test_repair_truncates_at_corrupt_state(tmp_path):
     """A flipped byte in optimizer state: repair finds it (as verify does) and truncates there."""
     from trajstore.maintenance import repair
 
-    model = make_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with TrajectoryStore.create(tmp_path / "run.zarr", model, optimizer_state=True) as store:
-        for step in range(4):
-            train(model, opt, range(step, step + 1))
-            store.append(model, step=step, optimizer=opt)
-    shard = tmp_path / "run.zarr" / "optimizer" / "exp_avg" / "values" / "c" / "2" / "0"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 3] ^= 0x10
-    shard.write_bytes(bytes(data))
+    _adam_run_with_a_flipped_state_byte(tmp_path, "exp_avg")  # in row 2
     dry = repair(tmp_path / "run.zarr", dry_run=True)
     assert dry.action == "truncate" and [d.index for d in dry.dropped if d.bad] == [2]
     assert "optimizer state 'exp_avg'" in dry.dropped[0].reasons[0]
