@@ -16,6 +16,7 @@ import zarr
 from . import devicecopy, distributed, optstate, shardwrite
 from ._creating import BACKFILL, backfill, create_row_array
 from ._lazy import is_module
+from .chunkwrite import ChunkWriter
 from ._values import check_epoch, check_metrics, check_source, check_step
 from .durability import commit_files, fsync_paths, row_files
 from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
@@ -358,13 +359,20 @@ class Appending:
 
     def _ensure_capacity(self, rows: int) -> None:
         """Grow every per-snapshot array to hold ``rows`` rows. Each array is checked on its own: a
-        writer killed between two resizes leaves them at different sizes, and that must heal."""
+        writer killed between two resizes leaves them at different sizes, and that must heal. Once
+        every array holds ``capacity`` rows, rows up to it need no check (arrays made later, a metric
+        or an optimizer-state key, are made that long); growing doubles, so this opens them rarely."""
+        if rows <= getattr(self, "_capacity", 0):
+            return
+        self._capacity = 0
+        self._writables = {}  # arrays opened before a resize hold the old shape
         arrays = [self.array(name) for name in self._row_array_names()] + optstate.arrays(self._group)
         largest = max(arr.shape[0] for arr in arrays)
         capacity = largest if largest >= rows else max(rows, 2 * largest, 16)
         for arr in arrays:
             if arr.shape[0] < capacity:
                 arr.resize((capacity, *arr.shape[1:]))
+        self._capacity = capacity
 
     def _write_row(self, job: Job) -> None:
         """Runs on the writer thread: data rows first, the commit last."""
@@ -438,24 +446,56 @@ class Appending:
         i = job.index
         if job.buffers is not None:
             self._writable(BUFFERS)[i, :] = job.buffers
-        self._writable(STEP)[i] = job.step
-        self._writable(EPOCH)[i] = job.epoch
-        self._writable(WALL_TIME)[i] = job.wall_time
-        self._writable(NONFINITE)[i] = job.nonfinite
-        capacity = self._group[PARAMS].shape[0]
-        metrics_group = self._group[METRICS]
-        for name in set(job.metrics) | set(metrics_group.array_keys()):
+        self._set(STEP, i, job.step)
+        self._set(EPOCH, i, job.epoch)
+        self._set(WALL_TIME, i, job.wall_time)
+        self._set(NONFINITE, i, job.nonfinite)
+        known = self._metrics_known()
+        for name in sorted(set(job.metrics) - known):
+            metrics_group = self._group[METRICS]
             if name not in metrics_group:
-                arr = create_row_array(metrics_group, name, capacity, "float64", float("nan"),
-                                        {BACKFILL: i} if i else None)
+                arr = create_row_array(metrics_group, name, self._group[PARAMS].shape[0], "float64", float("nan"),
+                                       {BACKFILL: i} if i else None)
                 if i:
                     backfill(arr, i)
-            self._writable(f"{METRICS}/{name}")[i] = job.metrics.get(name, float("nan"))
+            known.add(name)
+        for name in sorted(known):
+            self._set(f"{METRICS}/{name}", i, job.metrics.get(name, float("nan")))
+
+    def _metrics_known(self) -> set[str]:
+        """The metric arrays of the store (listed once per writer; the writer adds those it makes)."""
+        if self.__dict__.get("_metrics") is None:
+            self._metrics = set(self._group[METRICS].array_keys())
+        return self._metrics
+
+    def _set(self, name: str, i: int, value: object) -> None:
+        """Element ``i`` of the per-snapshot array ``name``: its chunk written whole on local disk
+        (chunkwrite.py), else through zarr."""
+        writers = self.__dict__.setdefault("_chunk_writers", {})
+        if name not in writers:
+            local = self._local_root is not None and (self._ctx is None or self._ctx.rank == 0)
+            writers[name] = ChunkWriter.for_array(self._local_root / name) if local else None
+        writer = writers[name]
+        if writer is None:
+            self._writable(name)[i] = value
+            return
+        arr = self._writable(name)
+        writer.set(i, value, lambda lo, hi: arr[lo:hi], arr.fill_value)
 
     def _writable(self, name: str) -> zarr.Array:
         """Array ``name`` writing every chunk, even one equal to the fill value (a frozen layer's
-        xor chunk is all zero bits): on read, a missing chunk of a committed row is damage."""
-        return self._group[name].with_config({"write_empty_chunks": True})
+        xor chunk is all zero bits): on read, a missing chunk of a committed row is damage.
+
+        Opened once per writer (opening reads and parses its metadata: a few ms of GIL a row) and
+        dropped when :meth:`_ensure_capacity` grows the arrays. Only where this process does the
+        growing: another rank of a sharded recording reopens it, since rank 0 resizes it."""
+        if self._ctx is not None and self._ctx.rank != 0:
+            return self._group[name].with_config({"write_empty_chunks": True})
+        writables = self.__dict__.setdefault("_writables", {})
+        arr = writables.get(name)
+        if arr is None:
+            arr = writables[name] = self._group[name].with_config({"write_empty_chunks": True})
+        return arr
 
     def _commit_meta(self, meta: dict) -> None:
         self._group.attrs[ATTR] = meta  # one JSON document, replaced atomically

@@ -343,7 +343,17 @@ def first_inexact(dst: "torch.Tensor", src: "torch.Tensor") -> tuple:
 
 
 def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    """``dst.copy_(src)``; into a 16-bit ``dst`` from a wider ``src``, only values it holds exactly."""
+    """``dst.copy_(src)``; into a 16-bit ``dst`` from a wider ``src``, only values it holds exactly.
+
+    A CPU tensor of ``dst``'s dtype is copied by numpy: one memcpy on this thread. torch's copy_
+    splits a large copy over its OpenMP threads, which then spin for milliseconds after it and take
+    a core from the threads encoding the previous snapshot (``bench_record.py``)."""
+    if src.device.type == "cpu" and src.dtype == dst.dtype and src.dtype != _torch().bfloat16:  # numpy has no bfloat16
+        try:
+            np.copyto(dst.numpy(), src.numpy())
+            return
+        except (RuntimeError, TypeError):  # not viewable by numpy (a sparse or grad-requiring tensor ...)
+            pass
     dst.copy_(src)
     if dst.element_size() == 2 and src.dtype != dst.dtype:
         j, want, back = first_inexact(dst, src)

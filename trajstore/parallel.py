@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
@@ -32,11 +33,20 @@ _local = threading.local()  # .worker: this thread is one of the pool's
 
 
 def cores() -> int:
-    """Cores this process may run on."""
+    """Cores this process may run on (asked of the OS at most once a second: it is asked per chunk)."""
+    global _cores
+    now = time.monotonic()
+    if now - _cores[1] < 1.0:
+        return _cores[0]
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        count = max(1, os.cpu_count() or 1)
+    _cores = (count, now)
+    return count
+
+
+_cores = (1, -float("inf"))  # (cores, when asked)
 
 
 def threads() -> int:
@@ -121,8 +131,8 @@ class _Task:
 
 
 def _after_fork() -> None:  # a forked child has the pool object but none of its threads
-    global _pool, _pool_size, _lock
-    _pool, _pool_size, _lock = None, 0, threading.Lock()
+    global _pool, _pool_size, _lock, _cores
+    _pool, _pool_size, _lock, _cores = None, 0, threading.Lock(), (1, -float("inf"))
 
 
 if hasattr(os, "register_at_fork"):

@@ -7,7 +7,8 @@ inner chunk is Blosc-encoded with the array's own codec settings (from its ``zar
 store keeps the codec chain it was created with) on the :mod:`.parallel` pool, followed by its
 crc32c; a shard file is the chunks in order, then the index ``(offset, nbytes)`` per chunk and the
 index's crc32c. Shard ``k`` is written (temp file + rename, as zarr's LocalStore does, so a killed
-writer leaves a whole old file or a whole new one, never a torn one) while later shards still encode.
+writer leaves a whole old file or a whole new one, never a torn one) by the pool thread that
+encoded it: one task per shard, so a row of 40 MB costs a handful of hand-offs between threads.
 
 Only whole shards are written here; anything else (a remote store, another layout, a column range
 that does not cover whole shards) returns False and the caller writes through zarr. The commit
@@ -16,13 +17,11 @@ protocol and the durable mode's fsyncs are the caller's, unchanged: the files ar
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import threading
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
 
@@ -76,12 +75,17 @@ class ShardWriter:
         return lo < hi <= self.n and lo % self.shard == 0 and (hi % self.shard == 0 or hi == self.n)
 
     def write(self, row: int, lo: int, values: np.ndarray) -> None:
-        """Write columns [lo, lo + len(values)) of row ``row``: chunks encoded on the pool, each shard
-        file written as soon as its chunks are, in order. At most ``2 x threads`` shards are queued or
-        encoded at once, so the compressed bytes held stay bounded whatever the row's size. ``values``
-        must have the array's dtype (InvalidArgumentError otherwise: nothing is cast). Raises OSError
-        (disk full, ...) with no temp file left behind; a shard written before the error stays (the
-        row is not committed)."""
+        """Write columns [lo, lo + len(values)) of row ``row`` and wait: see :meth:`start`."""
+        parallel.wait_all(self.start(row, lo, values))
+
+    def start(self, row: int, lo: int, values: np.ndarray) -> "list[Future]":
+        """Start writing columns [lo, lo + len(values)) of row ``row``: one task per shard on the pool
+        encodes the shard's chunks and writes its file, so a pool thread holds one shard's compressed
+        bytes at a time (at most ``threads`` shards, whatever the row's size) and each shard costs one
+        hand-off between threads, not one per chunk. Returns the tasks' futures; ``values`` must stay
+        unchanged until every one is done. ``values`` must have the array's dtype
+        (InvalidArgumentError otherwise: nothing is cast). A task raises OSError (disk full, ...) with
+        no temp file left behind; a shard written before the error stays (the row is not committed)."""
         if values.dtype != self.dtype:
             raise InvalidArgumentError(
                 f"a row of {values.dtype} cannot be written into an array of {self.dtype} (it would be cast "
@@ -90,74 +94,47 @@ class ShardWriter:
         hi = lo + values.shape[0]
         if not self.covers(lo, hi):
             raise ValueError(f"columns [{lo}, {hi}) are not whole shards of {self.shard}")
-        shards = iter(range(lo // self.shard, (hi + self.shard - 1) // self.shard))
-        window = 2 * max(1, parallel.threads())  # shards in flight
-        queued: deque[tuple[int, list[Future]]] = deque()
+        folder = self.folder / "c" / str(row)  # made here, once, not by each shard task
+        folder.mkdir(parents=True, exist_ok=True)
+        futures: list[Future] = []
         try:
-            for shard in itertools.islice(shards, window):
-                queued.append((shard, self._queue(values, lo, shard)))
-            while queued:
-                shard, futures = queued.popleft()
-                parts = [f.result() for f in futures]
-                self._write_file(self.folder / "c" / str(row) / str(shard), parts)
-                del parts, futures  # this shard's compressed bytes go before the next one is queued
-                for nxt in itertools.islice(shards, 1):
-                    queued.append((nxt, self._queue(values, lo, nxt)))
+            for shard in range(lo // self.shard, (hi + self.shard - 1) // self.shard):
+                futures.append(parallel.submit(self._write_shard, folder / str(shard), values, lo, shard))
         except BaseException:
-            for _, futures in queued:
-                parallel.wait_all_quietly(futures)  # none still reads ``values`` once this returns
+            parallel.wait_all_quietly(futures)  # none still reads ``values`` once this returns
             raise
+        return futures
 
-    def _queue(self, values: np.ndarray, lo: int, shard: int) -> "list[Future]":
-        """Futures of the chunks of shard ``shard`` (``values`` holds columns from ``lo``), None past n."""
+    def _write_shard(self, path: Path, values: np.ndarray, lo: int, shard: int) -> None:
+        """Encode the chunks of shard ``shard`` (``values`` holds columns from ``lo``) and write its file."""
         begin, end = shard * self.shard, min((shard + 1) * self.shard, lo + values.shape[0])
-        futures = [parallel.submit(self._encode, values, c - lo) for c in range(begin, end, self.chunk)]
-        return futures + [_NONE] * (self.per_shard - len(futures))  # chunks wholly past n: none
+        parts = [self._encode(values, c - lo) for c in range(begin, end, self.chunk)]
+        self._write_file(path, parts + [None] * (self.per_shard - len(parts)))  # chunks wholly past n: none
 
-    def _encode(self, values: np.ndarray, start: int) -> bytes:
-        """Chunk at ``values[start:]``: Blosc, then its crc32c (the last chunk padded with the fill value)."""
+    def _encode(self, values: np.ndarray, start: int) -> "tuple[bytes, bytes]":
+        """Chunk at ``values[start:]``: Blosc, and its crc32c (the last chunk padded with the fill value)."""
         part = values[start:start + self.chunk]  # (chunk,) or shorter at n
         if part.shape[0] < self.chunk:
             padded = np.full(self.chunk, self.fill, self.dtype)
             padded[:part.shape[0]] = part
             part = padded
         data = self.blosc.encode(part)
-        return data + _crc(data)
+        return data, _crc(data)
 
-    def _write_file(self, path: Path, parts: "list[bytes | None]") -> None:
-        """One shard file: its chunks (None: a chunk wholly past n, which zarr leaves out), then the index."""
+    def _write_file(self, path: Path, parts: "list[tuple[bytes, bytes] | None]") -> None:
+        """One shard file: its chunks (None: a chunk wholly past n, which zarr leaves out), then the
+        index. The folder exists."""
         index = np.full((len(parts), 2), _EMPTY, "<u8")  # (chunks, 2) offset, nbytes
         offset = 0
         for j, p in enumerate(parts):
             if p is not None:
-                index[j] = (offset, len(p))
-                offset += len(p)
+                nbytes = len(p[0]) + len(p[1])
+                index[j] = (offset, nbytes)
+                offset += nbytes
         raw = index.tobytes()
-        parts = [p for p in parts if p is not None] + [raw + _crc(raw)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's temp name: gc and repair know it
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            try:
-                for p in parts:
-                    view = memoryview(p)
-                    while view:
-                        view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, [piece for p in parts if p is not None for piece in p] + [raw, _crc(raw)])
 
 
-def _done(value) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
-_NONE = _done(None)
 _BLOSC_KEYS = {"cname", "clevel", "shuffle", "blocksize", "typesize"}
 
 
@@ -178,31 +155,30 @@ def blosc_settings(codec: dict) -> "dict | None":
 _EMPTY = 2**64 - 1  # the index entry of a chunk the shard does not hold
 
 
+def atomic_write(path: Path, pieces: "list[bytes]") -> None:
+    """Write ``pieces`` as the file ``path`` through a temp file and a rename, as zarr's LocalStore
+    does: a killed writer leaves the whole old file or the whole new one. The folder exists."""
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # zarr's temp name: gc and repair know it
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _crc(data: bytes) -> bytes:
     return np.uint32(crc32c.crc32c(data)).astype("<u4").tobytes()
 
 
 _state = threading.local()  # .pending: futures of the writes started inside overlapped() on this thread
-_helper: ThreadPoolExecutor | None = None
-_helper_lock = threading.Lock()
-
-
-def _after_fork() -> None:
-    global _helper, _helper_lock
-    _helper, _helper_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
-
-
-def _start(writer: ShardWriter, row: int, lo: int, values: np.ndarray) -> Future:
-    """Run ``writer.write`` on the helper thread (it hands the chunks to the pool and writes the files)."""
-    global _helper
-    with _helper_lock:
-        if _helper is None:
-            _helper = ThreadPoolExecutor(1, "trajstore-shardwrite")
-        return _helper.submit(writer.write, row, lo, values)
 
 
 @contextlib.contextmanager
@@ -240,8 +216,8 @@ def write_row(folder: "Path | None", row: int, lo: int, values: np.ndarray) -> b
     if writer is None or not writer.covers(lo, lo + values.shape[0]) or not 0 <= row < rows:
         return False
     pending = getattr(_state, "pending", None)
-    if pending is not None and parallel.threads() > 1:
-        pending.append(_start(writer, row, lo, values))
+    if pending is not None:
+        pending.extend(writer.start(row, lo, values))
     else:
         writer.write(row, lo, values)
     return True
