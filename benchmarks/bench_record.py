@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -30,6 +31,7 @@ from pipeline.compute import peak_rss_mib
 from pipeline.experiments.data import loaders, mnist1d_arrays
 from pipeline.experiments.models import CNN1D, mlp
 from trajstore import TrajectoryStore, parallel, shardwrite
+from trajstore.chunkwrite import ChunkWriter
 from trajstore.recorder import Recorder
 from trajstore.format import stored_bytes
 
@@ -78,21 +80,25 @@ def overhead(out: Path, epochs: int, steps_per_epoch: int, repeats: int) -> dict
 
 @contextlib.contextmanager
 def zarr_write_path():
-    """The write path before issue 13: every params row through zarr (shardwrite declines)."""
-    saved = shardwrite.write_row
+    """The write path before issue 13: every params row and every per-snapshot value through zarr
+    (shardwrite and chunkwrite decline)."""
+    saved = shardwrite.write_row, ChunkWriter.for_array
     shardwrite.write_row = lambda *args: False
+    ChunkWriter.for_array = classmethod(lambda cls, folder: None)
     try:
         yield
     finally:
-        shardwrite.write_row = saved
+        shardwrite.write_row, ChunkWriter.for_array = saved[0], classmethod(saved[1].__func__)
 
 
-def throughput(out: Path, sizes: dict[str, list[int]], snapshots: dict[str, int], trials: int) -> dict:
+def throughput(out: Path, sizes: dict[str, list[int]], snapshots: dict[str, int], trials: dict[str, int]) -> dict:
     """Sustained snapshots/s of append + close per codec vs torch.save(state_dict) per snapshot, and
     the time append() blocks the loop vs a synchronous torch.save, per model size.
 
-    Configurations run interleaved in each trial (the machine is shared: drift hits all alike); the
-    ratio is the median over trials of torch.save's time / the store's in the same trial."""
+    torch.save and the store's configurations run interleaved in each trial, in an order rotated from
+    trial to trial, each after ``os.sync()`` (so no phase pays for writing back the previous one's
+    dirty pages): drift of the shared machine hits all alike. The ratio is the median over trials of
+    torch.save's time / the store's in the same trial."""
     configs = {"lossless": dict(codec="lossless"), "lossless-fast": dict(codec="lossless-fast"),
                "lossless, durable (fsync)": dict(codec="lossless", durable=True),
                "before: lossless-zstd through zarr": dict(codec="lossless-zstd", before=True)}
@@ -101,14 +107,16 @@ def throughput(out: Path, sizes: dict[str, list[int]], snapshots: dict[str, int]
         torch.manual_seed(0)
         model = mlp(shape)
         nbytes = sum(p.numel() for p in model.parameters()) * 4
-        k = snapshots[label]
+        k, n_trials = snapshots[label], trials[label]
         names = list(configs) if label == "10M" else ["lossless", "lossless-fast"]
         t_save, t_store = [], {name: [] for name in names}
         blocking, blocking_save = [], []
         folder = out / "torchsave"
-        for trial in range(trials):
+
+        def save_all() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
+            os.sync()
             t0 = time.perf_counter()
             for i in range(k):
                 with torch.no_grad():
@@ -117,22 +125,35 @@ def throughput(out: Path, sizes: dict[str, list[int]], snapshots: dict[str, int]
                 torch.save(model.state_dict(), folder / f"{i}.pt")
                 blocking_save.append(time.perf_counter() - t1)
             t_save.append(time.perf_counter() - t0)
-            save_bytes = sum(f.stat().st_size for f in folder.iterdir())
-            shutil.rmtree(folder)
-            for name in names[trial % len(names):] + names[:trial % len(names)]:
-                conf = dict(configs[name])
-                before = conf.pop("before", False)
-                with zarr_write_path() if before else contextlib.nullcontext():
-                    t0 = time.perf_counter()
-                    store = TrajectoryStore.create(out / "throughput.zarr", model, overwrite=True, **conf)
-                    for i in range(k):
-                        with torch.no_grad():
-                            model[0].weight.add_(1e-4)
-                        store.append(model, step=i)
-                    store.close()
-                    t_store[name].append(time.perf_counter() - t0)
-                if name == "lossless":
-                    ratio_bytes = stored_bytes(str(out / "throughput.zarr")) / save_bytes
+
+        def store_all(name: str) -> None:
+            conf = dict(configs[name])
+            before = conf.pop("before", False)
+            shutil.rmtree(out / "throughput.zarr", ignore_errors=True)
+            os.sync()
+            with zarr_write_path() if before else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                store = TrajectoryStore.create(out / "throughput.zarr", model, overwrite=True, **conf)
+                for i in range(k):
+                    with torch.no_grad():
+                        model[0].weight.add_(1e-4)
+                    store.append(model, step=i)
+                store.close()
+                t_store[name].append(time.perf_counter() - t0)
+
+        ratio_bytes = None
+        for trial in range(n_trials):
+            phases = ["torch.save", *names]
+            for name in phases[trial % len(phases):] + phases[:trial % len(phases)]:
+                if name == "torch.save":
+                    save_all()
+                    save_bytes = sum(f.stat().st_size for f in folder.iterdir())
+                    shutil.rmtree(folder)
+                else:
+                    store_all(name)
+                    if name == "lossless":
+                        lossless_bytes = stored_bytes(str(out / "throughput.zarr"))
+            ratio_bytes = lossless_bytes / save_bytes
             # what the training loop waits for when snapshots are spaced out (every epoch): append()
             # (copy and checks) vs a synchronous torch.save
             store = TrajectoryStore.create(out / "blocking.zarr", model, overwrite=True)
@@ -146,10 +167,11 @@ def throughput(out: Path, sizes: dict[str, list[int]], snapshots: dict[str, int]
         shutil.rmtree(out / "blocking.zarr", ignore_errors=True)
         med = lambda v: float(np.median(v))  # noqa: E731
         results[label] = {
-            "n_params": nbytes // 4, "snapshots": k, "trials": trials,
+            "n_params": nbytes // 4, "snapshots": k, "trials": n_trials,
             "torch_save_GBps": k * nbytes / med(t_save) / 1e9,
             "store_GBps": {name: k * nbytes / med(v) / 1e9 for name, v in t_store.items()},
             "ratio_vs_torch_save": {name: med([a / b for a, b in zip(t_save, v)]) for name, v in t_store.items()},
+            "ratio_per_trial": {name: [a / b for a, b in zip(t_save, v)] for name, v in t_store.items()},
             "append_blocking_ms": 1e3 * med(blocking), "torch_save_ms": 1e3 * med(blocking_save),
             "blocking_ratio_vs_torch_save": med(blocking_save) / med(blocking),
             "store_bytes_vs_torch_save_bytes": ratio_bytes}
@@ -216,7 +238,8 @@ def main() -> None:
         "overhead": overhead(out, epochs=2, steps_per_epoch=20 if q else 200, repeats=1 if q else 3),
         "trajstore_threads": parallel.threads(),
         "throughput": throughput(out, {"10M": [1024, 2560, 2048, 1024, 10], "100M": [4096, 6656, 6656, 4096, 10]},
-                                 {"10M": 5 if q else 12, "100M": 2 if q else 4}, trials=1 if q else 3),
+                                 {"10M": 5 if q else 12, "100M": 2 if q else 4},
+                                 trials={"10M": 1 if q else 5, "100M": 1 if q else 3}),
         "compression": compression(out, snapshots=100 if q else 400),
     }
     report["peak_rss_MiB"] = peak_rss_mib()

@@ -6,8 +6,8 @@
   ratios of :data:`MEASURED_RATIOS` (or, for a store, the bytes it holds);
 * P's size in its dtype (float32, or bfloat16 / float16: see :class:`pipeline.basis.Basis`);
 * whether P is resident on the device or streamed to it: the very rule :class:`~pipeline.basis.Basis`
-  applies (:func:`pipeline.basis._choose_mode`), with the device memory given or queried; and where
-  streamed P lives, host RAM or a memory-mapped copy on disk (:func:`pipeline.basis._choose_host`, the
+  applies (:func:`pipeline.placement._choose_mode`), with the device memory given or queried; and where
+  streamed P lives, host RAM or a memory-mapped copy on disk (:func:`pipeline.placement._choose_host`, the
   rule of ``Basis.from_store(host="auto")``);
 * the bytes one P-SGD step moves for P's two products (g̃ = Pᵀg reads P once; w += P c reads it again
   and reads and writes w), over the host-to-device link when P streams to an accelerator, and from disk
@@ -36,7 +36,7 @@ import torch
 from trajstore.codecs import get_preset
 from trajstore.errors import InvalidArgumentError
 
-from .basis import (
+from .placement import (
     DTYPES,
     UPCAST_BYTES,
     _choose_host,

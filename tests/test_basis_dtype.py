@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.basis as basis_module
+import pipeline.placement as placement
 from pipeline.basis import Basis
 from pipeline.optim import SubspaceBFGS, SubspaceSGD
 from trajstore.errors import InvalidArgumentError
@@ -57,7 +57,7 @@ def test_low_precision_resident_and_streamed_agree(run, monkeypatch, dtype, u):
     g = _flat(grads)
     f32 = Basis.from_store(path, mode="resident")
     resident = Basis.from_store(path, dtype=dtype, mode="resident")
-    monkeypatch.setattr(basis_module, "UPCAST_BYTES", 7 * f32.d * 4)  # pieces of 7 rows: every boundary case
+    monkeypatch.setattr(placement, "UPCAST_BYTES", 7 * f32.d * 4)  # pieces of 7 rows: every boundary case
     streamed = Basis.from_store(path, dtype=dtype, mode="streamed", block_rows=50)
     assert resident.device_bytes() == f32.n * f32.d * torch.finfo(dtype).bits // 8 == f32.device_bytes() // 2
     assert streamed._tiles.dtype == dtype  # tiles leave the host at 2 bytes a value
@@ -77,7 +77,7 @@ def test_psgd_update_lies_exactly_in_span_of_rounded_basis(run, monkeypatch, mod
     """The update is P̂ c with c = −lr g̃ unrounded: it matches P̂ c to the float32 rounding of w, and it
     is not in span(P) (float32) to that accuracy: the optimizer moves in the rounded basis's span."""
     path, model0 = run
-    monkeypatch.setattr(basis_module, "UPCAST_BYTES", 11 * 6 * 4)
+    monkeypatch.setattr(placement, "UPCAST_BYTES", 11 * 6 * 4)
     model = type(model0)()
     model.load_state_dict(model0.state_dict())
     basis = Basis.from_store(path, dtype=torch.bfloat16, mode=mode, block_rows=40)
@@ -192,7 +192,7 @@ def test_bfloat16_on_cuda_matches_the_cpu(run, monkeypatch, mode):
     """The CUDA paths (pinned 16-bit host copy, double-buffered blocks, upcast on the device) give the CPU's g̃."""
     path, model = run
     grads = _grads(model)
-    monkeypatch.setattr(basis_module, "UPCAST_BYTES", 7 * 6 * 4)
+    monkeypatch.setattr(placement, "UPCAST_BYTES", 7 * 6 * 4)
     cpu = Basis.from_store(path, dtype=torch.bfloat16, mode="resident").project(grads).numpy()
     gpu = Basis.from_store(path, dtype=torch.bfloat16, mode=mode, block_rows=50, device="cuda")
     got = gpu.project([g.cuda() for g in grads]).cpu().numpy()

@@ -245,14 +245,14 @@ def test_block_rows_must_be_a_positive_integer(bad):
 
 
 def test_a_bad_product_thread_setting_warns_and_is_not_used(monkeypatch):
-    import pipeline.basis as basis_module
+    import pipeline.placement as placement
 
     monkeypatch.setenv("TRAJSTORE_PRODUCT_THREADS", "abc")
-    monkeypatch.setattr(basis_module, "_warned", set())
+    monkeypatch.setattr(placement, "_warned", set())
     with pytest.warns(RuntimeWarning, match="TRAJSTORE_PRODUCT_THREADS"):
-        assert basis_module.product_threads() == torch.get_num_threads()
+        assert placement.product_threads() == torch.get_num_threads()
     monkeypatch.setenv("TRAJSTORE_PRODUCT_THREADS", "1")
-    assert basis_module.product_threads() == 1
+    assert placement.product_threads() == 1
 
 
 def test_cuda_device_without_cuda_is_a_typed_error():

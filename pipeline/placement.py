@@ -1,0 +1,160 @@
+"""Where a basis's P lives and in what pieces: tile widths, product-call sizes, the threads the CPU
+products run on, the scratch memory they add, resident or streamed, host RAM or a memory map.
+
+These are the sizing rules :class:`pipeline.basis.Basis` applies and :func:`pipeline.plan.plan`
+predicts with (the same functions, so a plan and a basis never disagree); no tensor of P here.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from trajstore.errors import InvalidArgumentError
+
+from .tiles import tile_count
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+UPCAST_BYTES = 16 << 20  # float32 bytes of P̂ upcast at a time by a 16-bit basis's products (a reused buffer)
+CPU_TILE_COLS = 1 << 19  # parameters per tile on the CPU (benchmarks/bench_products.py)
+ALIGN_COLS = 16  # tiles are a multiple of 16 parameters wide: 64 bytes of float32
+PIECE_COLS = {"cpu": 1 << 17, "cuda": 1 << 22}  # parameters per product call: g̃ folds into float64 after each
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a basis held in ``dtype`` computes in: float32 for 16-bit P, else ``dtype`` itself."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def tile_cols(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
+    """Parameters per tile: ``block_rows`` when given, else CUDA resident: all n (one tile), CUDA streamed:
+    64 MiB of float32 P, CPU: :data:`CPU_TILE_COLS` (tiles the cores share out); rounded up to a multiple of
+    :data:`ALIGN_COLS` (every tile then starts as aligned as the first: BLAS kernels round by alignment, and
+    P held anywhere, or tiled from a memory map, gives the same bits), at most n."""
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
+            raise InvalidArgumentError(f"block_rows must be a positive integer (parameters per tile), got {block_rows!r}")
+        cols = int(block_rows)
+    elif device.type == "cuda":
+        cols = n if mode == "resident" else (64 << 20) // (d * 4) // ALIGN_COLS * ALIGN_COLS
+    else:
+        cols = CPU_TILE_COLS
+    return max(1, min(n, -(-cols // ALIGN_COLS) * ALIGN_COLS))
+
+
+def piece_cols(d: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Parameters one product call takes: :data:`PIECE_COLS`, and for a 16-bit basis at most
+    :data:`UPCAST_BYTES` of upcast float32."""
+    cols = PIECE_COLS.get(device.type, PIECE_COLS["cuda"])
+    return min(cols, max(1, UPCAST_BYTES // (d * 4))) if compute_dtype(dtype) != dtype else cols
+
+
+def product_threads() -> int:
+    """Threads the CPU products may use: ``TRAJSTORE_PRODUCT_THREADS`` (a positive integer), else
+    ``torch.get_num_threads()``. Another value is reported once with a RuntimeWarning and not used: the
+    setting changes how fast the products run, never their bits."""
+    value = os.environ.get("TRAJSTORE_PRODUCT_THREADS", "").strip()
+    if not value:
+        return torch.get_num_threads()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value not in _warned:
+        _warned.add(value)
+        warnings.warn(f"TRAJSTORE_PRODUCT_THREADS={value!r} is not a positive integer: using torch.get_num_threads()",
+                      RuntimeWarning, stacklevel=2)
+    return torch.get_num_threads()
+
+
+_warned: set[str] = set()
+
+
+def product_workers(n: int, d: int, device: torch.device, mode: str, block_rows: int | None = None) -> int:
+    """Threads the products run on: on the CPU up to :func:`product_threads`, one per run of tiles."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(product_threads(), tile_count(n, tile_cols(n, d, device, mode, block_rows))))
+
+
+def scratch_bytes(n: int, d: int, device: torch.device, mode: str, dtype: torch.dtype, block_rows: int | None = None,
+                  mapped: bool = False) -> int:
+    """Device bytes a basis's products add once both have run: per product thread, P c of one piece (the
+    weights are rounded once), a 16-bit basis's upcast piece, and on the CPU a 16-bit basis's tile rounded
+    from the memory map (``mapped``)."""
+    cols = tile_cols(n, d, device, mode, block_rows)
+    piece = min(piece_cols(d, device, dtype), cols)
+    each = piece * 4 * (1 + (d if compute_dtype(dtype) != dtype else 0))
+    if mapped and device.type == "cpu" and mode == "streamed" and dtype != torch.float32:
+        each += d * cols * torch.finfo(dtype).bits // 8  # a tile of the float32 map, rounded to dtype
+    return product_workers(n, d, device, mode, block_rows) * each
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _after_fork() -> None:  # a forked child has none of the parent's threads: start new pools when needed
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that run the products' tiles on the CPU (each product call runs on one core)."""
+    size = max(1, product_threads() - 1)
+    with _pool_lock:
+        if size not in _pools:
+            _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="trajstore-basis")
+        return _pools[size]
+
+
+def _check_device(device: "str | torch.device") -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device={str(device)!r} but torch sees no CUDA device here: use device='cpu', "
+                                   "or check the CUDA install (torch.cuda.is_available())")
+    return device
+
+
+def _check_dtype(dtype: object) -> None:
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(map(str, DTYPES))} (P is a float basis), "
+                                   f"got {dtype}")
+
+
+def _choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float, free: int | None = None) -> str:
+    """``"resident"`` when P's ``nbytes`` fit in ``fraction`` of the device's free memory (``free``, or
+    queried now: CUDA's free memory, else the available RAM), else ``"streamed"``; an explicit ``mode``
+    is returned as it is. :func:`pipeline.plan.plan` calls this same rule with a given ``free``."""
+    if mode not in ("auto", "resident", "streamed"):
+        raise InvalidArgumentError(f"mode must be 'auto', 'resident' or 'streamed', got {mode!r}")
+    if mode != "auto":
+        return mode
+    if free is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+    return "resident" if nbytes <= fraction * free else "streamed"
+
+
+def _choose_host(host: str, nbytes: int, free: int | None = None) -> str:
+    """Where streamed P lives: ``"mmap"`` (a memory-mapped copy on disk) when its float32 copy of ``nbytes``
+    takes more than half the free RAM (``free``, or the available RAM now), else ``"pinned"`` (RAM); an
+    explicit ``host`` is returned as it is. :func:`pipeline.plan.plan` calls this same rule with a given ``free``."""
+    if host != "auto":
+        return host
+    if free is None:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return "mmap" if nbytes > 0.5 * free else "pinned"
