@@ -193,7 +193,7 @@ def compression(out: Path, snapshots: int) -> dict:
     model = CNN1D()
     train, _ = loaders(mnist1d_arrays(), batch_size=100, seed=0, channel_dim=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    presets = ["lossless", "xor-delta", "bitround-delta:8", "bitround-delta:6", "float16-delta"]
+    presets = ["lossless", "lossless-zstd", "xor-delta", "bitround-delta:8", "bitround-delta:6", "float16-delta"]
     stores = {p: TrajectoryStore.create(out / f"cmp-{p.replace(':', '_')}.zarr", model, codec=p, overwrite=True)
               for p in presets}
     step = 0

@@ -113,3 +113,34 @@ def test_a_failed_chunk_write_commits_nothing(tmp_path):
     with TrajectoryStore.open(path) as r:
         np.testing.assert_array_equal(r.steps, [0, 1, 2, 4])
         np.testing.assert_array_equal(r.read(slice(None)), x[[0, 1, 2, 4]])
+
+
+def test_a_chunk_written_through_zarr_meanwhile_is_read_again(tmp_path):
+    """Values written into a per-snapshot array through zarr on the open store (as compaction does with
+    wall times) survive the next append: the writer reads a chunk file replaced since it wrote it."""
+    x = trajectory(4, 300)
+    path = tmp_path / "s.zarr"
+    store = TrajectoryStore.create(path, layout(300))
+    for i in range(3):
+        store.append(x[i], step=i)
+    store.flush()
+    store.group["wall_time"].with_config({"write_empty_chunks": True})[:3] = [1.0, 2.0, 3.0]
+    store.append(x[3], step=3)
+    store.close()
+    with TrajectoryStore.open(path) as r:
+        np.testing.assert_array_equal(r.wall_times[:3], [1.0, 2.0, 3.0])
+        assert r.wall_times[3] > 1e9  # its own wall time
+
+
+def test_durable_mode_syncs_the_chunk_files_of_the_arrays_own_chunking(tmp_path, small_row_chunks):
+    """The fsync list names the chunk each array's zarr.json says a row lands in (4 rows here, not 4096)."""
+    from trajstore.durability import row_files
+
+    path = tmp_path / "s.zarr"
+    with TrajectoryStore.create(path, layout(300), durable=True) as store:
+        for i in range(6):
+            store.append(trajectory(6, 300)[i], step=i, metrics={"loss": 1.0} if i >= 5 else None)
+    files = row_files(path, 5, ["loss"])
+    for name in ("step", "epoch", "wall_time", "nonfinite"):
+        assert path / name / "c" / "1" in files and (path / name / "c" / "1").is_file()
+    assert {path / "metrics" / "loss" / "c" / "0", path / "metrics" / "loss" / "c" / "1"} <= set(files)

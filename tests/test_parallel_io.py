@@ -374,6 +374,47 @@ def test_shard_writer_holds_a_bounded_window_of_encoded_shards(tmp_path):
     np.testing.assert_array_equal(arr[0, :], values)
 
 
+def test_few_shards_are_split_over_the_threads_and_written_as_zarr_writes_them(tmp_path, monkeypatch):
+    """A row of fewer shards than threads: each shard's chunks are encoded by several tasks (more tasks
+    than shards), the files are still byte for byte zarr's, and a chunk that fails to encode leaves its
+    shard unwritten (no file, no temp file) and raises."""
+    tasks = []
+    real_submit = parallel.submit
+    monkeypatch.setattr(parallel, "submit", lambda fn, *args: tasks.append(fn) or real_submit(fn, *args))
+    parallel.set_threads(4)
+    try:
+        for k, (n, chunk, shard) in enumerate([(700, 100, 800), (1250, 100, 800)]):
+            values = np.random.default_rng(k).standard_normal(n).astype(np.float32)
+            group = zarr.open_group(tmp_path / f"g{k}", mode="w")
+            arr = group.create_array("a", shape=(2, n), chunks=(1, chunk), shards=(1, shard), dtype="float32",
+                                     fill_value=float("nan"), compressors=get_preset("lossless").zarr_compressors(),
+                                     config={"write_empty_chunks": True})
+            arr[0, :] = values
+            folder = tmp_path / f"g{k}" / "a"
+            tasks.clear()
+            assert shardwrite.write_row(folder, 1, 0, values)
+            shards = -(-n // shard)
+            assert len(tasks) > shards, (len(tasks), shards)
+            for f in (folder / "c" / "0").iterdir():
+                assert (folder / "c" / "1" / f.name).read_bytes() == f.read_bytes()
+            np.testing.assert_array_equal(arr[1, :], values)
+
+        class Failing(shardwrite.ShardWriter):
+            def _encode(self, values, start):
+                if start == 300:
+                    raise OSError("no space left on device (simulated in one chunk's encode)")
+                return super()._encode(values, start)
+
+        meta = json.loads((tmp_path / "g0" / "a" / "zarr.json").read_text())
+        with pytest.raises(OSError, match="no space"):
+            Failing(tmp_path / "g0" / "a", meta).write(0, 0, np.zeros(700, np.float32))
+        assert sorted(p.name for p in (tmp_path / "g0" / "a" / "c" / "0").iterdir()) == ["0"]  # the old file
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "g0" / "a", mode="r")[0, :],
+                                      np.random.default_rng(0).standard_normal(700).astype(np.float32))
+    finally:
+        parallel.set_threads(None)
+
+
 def test_shard_writer_refuses_another_dtype(tmp_path):
     """float64 values for a float32 array are refused, not cast silently; nothing is written."""
     store = write_store(tmp_path / "s.zarr", trajectory(1, 5000), chunk=1024, shard=2048)

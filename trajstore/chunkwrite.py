@@ -7,12 +7,14 @@ snapshot's time on 2 cores (``bench_record.py``), taken from the threads encodin
 :class:`ChunkWriter` keeps the chunk being filled in memory (read once, through zarr, when a row
 first lands in it) and writes it whole with the array's own codecs, ``bytes -> zstd -> crc32c``
 from its ``zarr.json``, through a temp file and a rename as zarr's LocalStore does. The file is
-one zarr reads like its own. Any other codec chain, chunking or key encoding gets no writer (the
+the one zarr writes for the same values (tested byte for byte). A chunk file replaced since this
+writer wrote it (zarr writing the array through the same open store) is read again first. Any other codec chain, chunking or key encoding gets no writer (the
 caller writes through zarr), and so does a remote store.
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,7 @@ class ChunkWriter:
         self.folder, self.dtype, self.chunk = Path(folder), dtype, chunk
         self.zstd = Zstd(level=level, checksum=checksum)
         self.index: int | None = None  # the chunk held in ``values``
+        self.written: tuple | None = None  # (inode, mtime) of the file this writer last wrote for it
         self.values = np.empty(chunk, dtype)  # (chunk,)
         (self.folder / "c").mkdir(parents=True, exist_ok=True)
 
@@ -63,6 +66,9 @@ class ChunkWriter:
         of rows [lo, hi) (called when a row first lands in a chunk not held, e.g. after a truncation
         back into an earlier chunk); rows from ``hi`` to the chunk's end hold ``fill``."""
         index, lo = divmod(row, self.chunk)
+        path = self.folder / "c" / str(index)
+        if self.index == index and self.written != _identity(path):
+            self.index = None  # the file was replaced by another writer (zarr, on this open store): read it again
         if self.index != index:
             start = index * self.chunk
             self.index = None  # until the chunk is whole again
@@ -73,8 +79,17 @@ class ChunkWriter:
         self.values[lo] = value
         try:
             data = self.zstd.encode(self.values)
-            atomic_write(self.folder / "c" / str(index),
-                         [data, np.uint32(crc32c.crc32c(data)).astype("<u4").tobytes()])
+            atomic_write(path, [data, np.uint32(crc32c.crc32c(data)).astype("<u4").tobytes()])
+            self.written = _identity(path)
         except BaseException:
             self.index = None  # the file may hold the old chunk: read it again next time
             raise
+
+
+def _identity(path: Path) -> "tuple | None":
+    """(inode, mtime, size) of a chunk file: every write (temp file + rename) makes a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -14,6 +14,7 @@ Object stores acknowledge a PUT once it is durable, so there is nothing to add f
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -45,12 +46,22 @@ def row_files(root: Path, index: int, metric_names: Iterable[str]) -> list[Path]
         if row_dir.is_dir():
             paths += sorted(row_dir.iterdir()) + [row_dir, row_dir.parent, root / name / "zarr.json", root / name]
     for name in ROW_ARRAYS:
-        paths += [root / name / "c" / str(index // ROW_CHUNK), root / name / "c", root / name / "zarr.json", root / name]
+        chunk = index // _row_chunk(root / name)
+        paths += [root / name / "c" / str(chunk), root / name / "c", root / name / "zarr.json", root / name]
     for name in (f"{METRICS}/{m}" for m in metric_names):  # a new metric's backfill wrote earlier chunks too
-        paths += [root / name / "c" / str(c) for c in range(index // ROW_CHUNK + 1)]
+        paths += [root / name / "c" / str(c) for c in range(index // _row_chunk(root / name) + 1)]
         paths += [root / name / "c", root / name / "zarr.json", root / name]
     paths += [root / METRICS]
     return paths
+
+
+def _row_chunk(folder: Path) -> int:
+    """Rows per chunk of the per-snapshot array in ``folder`` (its ``zarr.json``; ROW_CHUNK if unreadable)."""
+    try:
+        rows = json.loads((folder / "zarr.json").read_bytes())["chunk_grid"]["configuration"]["chunk_shape"][0]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return ROW_CHUNK
+    return rows if isinstance(rows, int) and rows > 0 else ROW_CHUNK
 
 
 def commit_files(root: Path) -> list[Path]:

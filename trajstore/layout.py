@@ -342,13 +342,18 @@ def first_inexact(dst: "torch.Tensor", src: "torch.Tensor") -> tuple:
     return (None if bool(same.all()) else int((~same).nonzero()[0, 0])), want, back
 
 
+NUMPY_COPY_BYTES = 64 << 20  # CPU tensors up to this size are copied into a snapshot by numpy (see _copy_exact)
+
+
 def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     """``dst.copy_(src)``; into a 16-bit ``dst`` from a wider ``src``, only values it holds exactly.
 
-    A CPU tensor of ``dst``'s dtype is copied by numpy: one memcpy on this thread. torch's copy_
-    splits a large copy over its OpenMP threads, which then spin for milliseconds after it and take
-    a core from the threads encoding the previous snapshot (``bench_record.py``)."""
-    if src.device.type == "cpu" and src.dtype == dst.dtype and src.dtype != _torch().bfloat16:  # numpy has no bfloat16
+    A CPU tensor of ``dst``'s dtype up to :data:`NUMPY_COPY_BYTES` is copied by numpy: one memcpy on this
+    thread. torch's copy_ splits such a copy over its OpenMP threads, which then spin for milliseconds
+    after it and take a core from the threads encoding the previous snapshot (bench_record.py's 10M model
+    on 2 cores: process CPU 92 -> 77 ms a snapshot). A larger tensor is worth torch's threads."""
+    if (src.device.type == "cpu" and src.dtype == dst.dtype and src.dtype != _torch().bfloat16  # numpy: no bfloat16
+            and src.numel() * src.element_size() <= NUMPY_COPY_BYTES):
         try:
             np.copyto(dst.numpy(), src.numpy())
             return

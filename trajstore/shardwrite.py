@@ -79,11 +79,12 @@ class ShardWriter:
         parallel.wait_all(self.start(row, lo, values))
 
     def start(self, row: int, lo: int, values: np.ndarray) -> "list[Future]":
-        """Start writing columns [lo, lo + len(values)) of row ``row``: one task per shard on the pool
-        encodes the shard's chunks and writes its file, so a pool thread holds one shard's compressed
-        bytes at a time (at most ``threads`` shards, whatever the row's size) and each shard costs one
-        hand-off between threads, not one per chunk. Returns the tasks' futures; ``values`` must stay
-        unchanged until every one is done. ``values`` must have the array's dtype
+        """Start writing columns [lo, lo + len(values)) of row ``row`` on the pool: each shard's chunks are
+        encoded by one task, or split over a few when the row has fewer shards than there are threads,
+        and the task that finishes a shard's last chunks writes its file. A row therefore costs a handful
+        of hand-offs between threads (not one per chunk), and the compressed bytes held at once are
+        bounded by the shards in flight, whatever the row's size. Returns the tasks' futures; ``values``
+        must stay unchanged until every one is done. ``values`` must have the array's dtype
         (InvalidArgumentError otherwise: nothing is cast). A task raises OSError (disk full, ...) with
         no temp file left behind; a shard written before the error stays (the row is not committed)."""
         if values.dtype != self.dtype:
@@ -96,20 +97,18 @@ class ShardWriter:
             raise ValueError(f"columns [{lo}, {hi}) are not whole shards of {self.shard}")
         folder = self.folder / "c" / str(row)  # made here, once, not by each shard task
         folder.mkdir(parents=True, exist_ok=True)
+        shards = range(lo // self.shard, (hi + self.shard - 1) // self.shard)
+        split = max(1, min(self.per_shard, -(-parallel.threads() // len(shards))))  # tasks per shard
         futures: list[Future] = []
         try:
-            for shard in range(lo // self.shard, (hi + self.shard - 1) // self.shard):
-                futures.append(parallel.submit(self._write_shard, folder / str(shard), values, lo, shard))
+            for shard in shards:
+                starts = list(range(shard * self.shard, min((shard + 1) * self.shard, hi), self.chunk))
+                job = _ShardJob(self, folder / str(shard), values, lo, starts, split)
+                futures += [parallel.submit(job.encode, part) for part in range(job.tasks)]
         except BaseException:
             parallel.wait_all_quietly(futures)  # none still reads ``values`` once this returns
             raise
         return futures
-
-    def _write_shard(self, path: Path, values: np.ndarray, lo: int, shard: int) -> None:
-        """Encode the chunks of shard ``shard`` (``values`` holds columns from ``lo``) and write its file."""
-        begin, end = shard * self.shard, min((shard + 1) * self.shard, lo + values.shape[0])
-        parts = [self._encode(values, c - lo) for c in range(begin, end, self.chunk)]
-        self._write_file(path, parts + [None] * (self.per_shard - len(parts)))  # chunks wholly past n: none
 
     def _encode(self, values: np.ndarray, start: int) -> "tuple[bytes, bytes]":
         """Chunk at ``values[start:]``: Blosc, and its crc32c (the last chunk padded with the fill value)."""
@@ -133,6 +132,33 @@ class ShardWriter:
                 offset += nbytes
         raw = index.tobytes()
         atomic_write(path, [piece for p in parts if p is not None for piece in p] + [raw, _crc(raw)])
+
+
+class _ShardJob:
+    """One shard file, its chunks encoded by ``tasks`` pool tasks: the last one to finish writes the file
+    (none does when a task failed: its error reaches the caller through its future)."""
+
+    def __init__(self, writer: ShardWriter, path: Path, values: np.ndarray, lo: int, starts: list[int], split: int):
+        self.writer, self.path, self.values, self.lo, self.starts = writer, path, values, lo, starts
+        self.tasks = min(split, len(starts))
+        self.parts: list = [None] * writer.per_shard  # chunks wholly past n stay None: zarr leaves them out
+        self.left, self.failed, self.lock = self.tasks, False, threading.Lock()
+
+    def encode(self, part: int) -> None:
+        """Encode this task's share of the chunks (every ``tasks``-th one); the last task writes the file."""
+        try:
+            for j in range(part, len(self.starts), self.tasks):
+                self.parts[j] = self.writer._encode(self.values, self.starts[j] - self.lo)
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            with self.lock:
+                self.left -= 1
+                last = self.left == 0
+        if last and not self.failed:
+            self.writer._write_file(self.path, self.parts)
+            self.parts = self.values = None  # the compressed bytes go as soon as they are written
 
 
 _BLOSC_KEYS = {"cname", "clevel", "shuffle", "blocksize", "typesize"}
