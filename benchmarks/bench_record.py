@@ -228,27 +228,32 @@ def compression(out: Path, snapshots: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="scratch folder (default: a temp dir; /dev/shm/... measures in memory, without a disk)")
+    parser.add_argument("--sections", nargs="+", choices=["overhead", "throughput", "compression"],
+                        default=["overhead", "throughput", "compression"])
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_record_"))
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
-    report = {
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "overhead": overhead(out, epochs=2, steps_per_epoch=20 if q else 200, repeats=1 if q else 3),
-        "trajstore_threads": parallel.threads(),
-        "throughput": throughput(out, {"10M": [1024, 2560, 2048, 1024, 10], "100M": [4096, 6656, 6656, 4096, 10]},
-                                 {"10M": 5 if q else 12, "100M": 2 if q else 4},
-                                 trials={"10M": 1 if q else 5, "100M": 1 if q else 3}),
-        "compression": compression(out, snapshots=100 if q else 400),
-    }
+    report: dict = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "trajstore_threads": parallel.threads(), "out": str(out)}
+    if "overhead" in args.sections:
+        report["overhead"] = overhead(out, epochs=2, steps_per_epoch=20 if q else 200, repeats=1 if q else 3)
+    if "throughput" in args.sections:
+        report["throughput"] = throughput(out, {"10M": [1024, 2560, 2048, 1024, 10], "100M": [4096, 6656, 6656, 4096, 10]},
+                                          {"10M": 5 if q else 12, "100M": 2 if q else 4},
+                                          trials={"10M": 1 if q else 5, "100M": 1 if q else 3})
+    if "compression" in args.sections:
+        report["compression"] = compression(out, snapshots=100 if q else 400)
     report["peak_rss_MiB"] = peak_rss_mib()
     print(json.dumps(report, indent=2))
-    o, t, c = report["overhead"], report["throughput"], report["compression"]["presets"]
-    print(f"\nstep time: none {o['step_ms']['none']:.1f} ms, every epoch {o['step_ms']['epoch']:.1f} ms "
-          f"({100 * o['overhead_every_epoch']:+.2f}%), every 10 steps {o['step_ms']['every10']:.1f} ms "
-          f"({100 * o['overhead_every_10_steps']:+.2f}%)")
-    for label, r in t.items():
+    if "overhead" in report:
+        o = report["overhead"]
+        print(f"\nstep time: none {o['step_ms']['none']:.1f} ms, every epoch {o['step_ms']['epoch']:.1f} ms "
+              f"({100 * o['overhead_every_epoch']:+.2f}%), every 10 steps {o['step_ms']['every10']:.1f} ms "
+              f"({100 * o['overhead_every_10_steps']:+.2f}%)")
+    for label, r in report.get("throughput", {}).items():
         print(f"{label} ({r['n_params']:,} params, {r['n_params'] * 4 / 2**20:.0f} MiB a snapshot): torch.save "
               f"{r['torch_save_GBps']:.2f} GB/s; sustained store, median ratio to torch.save over {r['trials']} trials:")
         for name, ratio in r["ratio_vs_torch_save"].items():
@@ -256,8 +261,8 @@ def main() -> None:
         print(f"  the loop waits per snapshot: append {r['append_blocking_ms']:.1f} ms vs torch.save "
               f"{r['torch_save_ms']:.1f} ms = {r['blocking_ratio_vs_torch_save']:.2f}x; store bytes / torch.save "
               f"bytes {r['store_bytes_vs_torch_save_bytes']:.3f}")
-    for name, e in c.items():
-        extra = f", 15-D max principal angle {e['max_principal_angle_deg_15d']:.4f} deg" if name != "lossless" else ""
+    for name, e in report.get("compression", {}).get("presets", {}).items():
+        extra = f", 15-D max principal angle {e['max_principal_angle_deg_15d']:.4f} deg" if "max_principal_angle_deg_15d" in e else ""
         print(f"compression {name}: {e['ratio']:.3f}x{extra}")
     print(f"peak RSS: {report['peak_rss_MiB']:.0f} MiB")
     if args.out is None:
