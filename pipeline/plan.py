@@ -46,17 +46,16 @@ from .placement import (
 )
 from .tiles import tile_count
 
-# Compression ratios (raw float32 bytes / stored snapshot bytes) measured by benchmarks/bench_record.py
-# (benchmarks/results/bench_record.txt, "compression"): a 1D-CNN on MNIST-1D (pipeline.experiments.models.CNN1D,
-# 9,610 float32 parameters), 400 snapshots taken one SGD step apart (lr 0.05, momentum 0.9, batch 100).
-# Snapshots further apart (once per epoch) differ more: the xor and delta presets then gain less.
-# The lossless default (lz4 + bitshuffle) gains nothing on this small model's weights; on a 10M MLP and a
-# 29M transformer it gives 1.139, as zstd does (benchmarks/results/bench_codecs.txt). lossless-zstd: the
-# same benchmark when it was the default (1.132).
-MEASURED_RATIOS = {"lossless": 0.998, "lossless-zstd": 1.132, "xor-delta:16": 1.302, "bitround-delta:8": 1.838,
+# Compression ratios (raw float32 bytes / stored snapshot bytes). The plain lossless presets: one snapshot of
+# the 10M MLP (benchmarks/results/bench_codecs.txt; a 29M transformer gives the same, 1.138-1.139; a ~10K-
+# parameter model's weights do not compress with lz4: 1.00, zstd 1.08). The xor and delta presets, which gain
+# from consecutive snapshots: benchmarks/bench_record.py's "compression" (a 1D-CNN on MNIST-1D,
+# pipeline.experiments.models.CNN1D, 9,610 float32 parameters, 400 snapshots one SGD step apart, lr 0.05,
+# momentum 0.9, batch 100). Snapshots further apart (once per epoch) differ more: those presets then gain less.
+MEASURED_RATIOS = {"lossless": 1.139, "lossless-zstd": 1.140, "xor-delta:16": 1.302, "bitround-delta:8": 1.838,
                    "bitround-delta:6": 2.175, "float16-delta": 2.094}
-RATIO_SOURCE = ("benchmarks/results/bench_record.txt: 1D-CNN on MNIST-1D, 9,610 float32 parameters, 400 snapshots "
-                "one SGD step apart")
+RATIO_SOURCE = ("benchmarks/results/bench_codecs.txt (lossless presets: a 10M MLP; ~10K-parameter models: 1.00) and "
+                "bench_record.txt (xor/delta presets: 1D-CNN on MNIST-1D, 400 snapshots one SGD step apart)")
 # Documented constants for an accelerator that is not on this machine (--device-memory without CUDA here).
 DEVICE_BANDWIDTH = 2.0e12  # B/s: achieved read bandwidth of a data-centre GPU's HBM (H100 SXM: 3.35 TB/s peak)
 LINK_BANDWIDTH = 25e9  # B/s: pinned host-to-device copies over PCIe 4.0 x16 (32 GB/s peak)

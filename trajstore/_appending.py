@@ -96,6 +96,13 @@ class Appending:
         ones stay committed) and the next append/flush/close raises NonFiniteError naming its step; reopen
         the store (mode ``"a"``) to record again. With ``allow_nonfinite=True`` it is recorded and flagged.
         """
+        # one append at a time: appends from several threads would take row indices and check their steps
+        # in interleaved order (rows committed with steps going back); each now waits for the one before
+        with self.__dict__.setdefault("_append_lock", threading.Lock()):
+            return self._append(source, step, epoch, metrics, allow_nonfinite, optimizer)
+
+    def _append(self, source: object, step: int, epoch: int | None, metrics: Mapping[str, float] | None,
+                allow_nonfinite: bool, optimizer: object) -> int:
         self._check_writable()
         optstate.check_source(bool(self._meta.get("optimizer_state")), optimizer, self.path)
         # everything is validated before a row index or a staging buffer is taken: a refused

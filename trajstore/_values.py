@@ -71,6 +71,10 @@ def check_metrics(metrics: Mapping | None) -> dict[str, float]:
             raise InvalidArgumentError(f"metric names {sorted(k for k in metrics if metric_key(k) == key)} "
                                        f"would both be stored as {key!r}")
         try:
+            if is_tensor(value):  # a 0-d or one-element torch tensor (what a training loop logs)
+                if value.numel() != 1 or value.dtype.is_complex or value.dtype == _torch().bool:
+                    raise TypeError
+                value = value.detach().reshape(-1)[0].item()
             if hasattr(value, "numel") and value.numel() != 1 or np.ndim(value) != 0 and np.size(value) != 1:
                 raise TypeError
             if isinstance(value, (str, bytes, bool, np.bool_)) or getattr(value, "dtype", np.dtype("f")).kind not in "iuf":

@@ -260,17 +260,18 @@ class ParamLayout:
         """Copy ``source`` (module, state_dict, 1-D tensor/array of length n) into ``out`` (n,).
 
         ``out`` is a float array, or uint16 holding bfloat16 bits (a bfloat16 store's rows). Into a
-        16-bit ``out`` a value of a wider tensor is copied only when the half type holds it exactly;
-        otherwise LayoutMismatchError (a store records the model's dtype and never rounds silently).
+        narrower ``out`` (float32 from float64, a half type from anything wider) a value is copied only
+        when ``out``'s type holds it exactly; otherwise LayoutMismatchError (a store records the model's
+        dtype and never rounds silently).
         """
         if isinstance(source, np.ndarray) or is_tensor(source):
             if source.ndim != 1 or source.shape[0] != self.n:
                 raise LayoutMismatchError(
                     f"snapshot has shape {tuple(source.shape)}, the store expects a flat vector of length {self.n}"
                 )
-            if isinstance(source, np.ndarray) and out.itemsize > 2:
-                np.copyto(out, source, casting="same_kind")
-            else:
+            if isinstance(source, np.ndarray) and source.dtype == out.dtype and out.dtype.kind == "f":
+                np.copyto(out, source)
+            else:  # another dtype: torch copies it, and refuses values the store's dtype does not hold
                 if isinstance(source, np.ndarray):
                     source = _torch().from_numpy(np.ascontiguousarray(
                         source if source.dtype.kind == "f" else source.astype(np.float64)))
@@ -346,7 +347,8 @@ NUMPY_COPY_BYTES = 64 << 20  # CPU tensors up to this size are copied into a sna
 
 
 def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    """``dst.copy_(src)``; into a 16-bit ``dst`` from a wider ``src``, only values it holds exactly.
+    """``dst.copy_(src)``; into a narrower ``dst`` (float32 or 16-bit from a wider ``src``), only values it
+    holds exactly: a store records the model's dtype and never rounds silently.
 
     A CPU tensor of ``dst``'s dtype up to :data:`NUMPY_COPY_BYTES` is copied by numpy: one memcpy on this
     thread. torch's copy_ splits such a copy over its OpenMP threads, which then spin for milliseconds
@@ -360,7 +362,7 @@ def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         except (RuntimeError, TypeError):  # not viewable by numpy (a sparse or grad-requiring tensor ...)
             pass
     dst.copy_(src)
-    if dst.element_size() == 2 and src.dtype != dst.dtype:
+    if src.dtype != dst.dtype and src.element_size() > dst.element_size():  # narrowed: float64 -> float32 too
         j, want, back = first_inexact(dst, src)
         if j is not None:
             raise LayoutMismatchError(

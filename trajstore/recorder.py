@@ -201,7 +201,16 @@ class Recorder:
                     f"epoch_end({epoch}): no optimizer step has been counted, so this snapshot has no step of "
                     "its own (it would repeat step 0 and be dropped). Call rec.step() after each "
                     "optimizer.step(), or pass the global step: rec.epoch_end(epoch, step=global_step)")
-            return self.record(self.global_step, epoch, metrics)
+            recorded = self.record(self.global_step, epoch, metrics)
+            if not recorded and not getattr(self, "_told_epoch_clash", False):
+                self._told_epoch_clash = True  # once: it repeats every epoch
+                warnings.warn(
+                    f"Recorder.epoch_end({epoch}): step {self.global_step} already has a snapshot (every_n_steps="
+                    f"{self.every_n_steps} falls on the epoch's last step), so this epoch's number and metrics "
+                    f"{sorted(_scalars(metrics))} are not recorded: a committed snapshot is never rewritten. Pass "
+                    "them to rec.step(metrics) on the epoch's last step, or pick an every_n_steps that does not "
+                    "divide the steps per epoch", UserWarning, stacklevel=2)
+            return recorded
         if metrics and not self.every_n_epochs and not getattr(self, "_told_epoch_metrics", False):
             self._told_epoch_metrics = True  # once: a trainer calls this every epoch
             warnings.warn("Recorder.epoch_end(metrics=...) records nothing when snapshots are taken every_n_steps "
