@@ -134,16 +134,11 @@ def _basis_task(reader: RowReader, path: str, storage_options, name: str, rows: 
         stored[...] = basis[s0:s1]  # PᵀP of the float32 values as stored
         ptp += stored.T @ stored
     check_finite(ptp, x, reader.path, c0, c1, rows)
-    from trajstore.format import local_dir, zarr_store
-    from trajstore.rawchunk import RawChunks
+    from trajstore.format import zarr_store
 
     group = zarr.open_group(zarr_store(path, False, storage_options), mode="r+")[f"{SUBSPACES}/{name}"]
-    local = local_dir(path)
-    folder = None if local is None else local / SUBSPACES / name
-    if not (folder is not None and (raw := RawChunks.for_array(folder / "basis")) and raw.write((c0, 0), basis)):
-        group["basis"][c0:c1, :] = basis  # (one whole chunk on a local store is written directly: rawchunk.py)
-    if not (folder is not None and (raw := RawChunks.for_array(folder / "mean")) and raw.write((c0,), mean)):
-        group["mean"][c0:c1] = mean
+    group["basis"][c0:c1, :] = basis
+    group["mean"][c0:c1] = mean
     group["_ptp"][block] = ptp
     group["_done"][block] = True
     return block

@@ -9,10 +9,8 @@ import zarr
 
 from trajstore import TrajectoryStore
 from trajstore.errors import NonFiniteError
-from trajstore.format import local_dir
-from trajstore.rawchunk import RawChunks
 
-from .subspace import SUBSPACES, BasisDigest
+from .subspace import BasisDigest
 
 
 class ReadBackDigest:
@@ -23,8 +21,6 @@ class ReadBackDigest:
     def __init__(self, basis: zarr.Array, blocks: Sequence[tuple[int, int]], done: np.ndarray, name: str,
                  store: TrajectoryStore) -> None:
         self._basis, self._blocks, self._name, self._path = basis, list(blocks), name, store.path
-        local = local_dir(store.path)  # a local store's chunks are read back directly (rawchunk.py)
-        self._raw = None if local is None else RawChunks.for_array(local / SUBSPACES / name / "basis")
         self._ready = [threading.Event() for _ in self._blocks]
         for b in np.flatnonzero(done):  # written by an earlier, interrupted run
             self._ready[b].set()
@@ -45,10 +41,7 @@ class ReadBackDigest:
                 self._ready[b].wait()
                 if self._cancelled:
                     return
-                d = self._basis.shape[1]
-                rows = None if self._raw is None else self._raw.read((r0, 0), (r1, d))
-                if rows is None:
-                    rows = self._basis[r0:r1, :]  # (r1 - r0, d) float32, as stored
+                rows = self._basis[r0:r1, :]  # (r1 - r0, d) float32, as stored
                 if not np.isfinite(rows).all():
                     raise NonFiniteError(
                         f"the basis written for subspace {self._name!r} of {self._path} holds NaN or Inf in rows "
