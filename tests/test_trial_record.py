@@ -40,6 +40,27 @@ def test_wider_weights_than_the_store_holds_are_refused_not_rounded(tmp_path):
         np.testing.assert_array_equal(r.read(1), np.arange(10, dtype=np.float32))
 
 
+def test_a_half_type_into_the_other_half_type_is_refused_unless_exact(tmp_path):
+    """float16 and bfloat16 are the same width but hold different values: float16 weights appended to a
+    bfloat16 store are checked like a narrowing (and refused where bfloat16 would round them)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).bfloat16()
+    store = TrajectoryStore.create(tmp_path / "s.zarr", model)
+    half = nn.Linear(4, 2).half()
+    with torch.no_grad():
+        half.weight.fill_(1.0009765625)  # 1 + 2^-10: float16 holds it, bfloat16 does not
+        half.bias.fill_(0.5)
+    with pytest.raises(LayoutMismatchError, match="torch.float16 values that torch.bfloat16 cannot represent"):
+        store.append(half, step=0)
+    with torch.no_grad():
+        half.weight.fill_(1.5)
+    store.append(half, step=1)  # exact in bfloat16: recorded
+    store.close()
+    with TrajectoryStore.open(tmp_path / "s.zarr") as r:
+        np.testing.assert_array_equal(r.steps, [1])
+        assert (r.read(0)[:8] == 1.5).all()
+
+
 def test_appends_from_several_threads_commit_increasing_steps(tmp_path):
     """Four threads take steps from one counter and append: whoever comes late with a smaller step is
     refused (a typed error); every committed row holds its own step's values, steps strictly increase."""

@@ -347,8 +347,8 @@ NUMPY_COPY_BYTES = 64 << 20  # CPU tensors up to this size are copied into a sna
 
 
 def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    """``dst.copy_(src)``; into a narrower ``dst`` (float32 or 16-bit from a wider ``src``), only values it
-    holds exactly: a store records the model's dtype and never rounds silently.
+    """``dst.copy_(src)``; from another dtype than ``dst``'s (unless a float widening, always exact), only
+    values ``dst`` holds exactly: a store records the model's dtype and never rounds silently.
 
     A CPU tensor of ``dst``'s dtype up to :data:`NUMPY_COPY_BYTES` is copied by numpy: one memcpy on this
     thread. torch's copy_ splits such a copy over its OpenMP threads, which then spin for milliseconds
@@ -362,7 +362,8 @@ def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         except (RuntimeError, TypeError):  # not viewable by numpy (a sparse or grad-requiring tensor ...)
             pass
     dst.copy_(src)
-    if src.dtype != dst.dtype and src.element_size() > dst.element_size():  # narrowed: float64 -> float32 too
+    widening = src.is_floating_point() and dst.is_floating_point() and src.element_size() < dst.element_size()
+    if src.dtype != dst.dtype and not widening:  # float64 -> float32, float16 <-> bfloat16, int -> float ...
         j, want, back = first_inexact(dst, src)
         if j is not None:
             raise LayoutMismatchError(
