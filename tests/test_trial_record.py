@@ -114,3 +114,106 @@ def test_epoch_end_metrics_lost_to_a_step_snapshot_are_warned_about(tmp_path):
                 rec.step()
             assert not rec.epoch_end(epoch, metrics={"val_acc": 0.9})
     store.close()
+
+
+def test_integers_beyond_what_the_store_holds_are_refused(tmp_path):
+    """int64 above 2^53 would round alike on both sides of a float64 comparison: they are compared as
+    integers. numpy ints, big-endian floats and unsigned ints go in value for value; longdouble is refused."""
+    from trajstore import InexactValuesError
+
+    store = TrajectoryStore.create(tmp_path / "s.zarr", ParamLayout([TensorSpec("w", (2,), "float64")]))
+    for bad in (torch.tensor([2**53 + 1, 3]), np.array([2**53 + 1, 3], np.int64),
+                np.array([2**64 - 1, 0], np.uint64)):
+        with pytest.raises(InexactValuesError):
+            store.append(bad, step=0)
+    with pytest.raises(LayoutMismatchError, match="longdouble|float128|cannot record exactly"):
+        store.append(np.array([0.5, 1.5], np.longdouble), step=0)
+    store.append(np.array([2**53, 3], np.int64), step=1)
+    store.append(np.array([0.25, -2.0], ">f8"), step=2)
+    store.append(np.array([7, 9], np.uint32), step=3)
+    store.close()
+    with TrajectoryStore.open(tmp_path / "s.zarr") as r:
+        np.testing.assert_array_equal(r.read(slice(None)), [[2**53, 3], [0.25, -2.0], [7, 9]])
+
+    model = nn.BatchNorm1d(2)
+    store = TrajectoryStore.create(tmp_path / "b.zarr", model, buffers=True)
+    model.num_batches_tracked.fill_(2**60 + 1)
+    with pytest.raises(InexactValuesError, match="num_batches_tracked"):
+        store.append(model, step=0)
+    model.num_batches_tracked.fill_(12)
+    store.append(model, step=1)
+    store.close()
+
+
+def test_holds_says_false_for_values_the_store_cannot_hold(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    with TrajectoryStore.create(tmp_path / "s.zarr", model) as store:
+        store.append(model, step=0)
+        store.flush()
+        assert store.holds(model, 0)
+        wide = nn.Linear(3, 2).double()
+        wide.load_state_dict(model.state_dict())
+        assert store.holds(wide, 0)  # float64 copies of the same float32 values
+        with torch.no_grad():
+            wide.weight.add_(1e-12)
+        assert not store.holds(wide, 0)  # not raised: it simply is not the snapshot
+
+
+@pytest.mark.timeout(60)  # a deadlock fails here, not at the suite's 300 s
+def test_append_from_inside_an_append_is_refused_not_deadlocked(tmp_path):
+    """A signal handler (here: a hook run inside append) that appends on the same thread gets a typed
+    error at once; the interrupted append completes and another thread still appends."""
+    import signal
+
+    model = nn.Linear(3, 2)
+    store = TrajectoryStore.create(tmp_path / "s.zarr", model)
+    errors = []
+
+    def handler(signum, frame):
+        try:
+            store.append(model, step=99)
+        except InvalidArgumentError as exc:
+            errors.append(str(exc))
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    real = store._append
+
+    def interrupted(*args):
+        signal.raise_signal(signal.SIGUSR1)  # arrives while the append runs
+        return real(*args)
+
+    store._append = interrupted
+    try:
+        store.append(model, step=0)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        del store._append
+    assert errors and "while an append of this store was running on the same thread" in errors[0]
+    thread = threading.Thread(target=lambda: store.append(model, step=1))
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    store.truncate_after_step(0)
+    store.close()
+    with TrajectoryStore.open(tmp_path / "s.zarr") as r:
+        np.testing.assert_array_equal(r.steps, [0])
+
+
+def test_metric_tensors_that_are_not_numbers_are_typed_errors(tmp_path):
+    store = TrajectoryStore.create(tmp_path / "s.zarr", _flat(4))
+    for bad in (torch.empty((), device="meta"), torch.tensor([0.5]).to_sparse()):
+        with pytest.raises(InvalidArgumentError, match="must be one number"):
+            store.append(np.zeros(4, np.float32), step=0, metrics={"x": bad})
+    store.close()
+
+
+def test_an_epoch_step_that_does_not_advance_is_warned_about_as_such(tmp_path):
+    model = nn.Linear(3, 1)
+    store = TrajectoryStore.create(tmp_path / "s.zarr", model)
+    rec = Recorder(store, model, every_n_epochs=1)
+    rec.start()
+    assert rec.epoch_end(0, step=5)
+    with pytest.warns(UserWarning, match="step 5 does not come after step 5"):
+        assert not rec.epoch_end(1, step=5)
+    store.close()

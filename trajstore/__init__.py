@@ -6,6 +6,7 @@ from .errors import (  # noqa: E402
     CorruptSnapshotError,
     FormatVersionError,
     InvalidArgumentError,
+    InexactValuesError,
     LayoutMismatchError,
     NonFiniteError,
     NotAStoreError,
@@ -24,7 +25,7 @@ from .store import TrajectoryStore  # noqa: E402
 __all__ = [
     "TrajectoryStore", "ParamLayout", "CodecPreset", "get_preset", "PRESET_NAMES",
     "TrajstoreError", "NotAStoreError", "FormatVersionError", "StoreLockedError", "StaleLockError",
-    "LayoutMismatchError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "StoreExistsError", "InvalidArgumentError",
+    "LayoutMismatchError", "InexactValuesError", "NonFiniteError", "CorruptSnapshotError", "StoreWriteError", "StoreExistsError", "InvalidArgumentError",
     "SnapshotIndexError", "StoreChangedError",
     "Recorder", "import_checkpoints", "set_threads",
 ]

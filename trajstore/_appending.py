@@ -3,12 +3,13 @@ the background writer's row writes with the commit last (single process, or ever
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -19,7 +20,7 @@ from ._lazy import is_module
 from .chunkwrite import ChunkWriter
 from ._values import check_epoch, check_metrics, check_source, check_step
 from .durability import commit_files, fsync_paths, row_files
-from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
+from .errors import InexactValuesError, InvalidArgumentError, LayoutMismatchError, NonFiniteError, TrajstoreError
 from .format import ATTR, BUFFERS, EPOCH, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, WALL_TIME
 from .layout import BF16, ParamLayout, finite_mask, float32_to_bf16_bits
 from .writer import Job
@@ -59,7 +60,10 @@ class Appending:
         Collective in a multi-process recording: every rank compares the columns it writes (rank 0
         all of them when parameters are replicated) and every rank gets the same answer."""
         if self._ctx is None:
-            want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+            try:
+                want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+            except InexactValuesError:
+                return False  # values the store's dtype cannot hold: not the snapshot's, whatever it holds
             return bool(np.array_equal(self.read(index), want, equal_nan=True))
         same, error = True, None
         try:
@@ -68,14 +72,20 @@ class Appending:
                 distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
                 i, (lo, hi) = self._check_index(index), self._cols
                 want = np.empty(hi - lo, self.dtype)
-                distributed.flatten_local(self.layout, source, want)
-                same = bool(np.array_equal(self.reader().read_block(i, i + 1, lo, hi)[0], want, equal_nan=True))
+                try:
+                    distributed.flatten_local(self.layout, source, want)
+                    same = bool(np.array_equal(self.reader().read_block(i, i + 1, lo, hi)[0], want, equal_nan=True))
+                except InexactValuesError:
+                    same = False
             elif distributed.has_shards(source):
                 raise LayoutMismatchError(f"{self.path} was recorded unsharded, and the model resuming it holds FSDP2 "
                                           "shards: resume with the wrapping it was recorded with, or use a new store")
             elif self._ctx.rank == 0:
-                want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
-                same = bool(np.array_equal(self.read(index), want, equal_nan=True))
+                try:
+                    want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
+                    same = bool(np.array_equal(self.read(index), want, equal_nan=True))
+                except InexactValuesError:
+                    same = False
         except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
             error = exc
         return all(self._ctx.exchange(error, same, op="holds"))
@@ -98,8 +108,26 @@ class Appending:
         """
         # one append at a time: appends from several threads would take row indices and check their steps
         # in interleaved order (rows committed with steps going back); each now waits for the one before
-        with self.__dict__.setdefault("_append_lock", threading.Lock()):
+        with self._writing():
             return self._append(source, step, epoch, metrics, allow_nonfinite, optimizer)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the store's append lock: other threads wait; the same thread coming back in (a signal
+        handler saving a last snapshot while an append runs, a hook called inside one) is refused with a
+        typed error instead of waiting for itself forever or interleaving with the append it interrupted."""
+        lock = self.__dict__.setdefault("_append_lock", threading.RLock())
+        with lock:
+            if self.__dict__.get("_inside_append"):
+                raise InvalidArgumentError(
+                    f"{self.path}: append or truncate was called while an append of this store was running on the "
+                    "same thread (from a signal handler or a hook inside append?). Record from the training loop: "
+                    "let the handler set a flag, and append after the interrupted call returns")
+            self._inside_append = True
+            try:
+                yield
+            finally:
+                self._inside_append = False
 
     def _append(self, source: object, step: int, epoch: int | None, metrics: Mapping[str, float] | None,
                 allow_nonfinite: bool, optimizer: object) -> int:
@@ -276,6 +304,10 @@ class Appending:
 
     def truncate(self, length: int) -> None:
         """Drop every snapshot from index ``length`` on (a resumed run replaces what came after its checkpoint)."""
+        with self._writing():  # never in the middle of another thread's append
+            self._truncate(length)
+
+    def _truncate(self, length: int) -> None:
         self._check_writable()
         self.flush()
         error = None
@@ -309,13 +341,14 @@ class Appending:
 
     def truncate_after_step(self, step: int) -> int:
         """Drop every snapshot with a step greater than ``step``; returns the new length."""
-        self._check_writable()
-        step = check_step(step, "step")
-        self.flush()  # the snapshots still queued count: without this they were committed, then cut
-        later = self.steps > step  # (t,)
-        keep = int(np.argmax(later)) if later.any() else len(later)
-        self.truncate(keep)
-        return keep
+        with self._writing():
+            self._check_writable()
+            step = check_step(step, "step")
+            self.flush()  # the snapshots still queued count: without this they were committed, then cut
+            later = self.steps > step  # (t,)
+            keep = int(np.argmax(later)) if later.any() else len(later)
+            self._truncate(keep)
+            return keep
 
 
     def _first_nonfinite(self, buf: np.ndarray) -> str:

@@ -80,7 +80,7 @@ def check_metrics(metrics: Mapping | None) -> dict[str, float]:
             if isinstance(value, (str, bytes, bool, np.bool_)) or getattr(value, "dtype", np.dtype("f")).kind not in "iuf":
                 raise TypeError
             out[key] = float(value.item() if hasattr(value, "item") else value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a meta or sparse tensor
             raise InvalidArgumentError(
                 f"metric {name!r} must be one number, got {type(value).__name__} {value!r:.60}") from None
     return out

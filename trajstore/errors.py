@@ -38,6 +38,10 @@ class LayoutMismatchError(TrajstoreError, ValueError):
     """A snapshot or model does not match the store's parameter layout (names, shapes, length)."""
 
 
+class InexactValuesError(LayoutMismatchError):
+    """A snapshot holds values the store's dtype cannot represent exactly (it is never rounded silently)."""
+
+
 class NonFiniteError(TrajstoreError, ValueError):
     """A snapshot holds NaN or Inf values."""
 

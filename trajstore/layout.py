@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 import numpy as np
 
 from ._lazy import is_module, is_tensor, torch as _torch
-from .errors import LayoutMismatchError
+from .errors import InexactValuesError, LayoutMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -273,8 +273,7 @@ class ParamLayout:
                 np.copyto(out, source)
             else:  # another dtype: torch copies it, and refuses values the store's dtype does not hold
                 if isinstance(source, np.ndarray):
-                    source = _torch().from_numpy(np.ascontiguousarray(
-                        source if source.dtype.kind == "f" else source.astype(np.float64)))
+                    source = _torch().from_numpy(_torch_compatible(source))
                 _copy_exact(torch_view(out), source.detach().reshape(-1), "the flat snapshot")
             return out
         dst = torch_view(out)  # (n,) shares memory with out
@@ -326,6 +325,22 @@ def finite_mask(raw: np.ndarray, values: str) -> np.ndarray:
     return np.isfinite(raw)
 
 
+def _torch_compatible(values: np.ndarray) -> np.ndarray:
+    """``values`` (1-D) as an array torch takes, value for value: native byte order, unsigned and bool as
+    int64 (exact; a uint64 past int64's range refused); types torch lacks (longdouble, complex, objects)
+    refused with LayoutMismatchError rather than rounded."""
+    kind, size = values.dtype.kind, values.dtype.itemsize
+    if kind == "f" and size in (2, 4, 8) or kind == "i" or kind == "b":
+        return np.ascontiguousarray(values, values.dtype.newbyteorder("="))
+    if kind == "u":
+        if size == 8 and values.size and int(values.max()) > np.iinfo(np.int64).max:
+            raise InexactValuesError(f"the flat snapshot holds uint64 values above {np.iinfo(np.int64).max}: the "
+                                     "store cannot represent them exactly")
+        return np.ascontiguousarray(values, np.int64)
+    raise LayoutMismatchError(f"the flat snapshot is of {values.dtype}, which a store cannot record exactly: "
+                              "convert it to the store's dtype (float32, float64, float16) first")
+
+
 def torch_view(out: np.ndarray) -> torch.Tensor:
     """``out`` as a tensor sharing its memory; uint16 is read as bfloat16 bits."""
     torch = _torch()
@@ -336,9 +351,17 @@ def torch_view(out: np.ndarray) -> torch.Tensor:
 
 def first_inexact(dst: "torch.Tensor", src: "torch.Tensor") -> tuple:
     """(index of the first element ``dst`` (already copied from ``src``) does not hold exactly, or None;
-    src and dst as float64 (n,) views). Both widen to float64 exactly; NaN matches NaN."""
+    src and dst as (n,) views to report). Floats compare in float64 (both widen to it exactly; NaN matches
+    NaN); integers compare in their own type, since float64 would round both sides of an int64 above 2^53
+    alike (a value that overflowed to Inf converts back to garbage, which differs too)."""
     torch = _torch()
-    back, want = dst.reshape(-1).to(torch.float64), src.reshape(-1).to(device="cpu", dtype=torch.float64)
+    src = src.reshape(-1).to("cpu")
+    if not src.is_floating_point() and src.dtype != torch.bool:
+        back = dst.reshape(-1).to("cpu").to(torch.float64)
+        back_int = torch.where(back.isfinite(), back, torch.zeros_like(back)).to(src.dtype)
+        same = back.isfinite() & (back_int == src)
+        return (None if bool(same.all()) else int((~same).nonzero()[0, 0])), src, back
+    back, want = dst.reshape(-1).to(torch.float64), src.to(torch.float64)
     same = (back == want) | (back.isnan() & want.isnan())
     return (None if bool(same.all()) else int((~same).nonzero()[0, 0])), want, back
 
@@ -366,7 +389,7 @@ def _copy_exact(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if src.dtype != dst.dtype and not widening:  # float64 -> float32, float16 <-> bfloat16, int -> float ...
         j, want, back = first_inexact(dst, src)
         if j is not None:
-            raise LayoutMismatchError(
+            raise InexactValuesError(
                 f"{what} holds {src.dtype} values that {dst.dtype} cannot represent exactly (element {j}: "
                 f"{float(want[j])!r} would be stored as {float(back[j])!r}): the store records the model's dtype "
                 f"{str(dst.dtype).removeprefix('torch.')}. Cast the model back, or record it into a new store")

@@ -201,15 +201,20 @@ class Recorder:
                     f"epoch_end({epoch}): no optimizer step has been counted, so this snapshot has no step of "
                     "its own (it would repeat step 0 and be dropped). Call rec.step() after each "
                     "optimizer.step(), or pass the global step: rec.epoch_end(epoch, step=global_step)")
+            last = self._last_step
             recorded = self.record(self.global_step, epoch, metrics)
-            if not recorded and not getattr(self, "_told_epoch_clash", False):
-                self._told_epoch_clash = True  # once: it repeats every epoch
+            clash = self.every_n_steps and self.global_step == last
+            if not recorded and not getattr(self, "_told_epoch_" + ("clash" if clash else "stale"), False):
+                setattr(self, "_told_epoch_" + ("clash" if clash else "stale"), True)  # once each: it repeats
+                what = f"this epoch's number and metrics {sorted(_scalars(metrics))} are not recorded"
                 warnings.warn(
                     f"Recorder.epoch_end({epoch}): step {self.global_step} already has a snapshot (every_n_steps="
-                    f"{self.every_n_steps} falls on the epoch's last step), so this epoch's number and metrics "
-                    f"{sorted(_scalars(metrics))} are not recorded: a committed snapshot is never rewritten. Pass "
-                    "them to rec.step(metrics) on the epoch's last step, or pick an every_n_steps that does not "
-                    "divide the steps per epoch", UserWarning, stacklevel=2)
+                    f"{self.every_n_steps} falls on the epoch's last step), so {what}: a committed snapshot is never "
+                    "rewritten. Pass them to rec.step(metrics) on the epoch's last step, or pick an every_n_steps "
+                    "that does not divide the steps per epoch" if clash else
+                    f"Recorder.epoch_end({epoch}): step {self.global_step} does not come after step {last}, the last "
+                    f"snapshot's, so {what}. Count optimizer steps with rec.step(), or pass a global step that "
+                    "increases: rec.epoch_end(epoch, step=global_step)", UserWarning, stacklevel=2)
             return recorded
         if metrics and not self.every_n_epochs and not getattr(self, "_told_epoch_metrics", False):
             self._told_epoch_metrics = True  # once: a trainer calls this every epoch
