@@ -256,7 +256,9 @@ def test_peak_rss_stays_flat_when_n_grows_tenfold(tmp_path):
                              text=True, check=True, cwd=Path(__file__).resolve().parents[1])
         peaks.append(json.loads(out.stdout)["peak_rss_MiB"])
     raw_mib = 16 * 4_000_000 * 4 / 2**20
-    assert peaks[1] <= 1.2 * peaks[0], peaks
+    block_mib = 16 * (1 << 18) * 4 / 2**20  # one decoded (t, chunk) block: at n = 400K the second thread's block
+    # is half size and may not overlap the first, at 4M both threads hold one (seen under -n 2: 120 -> 144 MiB)
+    assert peaks[1] <= 1.2 * peaks[0] + block_mib, peaks  # P alone at 4M x 3 would add 46 MiB
     assert peaks[1] < raw_mib, (peaks, raw_mib)  # far below holding the trajectory
 
 
