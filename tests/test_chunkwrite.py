@@ -87,15 +87,21 @@ def test_a_chain_it_does_not_know_gets_no_writer(tmp_path):
     assert ChunkWriter.for_array(None) is None  # a remote store
 
 
-def test_a_failed_chunk_write_commits_nothing(tmp_path):
-    """The step array's chunk folder replaced by a file: the row's write fails with a typed error, the
-    rows committed before stay, and once fixed a reopened writer records on."""
-    x = trajectory(6, 300)
+def _three_rows_flushed(tmp_path, t: int) -> tuple:
+    """(trajectory (t, 300), path, the open store with its first 3 rows committed)."""
+    x = trajectory(t, 300)
     path = tmp_path / "s.zarr"
     store = TrajectoryStore.create(path, layout(300))
     for i in range(3):
         store.append(x[i], step=i)
     store.flush()
+    return x, path, store
+
+
+def test_a_failed_chunk_write_commits_nothing(tmp_path):
+    """The step array's chunk folder replaced by a file: the row's write fails with a typed error, the
+    rows committed before stay, and once fixed a reopened writer records on."""
+    x, path, store = _three_rows_flushed(tmp_path, 6)
     chunks = path / "step" / "c"
     shutil.move(chunks, tmp_path / "saved")
     chunks.write_text("not a folder")
@@ -118,12 +124,7 @@ def test_a_failed_chunk_write_commits_nothing(tmp_path):
 def test_a_chunk_written_through_zarr_meanwhile_is_read_again(tmp_path):
     """Values written into a per-snapshot array through zarr on the open store (as compaction does with
     wall times) survive the next append: the writer reads a chunk file replaced since it wrote it."""
-    x = trajectory(4, 300)
-    path = tmp_path / "s.zarr"
-    store = TrajectoryStore.create(path, layout(300))
-    for i in range(3):
-        store.append(x[i], step=i)
-    store.flush()
+    x, path, store = _three_rows_flushed(tmp_path, 4)
     store.group["wall_time"].with_config({"write_empty_chunks": True})[:3] = [1.0, 2.0, 3.0]
     store.append(x[3], step=3)
     store.close()
