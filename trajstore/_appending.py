@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -50,6 +50,16 @@ def _close_at_exit() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
 
 
+def _matches(flatten: "Callable[[], np.ndarray]", stored: "Callable[[], np.ndarray]") -> bool:
+    """Whether the flattened source equals the stored row bit for bit (NaN equal to NaN); False when the
+    store's dtype cannot hold the source's values, since then it is not the snapshot, whatever that holds."""
+    try:
+        want = flatten()
+    except InexactValuesError:
+        return False
+    return bool(np.array_equal(stored(), want, equal_nan=True))
+
+
 class Appending:
     """Mixin of TrajectoryStore: everything that writes rows. The store's reading side provides
     ``_row_values``, ``reader``, ``read``, ``array``, ``metric_names`` and ``_check_index``."""
@@ -60,11 +70,8 @@ class Appending:
         Collective in a multi-process recording: every rank compares the columns it writes (rank 0
         all of them when parameters are replicated) and every rank gets the same answer."""
         if self._ctx is None:
-            try:
-                want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
-            except InexactValuesError:
-                return False  # values the store's dtype cannot hold: not the snapshot's, whatever it holds
-            return bool(np.array_equal(self.read(index), want, equal_nan=True))
+            return _matches(lambda: self.layout.flatten_into(source, np.empty(self.n_params, self.dtype)),
+                            lambda: self.read(index))
         same, error = True, None
         try:
             distributed.reshard(source)
@@ -72,20 +79,14 @@ class Appending:
                 distributed.check_shards(self.layout, source, self._ctx.rank, self._ctx.world)
                 i, (lo, hi) = self._check_index(index), self._cols
                 want = np.empty(hi - lo, self.dtype)
-                try:
-                    distributed.flatten_local(self.layout, source, want)
-                    same = bool(np.array_equal(self.reader().read_block(i, i + 1, lo, hi)[0], want, equal_nan=True))
-                except InexactValuesError:
-                    same = False
+                same = _matches(lambda: distributed.flatten_local(self.layout, source, want) or want,  # fills want
+                                lambda: self.reader().read_block(i, i + 1, lo, hi)[0])
             elif distributed.has_shards(source):
                 raise LayoutMismatchError(f"{self.path} was recorded unsharded, and the model resuming it holds FSDP2 "
                                           "shards: resume with the wrapping it was recorded with, or use a new store")
             elif self._ctx.rank == 0:
-                try:
-                    want = self.layout.flatten_into(source, np.empty(self.n_params, self.dtype))
-                    same = bool(np.array_equal(self.read(index), want, equal_nan=True))
-                except InexactValuesError:
-                    same = False
+                same = _matches(lambda: self.layout.flatten_into(source, np.empty(self.n_params, self.dtype)),
+                                lambda: self.read(index))
         except BaseException as exc:  # noqa: BLE001 -- raised on every rank by exchange
             error = exc
         return all(self._ctx.exchange(error, same, op="holds"))
