@@ -53,13 +53,13 @@ from .distributed import Sharding, fsdp_modules, reshard, sharding_of
 from .placement import (  # noqa: F401 -- the sizing rules, also reached as pipeline.basis.*
     ALIGN_COLS, CPU_TILE_COLS, DTYPES, PIECE_COLS, UPCAST_BYTES, _check_device, _check_dtype, _choose_host,
     _choose_mode, _pool, compute_dtype, piece_cols, product_threads, product_workers, scratch_bytes, tile_cols)
-from .subspace import ATTEMPTS, BasisDigest, Subspace, block_rows, open_subspace
+from .subspace import ATTEMPTS, DIGEST, LEGACY_DIGEST, BasisDigest, Subspace, block_rows, open_subspace
 from .tiles import padded_rows, rows_of, tile_count, tile_in_place, tiles_of
 
 R = TypeVar("R")
 Segment = tuple[int, int, int, int, int]  # (tensor index, start in tensor, end, start in tile, end)
-def _digest_of(rows: "Callable[[int, int], np.ndarray]", n: int, d: int) -> str:
-    digest = BasisDigest()
+def _digest_of(rows: "Callable[[int, int], np.ndarray]", n: int, d: int, algorithm: str = DIGEST) -> str:
+    digest = BasisDigest(algorithm)
     step = block_rows((n, d))
     for r0 in range(0, n, step):
         digest.update(rows(r0, min(n, r0 + step)))
@@ -120,6 +120,7 @@ class Basis:
             return np.asarray(host[r0:r1], np.float32) if tiles is None else rows_of(tiles, n, r0, r1)
 
         self._digest = digest  # of the whole of P (see pipeline.subspace.BasisDigest); computed when needed
+        self._digest_given = digest is not None
         if digest is None and self._upcast:  # P̂ holds rounded values: hash the float32 P now
             self._digest = _digest_of(rows, n, d)
         self._head = rows(0, min(n, 64))  # (<= 64, d) float32: what legacy_fingerprint hashes
@@ -242,7 +243,7 @@ class Basis:
 
     @property
     def digest(self) -> str:
-        """``"blake2b-128:<hex>"`` of the whole of P's float32 values: the one its extraction recorded
+        """``"sha256-128:<hex>"`` of the whole of P's float32 values: the one its extraction recorded
         (from_store, whole or one rank's rows), else computed once over P. A sharded basis of a subspace
         written before digests has a hash of the extraction's attributes instead (``"attrs-blake2b:<hex>"``)."""
         if self._digest is None:
@@ -255,7 +256,18 @@ class Basis:
         they share. It names the whole basis, not the rows a rank holds: the subspace state (momentum, B) is
         the same on every rank, so a state saved by one rank, or unsharded, loads into any sharding of the
         same basis (per-parameter state is checked against the local shapes on load)."""
-        hexa = self.digest.rsplit(":", 1)[-1]
+        return self._fingerprint_of(self.digest)
+
+    def earlier_fingerprint(self) -> torch.Tensor | None:
+        """The fingerprint states saved before 2026-11-28 hold for this basis when its digest is computed here
+        (a P given as an array: hashed with :data:`~pipeline.subspace.LEGACY_DIGEST` then), else None (a
+        recorded digest is the same in every version)."""
+        if self._digest_given or self._upcast:  # recorded; or the float32 P is gone (only its rounding is held)
+            return None
+        return self._fingerprint_of(_digest_of(self._rows, self.n, self.d, LEGACY_DIGEST))
+
+    def _fingerprint_of(self, digest: str) -> torch.Tensor:
+        hexa = digest.rsplit(":", 1)[-1]
         return torch.tensor([self.global_n, self.d, float(int(hexa[:12], 16)), float(int(hexa[12:24], 16))],
                             dtype=torch.float64)
 

@@ -15,7 +15,7 @@ import torch
 
 from trajstore.errors import StoreWriteError, TrajstoreError
 
-from .subspace import BasisDigest, Subspace, block_rows
+from .subspace import DIGEST, BasisDigest, Subspace, block_rows
 from .tiles import put_rows, rows_of, tile_count
 
 
@@ -29,7 +29,7 @@ def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -
     remote store). The file is ``basis-<fingerprint>-<digest>-t<cols>-<file hash>.f32.npy``: the fingerprint
     hashes the subspace's attributes, spectrum and shape; the digest is the whole basis's (the one its
     extraction recorded; for a subspace written before digests, the one computed while the copy was made from
-    a checked read); the file hash is blake2b-128 of the file's tiles, taken when it was written from that
+    a checked read); the file hash is sha256-128 of the file's tiles, taken when it was written from that
     checked read. Before use the whole file is hashed and must give that hash, so a file of another store,
     subspace, extraction or tile width, or a damaged one, is rebuilt, never used. Each writer fills a private
     temp file, checks what it copied (see :meth:`Subspace.verify`) and renames it into place: concurrent
@@ -38,11 +38,12 @@ def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -
     folder = _cache_folder(sub, cache_dir)
     prefix = f"basis-{_subspace_fingerprint(sub)}-"
     expected = sub.digest
+    algorithm = DIGEST if expected is None else expected.rsplit(":", 1)[0]
     # an older subspace (no recorded digest): the digest is in the file's name
     pattern = f"{prefix}{_hex(expected) if expected is not None else '*'}-t{cols}-*.f32.npy"
     data = target = digest = None
     for candidate in sorted(folder.glob(pattern)):
-        named = _names(candidate, prefix, cols)
+        named = _names(candidate, prefix, cols, algorithm)
         if named is not None and (expected is None or named[0] == expected):
             data = _open_cached(candidate, sub, cols, named[1])
             if data is not None:
@@ -61,7 +62,7 @@ def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -
             sub.check_unchanged()
             raise StoreWriteError(f"could not write the memory-mapped copy of subspace {sub.name!r} into {folder} "
                                   f"({exc}); free space there, pass another cache_dir, or use host='pinned'") from exc
-        data = _open_cached(target, sub, cols, _names(target, prefix, cols)[1])
+        data = _open_cached(target, sub, cols, _names(target, prefix, cols, algorithm)[1])
         if data is None:
             sub.check_unchanged()  # its folder may have gone with the subspace
             raise StoreWriteError(
@@ -92,10 +93,11 @@ def _hex(digest: str) -> str:
     return digest.rsplit(":", 1)[-1]
 
 
-def _names(path: Path, prefix: str, cols: int) -> tuple[str, str] | None:
-    """(the basis digest, the file hash) a cache file's name gives, or None for another name."""
+def _names(path: Path, prefix: str, cols: int, algorithm: str) -> tuple[str, str] | None:
+    """(the basis digest, computed by ``algorithm``; the file hash) a cache file's name gives, or None for another
+    name."""
     found = re.fullmatch(rf"([0-9a-f]{{32}})-t{cols}-([0-9a-f]{{32}})\.f32\.npy", path.name[len(prefix):])
-    return (f"blake2b-128:{found[1]}", found[2]) if found else None
+    return (f"{algorithm}:{found[1]}", found[2]) if found else None
 
 
 def _cache_folder(sub, cache_dir: "str | os.PathLike | None") -> Path:
@@ -120,11 +122,12 @@ def _subspace_fingerprint(sub) -> str:
 
 
 def _file_hash(tiles: np.ndarray) -> str:
-    """blake2b-128 of a (k, d, cols) float32 array's bytes, tile by tile."""
-    h = hashlib.blake2b(digest_size=16)
+    """sha256-128 of a (k, d, cols) float32 array's bytes, tile by tile (a file named by the blake2b-128 of
+    earlier versions does not match: it is rebuilt once)."""
+    h = hashlib.sha256()
     for tile in tiles:
         h.update(memoryview(np.ascontiguousarray(tile)).cast("B"))
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def _open_cached(target: Path, sub: Subspace, cols: int, file_hash: str) -> np.ndarray | None:
@@ -152,7 +155,7 @@ def _write_cached(folder: Path, prefix: str, sub: Subspace, cols: int) -> tuple[
         # rows of P into their tiles as they are read; raises, before the rename, when what was read is not the basis
         digest = sub.read(sink=functools.partial(put_rows, out))[1]
         out.flush()
-        copied, tiles, step = BasisDigest(), torch.from_numpy(out), block_rows((n, d))
+        copied, tiles, step = BasisDigest.like(digest), torch.from_numpy(out), block_rows((n, d))
         for r0 in range(0, n, step):  # what the tiles hold must be the rows that were read and checked
             copied.update(rows_of(tiles, n, r0, r0 + step))
         if copied.hexdigest() != digest:

@@ -11,6 +11,7 @@ import threading
 from typing import Callable, Sequence, TypeVar
 
 import dask
+import dask.threaded
 from dask.callbacks import Callback
 from threadpoolctl import threadpool_limits
 
@@ -157,7 +158,7 @@ def _run_threads(tasks, progress, stop, num_workers, finished=None) -> list:
     # the process at 1 thread for good).
     with threadpool_limits(1), _Progress():
         try:
-            return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers))
+            return list(dask.compute(*delayed, scheduler=dask.threaded.get, num_workers=num_workers))
         except BaseException:
             with idle:  # no new task starts; wait for the running ones to end before raising
                 state["failed"] = True

@@ -77,7 +77,7 @@ def open_plane(store: TrajectoryStore, name: str | None, snapshot: "int | str") 
     k = resolve_index(store, snapshot)
     n, d = sub.basis.shape
     stored = np.empty((n, 2), np.float32)  # (n_columns, 2)
-    digest, finite = BasisDigest(), True
+    digest, finite = BasisDigest.like(sub.digest), True
     rows = block_rows((n, d), int(sub.basis.chunks[0]))
     for r0 in range(0, n, rows):
         block = np.asarray(sub.basis[r0:r0 + rows, :], np.float32)  # (rows, d)

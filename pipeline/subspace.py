@@ -14,6 +14,7 @@ from trajstore import TrajectoryStore
 from trajstore.columns import ColumnMap
 from trajstore.errors import (
     CorruptSnapshotError,
+    FormatVersionError,
     InvalidArgumentError,
     NotAStoreError,
     SubspaceChangedError,
@@ -21,24 +22,39 @@ from trajstore.errors import (
 )
 
 SUBSPACES = "subspaces"
-DIGEST = "blake2b-128"  # the ``basis_digest`` attribute: "blake2b-128:<hex>" of P's float32 bytes, row-major
+DIGEST = "sha256-128"  # the ``basis_digest`` new extractions record: "sha256-128:<hex>", the first 16 bytes of
+# sha256 over P's float32 bytes, row-major (SHA-NI makes it ~3x blake2b here: benchmarks/results/bench_extract.txt)
+LEGACY_DIGEST = "blake2b-128"  # what extractions recorded before 2026-11-28: still checked, never written
+_HASHES = {DIGEST: hashlib.sha256, LEGACY_DIGEST: lambda: hashlib.blake2b(digest_size=16)}
 ATTEMPTS = 5  # reads of a subspace that changed under them are retried this many times (50 ms, 100 ms, ...)
 _BLOCK_BYTES = 8 << 20  # rows of P read (and hashed) at a time: bounds the extra memory of a checked read
 
 
 class BasisDigest:
-    """The digest of a basis P (n, d): blake2b-128 of its float32 bytes in row-major order, fed in row
-    blocks of any size (the result does not depend on how P is split)."""
+    """The digest of a basis P (n, d): a hash of its float32 bytes in row-major order, fed in row blocks of
+    any size (the result does not depend on how P is split). ``algorithm`` is :data:`DIGEST` for a new
+    digest; :meth:`like` picks the one a recorded digest names, to check it."""
 
-    def __init__(self) -> None:
-        self._hash = hashlib.blake2b(digest_size=16)
+    def __init__(self, algorithm: str = DIGEST) -> None:
+        if algorithm not in _HASHES:
+            raise FormatVersionError(
+                f"the basis digest algorithm {algorithm!r} is not one this trajstore knows ({', '.join(_HASHES)}): "
+                "the subspace was written by a newer version; upgrade trajstore to read it")
+        self.algorithm = algorithm
+        self._hash = _HASHES[algorithm]()
+
+    @classmethod
+    def like(cls, recorded: "str | None") -> "BasisDigest":
+        """A digest computed as ``recorded`` (``"<algorithm>:<hex>"``) was, to compare with it; :data:`DIGEST`
+        when nothing was recorded."""
+        return cls(DIGEST if recorded is None else recorded.rsplit(":", 1)[0])
 
     def update(self, rows: np.ndarray) -> "BasisDigest":
         self._hash.update(memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B"))
         return self
 
     def hexdigest(self) -> str:
-        return f"{DIGEST}:{self._hash.hexdigest()}"
+        return f"{self.algorithm}:{self._hash.hexdigest()[:32]}"
 
 
 def block_rows(shape: tuple[int, ...], chunk_rows: int = 1) -> int:
@@ -116,7 +132,8 @@ class Subspace:
 
     @property
     def digest(self) -> str | None:
-        """``"blake2b-128:<hex>"`` of the whole basis, recorded by the extraction (None: an older subspace)."""
+        """``"sha256-128:<hex>"`` of the whole basis (``"blake2b-128:<hex>"`` before 2026-11-28), recorded by the
+        extraction (None: an older subspace)."""
         return self.attrs.get("basis_digest")
 
     def to_numpy(self) -> np.ndarray:
@@ -139,7 +156,7 @@ class Subspace:
         n, d = self.basis.shape
         if sink is None:
             out = np.empty((n, d), np.float32) if out is None else out
-        digest, finite = BasisDigest(), True
+        digest, finite = BasisDigest.like(self.digest), True
         rows = block_rows((n, d), int(self.basis.chunks[0]))
         scratch = np.empty((min(rows, n), d), np.float32) if sink is not None else None
         for r0 in range(0, n, rows):

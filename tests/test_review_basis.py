@@ -29,7 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def blake(p: np.ndarray) -> str:
+    """The digest extractions recorded before 2026-11-28."""
     return "blake2b-128:" + hashlib.blake2b(np.ascontiguousarray(p, np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+def sha(p: np.ndarray) -> str:
+    """The digest extractions record: the first 16 bytes of sha256 of P's float32 bytes, row-major."""
+    return "sha256-128:" + hashlib.sha256(np.ascontiguousarray(p, np.float32).tobytes()).hexdigest()[:32]
 
 
 def host_array(basis: Basis) -> np.ndarray:
@@ -212,7 +218,7 @@ def test_extraction_records_a_digest_of_the_whole_basis(frozen_first):
     path, _ = frozen_first
     for name in ("a", "b"):
         sub = open_subspace(path, name)
-        assert sub.attrs["basis_digest"] == blake(sub.basis[:, :])
+        assert sub.attrs["basis_digest"] == sha(sub.basis[:, :])
 
 
 def test_the_fingerprint_does_not_depend_on_how_the_basis_is_loaded(frozen_first, tmp_path):
@@ -237,7 +243,7 @@ def test_subspaces_without_a_digest_still_load_and_are_told_apart(frozen_first, 
         strip_digest(path, name)
     for name in ("a", "b"):
         truth = open_subspace(path, name).to_numpy()
-        assert blake(truth) == digests[name]
+        assert sha(truth) == digests[name]
         for kwargs in (dict(host="pinned"), dict(host="mmap"), dict(host="mmap"),
                        dict(host="mmap", cache_dir=tmp_path / "cache")):
             basis = Basis.from_store(path, name, **kwargs)

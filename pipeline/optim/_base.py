@@ -143,6 +143,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             fingerprint = fingerprint.cpu().double()
             legacy = fingerprint.numel() == 3  # saved by an earlier version: a hash of the first 64 rows only
             same = torch.equal(fingerprint, self.basis.legacy_fingerprint() if legacy else self.basis.fingerprint())
+            if not same and not legacy and (earlier := self.basis.earlier_fingerprint()) is not None:
+                same = torch.equal(fingerprint, earlier)  # saved before the digest became sha256-128
             if not agree(same, self.process_group, self.basis.device):  # every rank raises, or none
                 raise LayoutMismatchError(
                     "this optimizer state was saved with a different basis (n, d or values differ); load the basis "
