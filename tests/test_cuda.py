@@ -215,6 +215,34 @@ def test_buffers_recorded_asynchronously_equal_the_synchronous_path(tmp_path):
         store.close()
 
 
+def test_an_int64_buffer_float64_cannot_hold_is_refused_as_on_the_host(tmp_path):
+    """The buffers row is float64: the asynchronous path rounded an int64 buffer above 2^53 silently, where the
+    synchronous path refuses it (InexactValuesError); now both refuse, and 2^53 + 2 (exact) passes both."""
+    from trajstore.errors import InexactValuesError, TrajstoreError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32)).cuda()
+    tracked = model[1].num_batches_tracked
+    for mode in (True, False):
+        path = tmp_path / f"{mode}.zarr"
+        store = TrajectoryStore.create(path, model, buffers=True, async_device_copy=mode)
+        tracked.fill_(2**53 + 2)  # even: float64 holds it exactly
+        store.append(model, step=0)
+        store.flush()
+        assert store.read_buffers(0)["1.num_batches_tracked"].item() == 2**53 + 2
+        tracked.fill_(2**53 + 1)  # rounds to 2^53 in float64
+        with pytest.raises(InexactValuesError, match="num_batches_tracked"):
+            store.append(model, step=1)
+            store.flush()  # the asynchronous path reports it once the copy has landed
+        assert len(store) == 1
+        if mode:  # the writer stopped at the refused row: reopen to go on
+            with pytest.raises(TrajstoreError):
+                store.close()
+        else:  # refused before anything was queued
+            store.close()
+        with TrajectoryStore.open(path) as reopened:
+            assert len(reopened) == 1
+
+
 def test_the_synchronous_fallback_on_cuda(tmp_path):
     from trajstore import devicecopy
 

@@ -4,11 +4,12 @@ Taken for a single-process store (parameter-ordered columns) given a module or s
 parameters all live on one CUDA device in the store's dtype, without ``optimizer=``; anything else takes
 the synchronous path (a blocking copy to the host), unchanged. On the training (current) stream: one
 device-to-device copy of every parameter into a flat staging buffer, a finiteness flag, the buffers (if
-recorded) as float64, then an event. A side stream waits for it on the GPU, copies all that into
+recorded) as float64 with a flag saying every int64 buffer value survived that widening, then an event. A side stream waits for it on the GPU, copies all that into
 page-locked host memory (the writer's staging buffer) and records ``done``, which the writer thread waits
 on before it reads the row. Nothing here synchronizes the host with the device; the next snapshot's copy
 into the staging buffer waits (on the GPU) for the previous ``done``. NaN/Inf is therefore seen only after
-``append`` returned (:meth:`Pending.__call__`).
+``append`` returned (:meth:`Pending.__call__`), and so is an int64 buffer float64 cannot hold (the synchronous
+path refuses both at once).
 
 Memory: the device staging buffer (n x itemsize: 400 MB for 100M float32 parameters), held while the
 store is open. With less than twice that free on the device, the side stream copies straight from the
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from ._lazy import is_module, is_tensor, torch as _torch
-from .errors import InvalidArgumentError, LayoutMismatchError, NonFiniteError
+from .errors import InexactValuesError, InvalidArgumentError, LayoutMismatchError, NonFiniteError
 from .layout import BF16, torch_view
 
 if TYPE_CHECKING:
@@ -121,6 +122,8 @@ def examine(store: Any, source: object, optimizer: object) -> "Plan | str":
         return str(exc)
     want = torch.bfloat16 if store.values == BF16 else getattr(torch, store.values)
     why = device_reason(params, dtype=want) or (device_reason(buffers) if buffers else None)
+    if why is None and buffers and (odd := next((b for b in buffers if b.dtype == getattr(torch, "uint64", None)), None)):
+        why = f"a buffer of dtype {odd.dtype} (checked for float64 exactness on the host)"
     if why is None and buffers and buffers[0].device != params[0].device:
         why = f"the buffers are on {buffers[0].device}, the weights on {params[0].device}"
     if why is not None:
@@ -158,7 +161,7 @@ class _Slot:
 
     row: "torch.Tensor"  # (n,) in the weights' dtype; ``arr`` views it as the writer's dtype
     arr: np.ndarray
-    flag: "torch.Tensor"  # (1,) bool: every value finite
+    flag: "torch.Tensor"  # (2,) bool: every weight finite; every int64 buffer value exact in float64
     buffers: "torch.Tensor | None"  # (m,) float64
 
 
@@ -190,7 +193,7 @@ class DeviceCopier:
     def _slot(self, row: "torch.Tensor", arr: np.ndarray) -> _Slot:
         torch = _torch()
         buffers = None if self.m is None else torch.empty(self.m, dtype=torch.float64, pin_memory=True)
-        return _Slot(row, arr, torch.empty(1, dtype=torch.bool, pin_memory=True), buffers)
+        return _Slot(row, arr, torch.empty(2, dtype=torch.bool, pin_memory=True), buffers)
 
     def _staging(self) -> "torch.Tensor | None":
         """The device staging buffer (n,), made on first use; None when the device lacks room for it."""
@@ -229,6 +232,7 @@ class DeviceCopier:
                 finite = torch.stack([torch.isfinite(f).all() for f in flat]).all().reshape(1)
             buffers = (torch.cat([b.detach().reshape(-1).to(torch.float64) for b in plan.buffers])
                        if plan.buffers else None)  # (m,) a copy: training may change them next
+            flags = torch.cat([finite, _exact_in_float64(plan.buffers or [], finite)])  # (2,) checked by Pending
             copied = torch.cuda.Event()
             copied.record(main)
             self.side.wait_event(copied)  # on the GPU: the side stream starts after the work above
@@ -239,8 +243,8 @@ class DeviceCopier:
                                         else zip(flat, self.offsets, self.offsets[1:])):
                         slot.row[lo:hi].copy_(src, non_blocking=True)
                         src.record_stream(self.side)  # not reused before the side stream has read it
-                    slot.flag.copy_(finite, non_blocking=True)
-                    finite.record_stream(self.side)
+                    slot.flag.copy_(flags, non_blocking=True)
+                    flags.record_stream(self.side)
                     if buffers is not None:
                         slot.buffers.copy_(buffers, non_blocking=True)
                         buffers.record_stream(self.side)
@@ -253,27 +257,48 @@ class DeviceCopier:
             self.done = done
         host_buffers = None if plan.buffers is None else (slot.buffers.numpy() if plan.buffers
                                                            else np.empty(0, np.float64))  # (m,)
-        return host_buffers, Pending(done, slot.flag, store, step, store._last_step, allow_nonfinite, buf)
+        names = [spec.name for spec, b in zip(store.buffer_layout.specs, plan.buffers) if b.dtype == torch.int64] \
+            if plan.buffers else []
+        return host_buffers, Pending(done, slot.flag, store, step, store._last_step, allow_nonfinite, buf, names)
+
+
+def _exact_in_float64(buffers: list, like: "torch.Tensor") -> "torch.Tensor":
+    """(1,) bool on the device, computed in stream order: every value of the int64 buffers is one float64 holds
+    exactly (it survives the round trip, as the host path checks; every other buffer dtype widens to float64
+    exactly). No host synchronization."""
+    torch = _torch()
+    wide = [b.detach().reshape(-1) for b in buffers if b.dtype == torch.int64]
+    if not wide:
+        return torch.ones_like(like)
+    return torch.stack([(b.to(torch.float64).to(torch.int64) == b).all() for b in wide]).all().reshape(1)
 
 
 class Pending:
     """A snapshot still landing in host memory; the writer thread calls it before it reads the row."""
 
     def __init__(self, done: "torch.cuda.Event", flag: "torch.Tensor", store: Any, step: int,
-                 last_step: int | None, allow_nonfinite: bool, row: np.ndarray):
+                 last_step: int | None, allow_nonfinite: bool, row: np.ndarray, int_buffers: list[str] = ()):
         self.done, self.flag, self.store, self.step = done, flag, store, step
         self.last_step, self.allow_nonfinite, self.row = last_step, allow_nonfinite, row
+        self.int_buffers = list(int_buffers)  # the int64 buffers' names (flag[1] covers them)
 
     def __call__(self) -> bool:
         """Wait for the copy; return whether the row holds NaN/Inf. With ``allow_nonfinite=False`` such a
         row is refused instead: NonFiniteError, which the writer keeps and the next append/flush/close
         raises; the writer then writes neither this row nor any queued after it."""
         self.done.synchronize()  # releases the GIL; a blocking-sync event: no spinning
+        committed = len(self.store)  # every earlier row is committed, or this one would not be examined
+        if not bool(self.flag[1]):  # the synchronous path refuses the same values (layout._copy_exact)
+            raise InexactValuesError(
+                f"snapshot at step {self.step}: an int64 buffer ({', '.join(self.int_buffers)}) holds a value the "
+                "store's float64 buffers row cannot hold exactly (above 2^53 in magnitude). It was captured "
+                "asynchronously from CUDA, so this is reported by a later call: neither it nor any snapshot "
+                f"appended after it was recorded; the {committed} snapshot(s) before it are committed and intact. "
+                "Record into a store without buffers (buffers=False), or keep that buffer below 2^53")
         if bool(self.flag[0]):
             return False
         if self.allow_nonfinite:
             return True
-        committed = len(self.store)  # every earlier row is committed, or this one would not be examined
         last = f" (the last at step {self.last_step})" if committed and self.last_step is not None else ""
         raise NonFiniteError(
             f"snapshot at step {self.step} holds NaN or Inf in {self.store._first_nonfinite(self.row)}. It was "
