@@ -89,7 +89,7 @@ class Basis:
     def __init__(self, host: "np.ndarray | torch.Tensor", layout: ParamLayout, *, device: "str | torch.device" = "cpu",
                  dtype: torch.dtype = torch.float32, mode: str = "auto", block_rows: int | None = None,
                  fraction: float = 0.5, name: str = "", digest: str | None = None,
-                 tiles: "torch.Tensor | np.ndarray | None" = None):
+                 tiles: "torch.Tensor | np.ndarray | None" = None, _recorded: bool | None = None):
         """``host``: P (n, d) float32 (numpy or a CPU tensor; a memory map of rows is read into tiles in RAM:
         to stream P from disk, use ``from_store(host="mmap")`` or pass its tiled map as ``tiles``). ``tiles``: the
         same P already in host tiles (k, d, block_rows) float32: a tensor (:meth:`from_store` tiles its read in
@@ -120,9 +120,13 @@ class Basis:
             return np.asarray(host[r0:r1], np.float32) if tiles is None else rows_of(tiles, n, r0, r1)
 
         self._digest = digest  # of the whole of P (see pipeline.subspace.BasisDigest); computed when needed
-        self._digest_given = digest is not None
-        if digest is None and self._upcast:  # P̂ holds rounded values: hash the float32 P now
-            self._digest = _digest_of(rows, n, d)
+        # recorded by the extraction (the same in every version), or computed here (by earlier versions with
+        # LEGACY_DIGEST: optimizer states they saved hold a fingerprint of that, see earlier_fingerprint)
+        self._recorded = digest is not None if _recorded is None else _recorded
+        self._earlier_digest: str | None = None
+        if not self._recorded and self._upcast:  # P̂ holds rounded values: hash the float32 P now
+            self._digest = digest or _digest_of(rows, n, d)
+            self._earlier_digest = _digest_of(rows, n, d, LEGACY_DIGEST)
         self._head = rows(0, min(n, 64))  # (<= 64, d) float32: what legacy_fingerprint hashes
         # where P lives: tiles (k, d, cols) on the device (resident, or any CPU basis held in RAM), in host memory
         # (CUDA streamed, pinned), or in the memory-mapped file of from_store(host="mmap") (streamed)
@@ -210,7 +214,8 @@ class Basis:
                     raise
         local = sharding.layout if sharding is not None else layout
         basis = cls(data, local, device=device, dtype=dtype, mode=mode, block_rows=block_rows, fraction=fraction,
-                    name=f"{sub.path}::{name}", digest=digest, tiles=tiles)
+                    name=f"{sub.path}::{name}", digest=digest, tiles=tiles,
+                    _recorded=sub.digest is not None or not whole)  # a whole read of a subspace without one: computed
         basis.global_n, basis.sharding = layout.n, sharding
         return basis
 
@@ -260,11 +265,11 @@ class Basis:
 
     def earlier_fingerprint(self) -> torch.Tensor | None:
         """The fingerprint states saved before 2026-11-28 hold for this basis when its digest is computed here
-        (a P given as an array: hashed with :data:`~pipeline.subspace.LEGACY_DIGEST` then), else None (a
-        recorded digest is the same in every version)."""
-        if self._digest_given or self._upcast:  # recorded; or the float32 P is gone (only its rounding is held)
-            return None
-        return self._fingerprint_of(_digest_of(self._rows, self.n, self.d, LEGACY_DIGEST))
+        (a P given as an array, or a subspace extracted before digests were recorded: hashed with
+        :data:`~pipeline.subspace.LEGACY_DIGEST` then), else None (a recorded digest is the same in every version)."""
+        if self._earlier_digest is None and not self._recorded:  # (a 16-bit basis took it when it was made)
+            self._earlier_digest = _digest_of(self._rows, self.n, self.d, LEGACY_DIGEST)
+        return None if self._earlier_digest is None else self._fingerprint_of(self._earlier_digest)
 
     def _fingerprint_of(self, digest: str) -> torch.Tensor:
         hexa = digest.rsplit(":", 1)[-1]

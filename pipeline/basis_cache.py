@@ -49,6 +49,11 @@ def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -
             if data is not None:
                 target, digest = candidate, named[0]
                 break
+            if expected is not None:  # damaged, or hashed by an earlier version: never usable (renamed-in files
+                try:  # are whole), so it is not hashed again at every load
+                    candidate.unlink(missing_ok=True)
+                except OSError:
+                    pass
     if data is None:
         try:
             if not folder.is_dir():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,9 +46,18 @@ class BasisDigest:
 
     @classmethod
     def like(cls, recorded: "str | None") -> "BasisDigest":
-        """A digest computed as ``recorded`` (``"<algorithm>:<hex>"``) was, to compare with it; :data:`DIGEST`
-        when nothing was recorded."""
-        return cls(DIGEST if recorded is None else recorded.rsplit(":", 1)[0])
+        """A digest computed as ``recorded`` (``"<algorithm>:<32 hex digits>"``) was, to compare with it;
+        :data:`DIGEST` when nothing was recorded. A value of another form is a damaged attribute
+        (:class:`CorruptSnapshotError`), an algorithm this version does not know one from a newer version
+        (:class:`FormatVersionError`)."""
+        if recorded is None:
+            return cls()
+        found = re.fullmatch(r"([a-z0-9][a-z0-9-]*):[0-9a-f]{32}", recorded) if isinstance(recorded, str) else None
+        if found is None:
+            raise CorruptSnapshotError(
+                f"the recorded basis digest {recorded!r} is malformed (expected '<algorithm>:<32 hex digits>'): the "
+                "subspace's attributes are damaged. Extract it again with overwrite=True (--overwrite)")
+        return cls(found[1])
 
     def update(self, rows: np.ndarray) -> "BasisDigest":
         self._hash.update(memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B"))

@@ -14,7 +14,7 @@ from pipeline.subspace_write import digest_of
 from trajstore import TrajectoryStore
 from trajstore.errors import CorruptSnapshotError, FormatVersionError, LayoutMismatchError
 
-from .test_review_basis import FrozenFirst, blake, record, sha, train
+from .test_review_basis import FrozenFirst, blake, record, sha, strip_digest, train
 
 
 @pytest.fixture
@@ -91,3 +91,61 @@ def test_an_optimizer_state_saved_with_a_blake2b_fingerprint_still_loads(extract
         SubspaceSGD(model.parameters(), Basis.from_array(b, model), lr=0.1, momentum=0.9).load_state_dict(state)
     recorded = Basis.from_store(path, "a")  # a recorded digest is the same in every version: no second chance
     assert recorded.earlier_fingerprint() is None
+
+
+# -- review findings (helper-42) ------------------------------------------------------------------------
+def saved_with_blake2b(model, basis_a: Basis, p: np.ndarray) -> dict:
+    """An optimizer state as the version before 2026-11-28 saved it for P: its fingerprint from blake2b."""
+    opt = SubspaceSGD(model.parameters(), basis_a, lr=0.1, momentum=0.9)
+    train(model, opt, 2)
+    state = opt.state_dict()
+    state["state"][0]["basis_fingerprint"] = basis_a._fingerprint_of(blake(p))
+    return state
+
+
+@pytest.mark.parametrize("host", ["pinned", "mmap"])
+def test_a_state_saved_for_a_subspace_without_a_digest_still_loads(extracted, host, tmp_path):
+    """A subspace extracted before digests: its digest is computed at load, with blake2b by earlier versions."""
+    path, model = extracted
+    p = open_subspace(path, "a").to_numpy()
+    strip_digest(path, "a")  # as a subspace extracted before digests were recorded
+    basis = Basis.from_store(path, "a", host=host, cache_dir=tmp_path / "cache")
+    state = saved_with_blake2b(model, basis, p)
+    SubspaceSGD(model.parameters(), basis, lr=0.1, momentum=0.9).load_state_dict(state)
+    other = Basis.from_array(open_subspace(path, "b").to_numpy(), model)
+    with pytest.raises(LayoutMismatchError, match="different basis"):
+        SubspaceSGD(model.parameters(), other, lr=0.1, momentum=0.9).load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_state_saved_with_a_16_bit_basis_from_an_array_still_loads(extracted, dtype):
+    """A 16-bit basis holds only P's rounding: the earlier digest of the float32 P is taken when it is made."""
+    path, model = extracted
+    p = open_subspace(path, "a").to_numpy()
+    basis = Basis.from_array(p, model, dtype=dtype)
+    state = saved_with_blake2b(model, basis, p)
+    SubspaceSGD(model.parameters(), Basis.from_array(p, model, dtype=dtype), lr=0.1,
+                momentum=0.9).load_state_dict(state)
+
+
+@pytest.mark.parametrize("value", ["attrs-blake2b:" + "0" * 31, "", "deadbeef", "BLAKE2B-128:" + "a" * 32,
+                                   "sha256-128:" + "A" * 32, "sha256-128:" + "0" * 31])
+def test_a_malformed_recorded_digest_is_a_damaged_attribute_not_a_newer_version(extracted, value):
+    path, _ = extracted
+    set_digest(path, "a", value)
+    with pytest.raises(CorruptSnapshotError, match="malformed"):
+        open_subspace(path, "a").to_numpy()
+
+
+def test_a_cache_file_of_the_same_digest_that_no_longer_hashes_is_removed(extracted, tmp_path):
+    """A tiled copy whose file hash does not match (damaged, or hashed with blake2b by an earlier version) is
+    rebuilt and removed, not hashed again at every later load."""
+    path, _ = extracted
+    cache = tmp_path / "cache"
+    Basis.from_store(path, "a", host="mmap", cache_dir=cache)
+    (good,) = cache.rglob("basis-*.f32.npy")
+    stale = good.with_name(good.name.rsplit("-", 1)[0] + "-" + "0" * 32 + ".f32.npy")
+    good.rename(stale)  # the same digest in its name, a file hash that does not match its bytes
+    basis = Basis.from_store(path, "a", host="mmap", cache_dir=cache)
+    assert np.array_equal(basis.to_numpy(), open_subspace(path, "a").to_numpy())
+    assert not stale.exists() and len(list(cache.rglob("basis-*.f32.npy"))) == 1
