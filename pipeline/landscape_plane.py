@@ -80,7 +80,7 @@ def open_plane(store: TrajectoryStore, name: str | None, snapshot: "int | str") 
     digest, finite = BasisDigest.like(sub.digest), True
     rows = block_rows((n, d), int(sub.basis.chunks[0]))
     for r0 in range(0, n, rows):
-        block = np.asarray(sub.basis[r0:r0 + rows, :], np.float32)  # (rows, d)
+        block = np.asarray(sub.stored_rows(r0, r0 + rows), np.float32)  # (rows, d)
         digest.update(block)
         finite = finite and bool(np.isfinite(block).all())
         stored[r0:r0 + len(block)] = block[:, :2]

@@ -171,13 +171,26 @@ class Subspace:
         scratch = np.empty((min(rows, n), d), np.float32) if sink is not None else None
         for r0 in range(0, n, rows):
             block = out[r0:r0 + rows] if sink is None else scratch[:min(rows, n - r0)]
-            block[...] = self.basis[r0:r0 + rows, :]
+            block[...] = self.stored_rows(r0, r0 + rows)
             digest.update(block)
             finite = finite and bool(np.isfinite(block).all())
             if sink is not None:
                 sink(r0, block)
         self.verify(digest.hexdigest(), finite)
         return out if sink is None else None, digest.hexdigest()
+
+    def stored_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of P as stored, (r1 - r0, d) float32, unchecked against the digest; a chunk that does
+        not decode (cut short, or not the array's format) is :class:`CorruptSnapshotError` with what to do, or
+        :class:`SubspaceChangedError` when the subspace was replaced meanwhile."""
+        try:
+            return self.basis[r0:r1, :]
+        except (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
+            self.check_unchanged()
+            raise CorruptSnapshotError(
+                f"the basis of subspace {self.name!r} in {self.path} does not decode in rows {r0}..{r1 - 1} ({exc}): "
+                f"its files are damaged. Extract it again: `trajstore extract {self.path} --dim {self.dim} --name "
+                f"{self.name} --overwrite`") from None
 
     @property
     def columns(self) -> ColumnMap:
@@ -204,7 +217,7 @@ class Subspace:
         for s0, s1 in columns.stored_ranges(lo, hi):
             for a in range(s0, s1, rows):
                 b = min(s1, a + rows)
-                out[pos:pos + b - a] = self.basis[a:b, :]
+                out[pos:pos + b - a] = self.stored_rows(a, b)
                 pos += b - a
         return out
 

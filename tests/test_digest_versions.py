@@ -149,3 +149,4 @@ def test_a_cache_file_of_the_same_digest_that_no_longer_hashes_is_removed(extrac
     basis = Basis.from_store(path, "a", host="mmap", cache_dir=cache)
     assert np.array_equal(basis.to_numpy(), open_subspace(path, "a").to_numpy())
     assert not stale.exists() and len(list(cache.rglob("basis-*.f32.npy"))) == 1
+

@@ -137,6 +137,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict`; float64 subspace state stays float64, and hyperparameters a state
         saved by an earlier version lacks take this optimizer's defaults."""
+        foreign = {k for group in state_dict.get("param_groups", []) for k in group} - set(self.defaults) \
+            - {"params", "param_names"}  # an earlier version may lack keys (they take the defaults), never add them
+        if foreign:
+            raise InvalidArgumentError(
+                f"this optimizer state was saved by another optimizer: its hyperparameters {sorted(foreign)} are not "
+                f"{type(self).__name__}'s ({sorted(self.defaults)}); load it into the optimizer that saved it "
+                "(a SubspaceSGD state into SubspaceSGD, a SubspaceBFGS state into SubspaceBFGS)")
         saved = state_dict["state"].get(0, {})
         fingerprint = saved.get("basis_fingerprint")
         if fingerprint is not None:
