@@ -42,3 +42,30 @@ def test_a_basis_chunk_cut_short_is_a_damaged_subspace_with_what_to_do(extracted
             options = {"pinned": {"host": "pinned"}, "resident": {"mode": "resident"},
                        "mmap": {"host": "mmap", "mode": "streamed", "cache_dir": tmp_path / "cache"}}[load]
             Basis.from_store(path, "a", **options)
+
+
+def test_a_recipe_shuffling_with_the_global_generator_is_refused_before_training(tmp_path):
+    """It crashed after the first sampling epoch (AttributeError in the checkpoint), leaving an unfinished run."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    run = tmp_path / "g"
+    r = CliRunner().invoke(app, ["train", "tests.user_recipe:build_global_shuffle", "--run", str(run),
+                                 "--sample-epochs", "2", "--dim", "1", "--subspace-epochs", "1", "--baseline", "none"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "global random generator" in text and "generator=torch.Generator()" in text, text
+    assert not (run / "trajectory.zarr").exists()
+
+
+def test_a_recipe_that_does_not_shuffle_trains_and_resumes(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    args = ["train", "tests.user_recipe:build_in_order", "--run", str(tmp_path / "o"), "--sample-epochs", "2",
+            "--dim", "1", "--subspace-epochs", "1", "--baseline", "none"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "already finished" in " ".join(again.output.split())

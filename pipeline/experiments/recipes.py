@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from trajstore.errors import InvalidArgumentError
 
@@ -121,11 +121,31 @@ def build_recipe(name: str, *, seed: int, batch_size: int, label_noise: float = 
     accepted = inspect.signature(func).parameters
     torch.manual_seed(seed)
     result = func(**{k: v for k, v in offered.items() if k in accepted})
-    if isinstance(result, Recipe):
-        return result
-    try:
-        model, train, test, loss = result
-    except (TypeError, ValueError):
+    if not isinstance(result, Recipe):
+        try:
+            model, train, test, loss = result
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                f"recipe {name!r} must return (model, train_loader, test_loader, loss_fn)") from None
+        result = Recipe(model, train, test, loss)
+    return _with_generator(result, name, seed)
+
+
+def _with_generator(recipe: Recipe, name: str, seed: int) -> Recipe:
+    """Runs checkpoint the train loader's generator, so that a resumed run sees the batches the uninterrupted one
+    would: a loader shuffling with torch's global generator cannot be resumed so (refused, with the fix); one
+    that does not shuffle gets a generator of its own (it seeds only worker processes)."""
+    train = recipe.train
+    if not isinstance(train, DataLoader):
+        raise InvalidArgumentError(f"recipe {name!r}: its train loader must be a torch DataLoader, got "
+                                   f"{type(train).__name__}")
+    if train.generator is not None:
+        return recipe
+    if isinstance(train.sampler, RandomSampler) and train.sampler.generator is None:
         raise InvalidArgumentError(
-            f"recipe {name!r} must return (model, train_loader, test_loader, loss_fn)") from None
-    return Recipe(model, train, test, loss)
+            f"recipe {name!r}: its train DataLoader shuffles with torch's global random generator, so a run could "
+            "not be resumed with the batches it would have seen. Give it a generator of its own: "
+            "DataLoader(..., shuffle=True, generator=torch.Generator().manual_seed(seed)), with seed an argument "
+            "of the recipe function (it receives seed, batch_size and label_noise when it takes them)")
+    train.generator = torch.Generator().manual_seed(seed)
+    return recipe
