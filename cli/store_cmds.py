@@ -67,13 +67,21 @@ def _info_table(data: dict) -> Table:
 
 def verify(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
            json: bool = typer.Option(False, "--json", help="machine-readable report on stdout")) -> None:
-    """Read every chunk; check checksums, finiteness and the committed count. Exit 1 naming bad snapshots.
+    """Read every chunk; check checksums, finiteness and the committed count; then read each extracted
+    subspace's basis against its recorded digest. Exit 1 naming bad snapshots or subspaces.
 
     The findings go to stdout; the progress bar and the final failure line to stderr."""
     with errors_to_exit(), progress_bar("verifying", quiet=json) as update:
         report = inspect.verify(run, progress=update)
+    subspaces: dict = {}
+    with errors_to_exit():
+        if report.ok and inspect.subspace_names(run):  # (a store with bad snapshots: fix those first)
+            from pipeline.verify import verify_subspaces  # (imports torch and dask: only when there is one)
+
+            subspaces = verify_subspaces(run)
+    bad_subspaces = sorted(name for name, problem in subspaces.items() if problem is not None)
     if json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), "ok": report.ok and not bad_subspaces, "subspaces": subspaces})
     else:
         for problem in report.store_problems:
             out.print(f"[red]store:[/] {escape(problem)}", highlight=False, soft_wrap=True)
@@ -83,9 +91,18 @@ def verify(run: str = typer.Argument(..., metavar="RUN", help="store path or URL
             out.print(f"[red]snapshot {index}:[/] {escape('; '.join(problems))}", highlight=False, soft_wrap=True)
         if report.ok:
             out.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
+        for name, problem in subspaces.items():
+            if problem is None:
+                out.print(f"[green]ok[/]: subspace {escape(name)} (its basis matches the digest its extraction recorded)",
+                          highlight=False)
+            else:
+                out.print(f"[red]subspace {escape(name)}:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if not report.ok:
         bad = ", ".join(str(i) for i in sorted(report.problems))
         err.print(f"[bold red]verify failed[/]: bad snapshots: {bad or 'none'}", highlight=False)
+        raise typer.Exit(1)
+    if bad_subspaces:
+        err.print(f"[bold red]verify failed[/]: bad subspaces: {', '.join(bad_subspaces)}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -69,3 +69,27 @@ def test_a_recipe_that_does_not_shuffle_trains_and_resumes(tmp_path):
     assert r.exit_code == 0, r.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "already finished" in " ".join(again.output.split())
+
+
+def test_verify_reads_every_subspace_against_its_digest(extracted):  # noqa: F811
+    """`trajstore verify` said "ok" for a store whose basis was damaged."""
+    import json
+
+    import zarr
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path, _ = extracted
+    r = CliRunner().invoke(app, ["verify", str(path)])
+    assert r.exit_code == 0 and "ok: subspace a" in " ".join(r.output.split()), r.output
+    basis = zarr.open_group(str(path), mode="r+")["subspaces/b/basis"]
+    row = basis[3, :]
+    row[1] = row[1] + 1e-4  # finite, plausible: only the digest tells
+    basis[3, :] = row
+    r = CliRunner().invoke(app, ["verify", str(path)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "ok: subspace a" in text and "subspace b: the basis of subspace 'b'" in text, text
+    assert "--name b --overwrite" in text and "bad subspaces: b" in text
+    report = json.loads(CliRunner().invoke(app, ["verify", str(path), "--json"]).stdout)
+    assert report["ok"] is False and report["subspaces"]["a"] is None and "digest" in report["subspaces"]["b"]

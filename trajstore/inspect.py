@@ -158,6 +158,13 @@ def subspace_name(path: "str | os.PathLike", name: str | None) -> str:
                                f"--name (e.g. --name {names[0]})")
 
 
+def subspace_names(path: "str | os.PathLike") -> list[str]:
+    """The subspaces a store holds (the groups under ``subspaces/``; those ``extract --follow`` stages, named
+    ``__*``, left out): `trajstore verify` checks them only when there are any."""
+    with TrajectoryStore.open(path, "r") as store:
+        return [name for name in _subspaces(store) if not name.startswith("__")]
+
+
 def _subspace_sampling(store: TrajectoryStore) -> dict:
     """name -> the ``sampling`` attribute its extraction recorded (``extract --smooth/--window``), or None."""
     found = {}
