@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trajstore import inspect
-from trajstore.errors import TrajstoreError
+from trajstore.errors import InvalidArgumentError, TrajstoreError
 
 from ._choices import BasisPrecision, Method
 from ._console import err, errors_to_exit, fail, note, out, print_json, progress_bar
@@ -76,6 +76,9 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
             follow: bool = typer.Option(False, "--follow", help="keep extracting while RUN is being recorded"),
             every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
             poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
+            until_done: bool = typer.Option(
+                False, "--until-done", help="with --follow: stop once the recording has ended (its writer closed the "
+                "store), after a last refresh over every snapshot; without it, follow until Ctrl-C / SIGTERM"),
             json: bool = typer.Option(False, "--json", help="machine-readable summary on stdout")) -> None:
     """Extract the DLDR subspace of RUN out of core (exact Gram or randomized), into RUN/subspaces/NAME."""
     from pipeline import extract_subspace
@@ -91,11 +94,13 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
         if follow:
             check_follow_args(every=every, poll=poll)
             check_follow_settings(settings)
+        elif until_done:
+            raise InvalidArgumentError("--until-done goes with --follow (it says when following ends)")
         target = check_scheduler(scheduler) if scheduler is not None else None
     client = _connect(scheduler, target)  # before the store is touched
     try:
         if follow:
-            _follow(run, every, settings, client, poll, json)
+            _follow(run, every, settings, client, poll, json, until_done)
             return
         with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
             try:
@@ -166,7 +171,7 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
         raise fail(f"cannot connect to the dask scheduler --scheduler {address!r}: {exc}", 2) from None
 
 
-def _follow(run, every, settings, scheduler, poll, json):
+def _follow(run, every, settings, scheduler, poll, json, until_done=False):
     from pipeline.follow import follow as follow_run
 
     name = settings.name
@@ -184,9 +189,10 @@ def _follow(run, every, settings, scheduler, poll, json):
 
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,
-                             on_gram=on_gram, on_subspace=on_subspace)
+                             on_gram=on_gram, on_subspace=on_subspace, until_done=until_done)
     if not json:
-        err.print(f"stopped after {updates} refreshes; the Gram cache is intact")
+        err.print(f"the recording has ended: {updates} refreshes, the last over every snapshot" if until_done and not stop
+                  else f"stopped after {updates} refreshes; the Gram cache is intact")
 
 
 def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),

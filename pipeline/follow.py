@@ -11,6 +11,7 @@ from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
 from trajstore.errors import InvalidArgumentError
 from trajstore.format import local_dir
+from trajstore.lock import writer_active
 
 from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
@@ -23,7 +24,8 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
            name: str = "default", method: str = "gram", snapshots: slice | None = None, smooth: float | None = None,
            window: int | None = None, settings: ExtractionSettings | None = None, scheduler: object = None,
            poll: float = 1.0, stop: StopFlag | None = None, max_updates: int | None = None,
-           on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None) -> int:
+           on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None,
+           until_done: bool = False) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
     Each refresh is an extraction with the same settings (keyword arguments or ``settings``) over the
@@ -33,7 +35,10 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     Reads committed rows only and takes only the extraction locks (pipeline/locking.py), so the
     writer is never blocked, nor are extractions into other subspace names. Returns the number of
     subspace refreshes; stops when ``stop`` is set (the cache stays intact: an interrupted update
-    resumes on the next run) or after ``max_updates``.
+    resumes on the next run) or after ``max_updates``. ``until_done=True`` also stops when the recording
+    has ended: a writer held the store and has let go of it for two polls (and at least 2 s), after a last
+    refresh over every committed snapshot; so the subspace then covers the whole run. Before a writer has
+    been seen it keeps waiting (it may start later).
     """
     check_follow_args(every=every, poll=poll)
     if settings is not None and not isinstance(settings, ExtractionSettings):
@@ -49,8 +54,15 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     stop = StopFlag() if stop is None else stop
     store = TrajectoryStore.open(path, "r")
     refreshed_at, updates = 0, 0
+    seen, idle_since = False, None  # (until_done) a writer was seen; since when none has held the store
     try:
         while not stop:
+            done = False
+            if until_done:
+                active = writer_active(store.path, store.storage_options)
+                seen = seen or active
+                idle_since = None if active else (idle_since or time.monotonic())
+                done = seen and not active and time.monotonic() - idle_since >= max(2 * poll, 2.0)
             store.refresh()
             t = len(store)
             if t >= 2 and settings.method == "gram":
@@ -58,7 +70,7 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
                     _, stats = update_gram(store, root, scheduler=scheduler, stop=stop)
                 if stats.new_rows and on_gram:
                     on_gram(t)
-            if _enough(settings, t) and t - refreshed_at >= every:
+            if _enough(settings, t) and (t - refreshed_at >= every or (done and t > refreshed_at)):
                 # local stores: the next version is written under a staging name and then replaces the old one
                 # whole, so readers never see it unfinished and a kill leaves the old one (object stores: in place)
                 staged = local_dir(store.path) is not None
@@ -72,6 +84,8 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
                     on_subspace(sub)
                 if max_updates is not None and updates >= max_updates:
                     break
+            if done and (t == refreshed_at or not _enough(settings, t)):  # the recording ended; all of it is in
+                break
             deadline = time.monotonic() + poll
             while not stop and time.monotonic() < deadline:
                 time.sleep(min(0.1, poll))

@@ -91,6 +91,23 @@ def _pid_alive(pid: int, start: str | None = None) -> bool:
     return start is None or now is None or now == start
 
 
+def writer_active(root: str, storage_options: dict | None = None) -> bool:
+    """Whether a process holds the store's writer lock now, read without taking the lock (so it never gets in a
+    writer's way): a local lock file names its live holder (a killed holder's record does not count); on an
+    object store the lock object exists while held (a killed writer's stays until broken)."""
+    local = local_dir(root)
+    if local is not None:
+        try:
+            holder = _read_json((Path(local) / LOCK_NAME).read_bytes())
+        except FileNotFoundError:
+            return False
+        if not holder:
+            return False
+        return holder.get("host") != socket.gethostname() or _pid_alive(_pid_of(holder), holder.get("start"))
+    fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+    return WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}") is not None
+
+
 def _pid_of(holder: dict) -> int:
     pid = holder.get("pid")
     return pid if isinstance(pid, int) and not isinstance(pid, bool) else -1
