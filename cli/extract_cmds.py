@@ -201,8 +201,6 @@ def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or U
              top: int = typer.Option(20, "--top", help="rows of the table"),
              json: bool = typer.Option(False, "--json", help="machine-readable spectrum on stdout")) -> None:
     """The spectrum of a subspace's trajectory: per-component and cumulative explained variance (stdout)."""
-    import numpy as np
-
     from pipeline import open_subspace
     from pipeline.checks import check_int, check_output_file
 
@@ -216,8 +214,7 @@ def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or U
         from pipeline.plots import spectrum_plot
 
         with _plot_errors(plot):
-            evr = sub.explained_variance_ratio
-            spectrum_plot(evr[~np.isnan(evr)], plot, dim=sub.dim)  # randomized: the components it computed
+            spectrum_plot(sub.spanned_variance_ratio(), plot, dim=sub.dim)
     if json:
         print_json({**sub.summary(), "cumulative": _nulls(sub.cumulative_variance()), "plot": str(plot) if plot else None,
                     "sampling": sub.attrs.get("sampling"), "sampled_rows": sub.attrs.get("sampled_rows"),
@@ -243,7 +240,7 @@ def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or U
 
 def project(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
             name: Optional[str] = typer.Option(None, "--name", help=_NAME_HELP),
-            plot: Path = typer.Option(..., "--plot", help="PNG file to write"),
+            plot: Optional[Path] = typer.Option(None, "--plot", help="PNG file to write (needed without --json)"),
             json: bool = typer.Option(False, "--json", help="the coordinates on the plane on stdout, one per row "
                                       "(per snapshot; with --window, per window: row_snapshots lists each row's)")
             ) -> None:
@@ -253,17 +250,22 @@ def project(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
     from pipeline.plots import trajectory_plot
 
     with errors_to_exit():
-        check_output_file("plot", plot)
+        if plot is None and not json:
+            raise InvalidArgumentError("give --plot FILE.png (the figure), --json (the coordinates), or both")
+        if plot is not None:
+            check_output_file("plot", plot)
         name = inspect.subspace_name(run, name)
         sub = open_subspace(run, name)
     if sub.dim < 2:
         raise fail(f"subspace {name!r} has d = 1; extract with --dim 2 or more to draw the PC plane", 2)
     coords = sub.coordinates()
     steps = sub.attrs.get("steps")
-    with _plot_errors(plot):
-        trajectory_plot(coords, sub.explained_variance_ratio, plot, steps=steps)
+    if plot is not None:
+        with _plot_errors(plot):
+            trajectory_plot(coords, sub.explained_variance_ratio, plot, steps=steps)
     if json:
-        print_json({"path": sub.path, "name": name, "dim": sub.dim, "plot": str(plot), "snapshots": sub.snapshots,
+        print_json({"path": sub.path, "name": name, "dim": sub.dim, "plot": None if plot is None else str(plot),
+                    "snapshots": sub.snapshots,
                     "row_snapshots": _row_snapshots(sub), "steps": steps,
                     "explained_variance_ratio": sub.explained_variance_ratio[:2].tolist(),
                     "coordinates": coords[:, :2].tolist()})

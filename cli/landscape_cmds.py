@@ -62,6 +62,9 @@ def landscape(run: str = typer.Argument(..., metavar="RUN",
     from pipeline.landscape_plot import landscape_plot
 
     from .extract_cmds import _plot_errors, stop_on_signals
+    from .run_cmds import _recipes_from_cwd
+
+    _recipes_from_cwd()  # a module:function recipe in the current directory imports, as for train
 
     data = data.value
     with errors_to_exit():  # every argument, before any work or progress display

@@ -140,6 +140,13 @@ class Subspace:
     def cumulative_variance(self) -> np.ndarray:
         return np.cumsum(self.explained_variance_ratio)
 
+    def spanned_variance_ratio(self) -> np.ndarray:
+        """The explained variance ratios of the directions the centred rows can span, for plots: at most t' − 1
+        (the t'-th is zero by construction; a float64 rounding of it, ~1e-17, is not a component), and for the
+        randomized method only those it computed."""
+        evr = self.explained_variance_ratio[: max(1, len(self.explained_variance_ratio) - 1)]
+        return evr[~np.isnan(evr)]
+
     @property
     def digest(self) -> str | None:
         """``"sha256-128:<hex>"`` of the whole basis (``"blake2b-128:<hex>"`` before 2026-11-28), recorded by the

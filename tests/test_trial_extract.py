@@ -1,6 +1,7 @@
 """Found by a new user's trial (helper-43, 2026-11-28): each test fails on the code before its fix."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pipeline import Basis, open_subspace
@@ -93,3 +94,49 @@ def test_verify_reads_every_subspace_against_its_digest(extracted):  # noqa: F81
     assert "--name b --overwrite" in text and "bad subspaces: b" in text
     report = json.loads(CliRunner().invoke(app, ["verify", str(path), "--json"]).stdout)
     assert report["ok"] is False and report["subspaces"]["a"] is None and "digest" in report["subspaces"]["b"]
+
+
+def test_project_json_needs_no_plot(extracted):  # noqa: F811
+    """`project --json` refused to run without --plot."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path, _ = extracted
+    r = CliRunner().invoke(app, ["project", str(path), "--name", "a", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["plot"] is None and len(report["coordinates"]) == len(report["snapshots"])
+    r = CliRunner().invoke(app, ["project", str(path), "--name", "a"])
+    assert r.exit_code == 2 and "--plot" in r.output and "--json" in r.output
+
+
+def test_a_run_folder_given_for_a_store_points_to_the_store_inside(tmp_path):
+    """`trajstore info RUNFOLDER` said only "not a trajstore store"."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    from .synthetic import trajectory, write_store
+
+    write_store(tmp_path / "run" / "trajectory.zarr", trajectory(3, 50, rank=1))
+    for command in ("info", "verify", "spectrum"):
+        r = CliRunner().invoke(app, [command, str(tmp_path / "run")])
+        text = " ".join(r.output.split())
+        assert r.exit_code != 0 and "trajectory.zarr" in text and "give that path" in text, (command, text)
+
+
+def test_plots_show_only_the_components_the_centred_rows_span(tmp_path):
+    """The spectrum figure drew t components (the last a ~1e-17 rounding of the centring's zero); the table t − 1."""
+    from pipeline import extract_subspace
+
+    from .synthetic import trajectory, write_store
+
+    path = write_store(tmp_path / "run.zarr", trajectory(9, 400, rank=3))
+    sub = extract_subspace(path, dim=2)
+    assert len(sub.explained_variance_ratio) == 9 and len(sub.spanned_variance_ratio()) == 8
+    assert sub.spanned_variance_ratio()[0] == sub.explained_variance_ratio[0]
+    fast = extract_subspace(path, dim=2, method="randomized", name="r")
+    assert len(fast.spanned_variance_ratio()) == int((~np.isnan(fast.explained_variance_ratio)).sum()) < 9

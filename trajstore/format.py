@@ -112,7 +112,10 @@ def open_root(path: str, mode: str, storage_options: dict | None = None) -> tupl
         group = zarr.open_group(zarr_store(path, read_only=(mode == "r"), storage_options=storage_options),
                                 mode="r" if mode == "r" else "r+", zarr_format=3)  # no v2 probes: 3 requests less on S3
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as exc:
-        raise NotAStoreError(f"{path} is not a trajstore store (no zarr group there: {exc})") from None
+        inner = [p.name for p in local.glob("*.zarr") if (p / "zarr.json").exists()] if local is not None else []
+        hint = (f"; it holds {', '.join(sorted(inner))}: give that path (a `trajstore train` run folder keeps its store "
+                f"in trajectory.zarr), e.g. {path.rstrip('/')}/{sorted(inner)[0]}") if inner else ""
+        raise NotAStoreError(f"{path} is not a trajstore store (no zarr group there: {exc}){hint}") from None
     except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # a zarr.json that does not parse
         raise CorruptMetadataError(
             f"the group metadata {path.rstrip('/')}/zarr.json is damaged ({type(exc).__name__}: {exc}); it holds "

@@ -40,7 +40,7 @@ def write_report(run) -> dict:
                                 title="Test accuracy per epoch", xlabel=_XLABEL),
         "loss": curves_plot(_curves(history, "train_loss"), run.dir / "loss.png", ylabel="train loss",
                             title="Training loss per epoch", xlabel=_XLABEL),
-        "spectrum": spectrum_plot(sub.explained_variance_ratio, run.dir / "spectrum.png", dim=sub.dim),
+        "spectrum": spectrum_plot(sub.spanned_variance_ratio(), run.dir / "spectrum.png", dim=sub.dim),
     }
     if sub.dim >= 2:
         plots["trajectory"] = trajectory_plot(sub.coordinates(), sub.explained_variance_ratio,
