@@ -128,13 +128,14 @@ def build_recipe(name: str, *, seed: int, batch_size: int, label_noise: float = 
             raise InvalidArgumentError(
                 f"recipe {name!r} must return (model, train_loader, test_loader, loss_fn)") from None
         result = Recipe(model, train, test, loss)
-    return _with_generator(result, name, seed)
+    return result
 
 
-def _with_generator(recipe: Recipe, name: str, seed: int) -> Recipe:
-    """Runs checkpoint the train loader's generator, so that a resumed run sees the batches the uninterrupted one
-    would: a loader shuffling with torch's global generator cannot be resumed so (refused, with the fix); one
-    that does not shuffle gets a generator of its own (it seeds only worker processes)."""
+def with_generator(recipe: Recipe, name: str, seed: int) -> Recipe:
+    """``recipe`` ready for a resumable run (``train``), which checkpoints the train loader's generator so that a
+    resumed run sees the batches the uninterrupted one would: a loader shuffling with torch's global generator
+    cannot be resumed so (refused, with the fix); one that does not shuffle gets a generator of its own (it seeds
+    only worker processes). Other uses of a recipe (``import --like``: its model only) need neither."""
     train = recipe.train
     if not isinstance(train, DataLoader):
         raise InvalidArgumentError(f"recipe {name!r}: its train loader must be a torch DataLoader, got "

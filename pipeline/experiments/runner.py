@@ -31,7 +31,7 @@ from ..settings import check_dim_variance
 from ..optim import SubspaceBFGS, SubspaceSGD
 from ..subspace import SUBSPACES
 from .paths import PathRecorder
-from .recipes import Recipe, build_recipe
+from .recipes import Recipe, build_recipe, with_generator
 
 SUBSPACE_METHODS = ("psgd", "pbfgs", "random-subspace")
 _EXTRACTION_FIELDS = {"dim", "variance", "snapshots"}  # used first by the extract phase
@@ -273,7 +273,8 @@ class Run:
     def _recipe(self, method: str) -> Recipe:
         c = self.config
         batch = c.bfgs_batch_size if method == "pbfgs" else c.batch_size
-        recipe = build_recipe(c.recipe, seed=c.seed, batch_size=batch, label_noise=c.label_noise)
+        recipe = with_generator(build_recipe(c.recipe, seed=c.seed, batch_size=batch, label_noise=c.label_noise),
+                                c.recipe, c.seed)
         recipe.model.to(c.device)
         return recipe
 
