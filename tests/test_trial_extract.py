@@ -140,3 +140,27 @@ def test_plots_show_only_the_components_the_centred_rows_span(tmp_path):
     assert sub.spanned_variance_ratio()[0] == sub.explained_variance_ratio[0]
     fast = extract_subspace(path, dim=2, method="randomized", name="r")
     assert len(fast.spanned_variance_ratio()) == int((~np.isnan(fast.explained_variance_ratio)).sum()) < 9
+
+
+def test_a_state_saved_with_an_lr_scheduler_still_loads(extracted):  # noqa: F811
+    """Schedulers add initial_lr (OneCycleLR max_lr, min_lr) to the param groups: no sign of another optimizer."""
+    import torch
+
+    path, model = extracted
+    basis = Basis.from_store(path, "a")
+    for make, sched in ((lambda: SubspaceSGD(model.parameters(), basis, lr=0.1, momentum=0.9),
+                         lambda o: torch.optim.lr_scheduler.StepLR(o, 2)),
+                        (lambda: SubspaceSGD(model.parameters(), basis, lr=0.1, momentum=0.9),
+                         lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=10))):
+        opt = make()
+        scheduler = sched(opt)
+        train(model, opt, 2)
+        scheduler.step()
+        fresh = make()
+        sched(fresh)
+        fresh.load_state_dict(opt.state_dict())
+        assert fresh.param_groups[0]["initial_lr"] == opt.param_groups[0]["initial_lr"]
+    sgd = SubspaceSGD(model.parameters(), basis, lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(sgd, 2)
+    with pytest.raises(InvalidArgumentError, match="saved by another optimizer"):
+        SubspaceBFGS(model.parameters(), basis).load_state_dict(sgd.state_dict())

@@ -13,6 +13,11 @@ from ..distributed import agree, all_reduce_sum_, is_dtensor, local, resolve_gro
 from ._params import match_params
 
 
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of ``cls``, at any depth."""
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
 class SubspaceOptimizer(torch.optim.Optimizer):
     """Base class: the basis spans every parameter, so there is exactly one param group.
 
@@ -133,12 +138,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return state
 
     _per_param_keys: tuple[str, ...] = ()  # state kept per parameter (torch's casts are right for those)
+    hyperparameters: tuple[str, ...] = ()  # a subclass's defaults' keys: a state holding another's is refused
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict`; float64 subspace state stays float64, and hyperparameters a state
         saved by an earlier version lacks take this optimizer's defaults."""
-        foreign = {k for group in state_dict.get("param_groups", []) for k in group} - set(self.defaults) \
-            - {"params", "param_names"}  # an earlier version may lack keys (they take the defaults), never add them
+        saved_keys = {k for group in state_dict.get("param_groups", []) for k in group}
+        others = set().union(*(c.hyperparameters for c in _subclasses(SubspaceOptimizer))) - set(self.defaults)
+        foreign = saved_keys & others  # another subspace optimizer's own keys (a scheduler's initial_lr is no sign)
         if foreign:
             raise InvalidArgumentError(
                 f"this optimizer state was saved by another optimizer: its hyperparameters {sorted(foreign)} are not "

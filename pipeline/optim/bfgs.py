@@ -94,6 +94,9 @@ class SubspaceBFGS(SubspaceOptimizer):
     or those of ``module=``), making the next trial all-gather the updated shards.
     """
 
+    hyperparameters = ("lr", "c1", "shrink", "max_ls", "curvature_eps", "curvature_test", "curvature_pairs",
+                       "residual_momentum", "residual_weight", "replay_rng", "ls_failure")  # its defaults' keys
+
     def __init__(self, params: Iterable, basis: Basis, lr: float = 1.0, c1: float = 0.4, shrink: float = 0.4,
                  max_ls: int = 20, curvature_eps: float | None = None, curvature_test: str = "absolute",
                  curvature_pairs: str = "consecutive", residual_momentum: float = 0.9, residual_weight: float = 0.0,

@@ -42,6 +42,8 @@ class SubspaceSGD(SubspaceOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, basis, defaults, process_group)
 
+    hyperparameters = ("lr", "momentum", "dampening", "nesterov", "weight_decay")  # its defaults' keys
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One step; the closure (if any) is evaluated first, then the gradient is projected."""
