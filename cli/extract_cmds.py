@@ -77,8 +77,11 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
             every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
             poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
             until_done: bool = typer.Option(
-                False, "--until-done", help="with --follow: stop once the recording has ended (its writer closed the "
-                "store), after a last refresh over every snapshot; without it, follow until Ctrl-C / SIGTERM"),
+                False, "--until-done", help="with --follow: stop once the recording has ended (no writer and no new "
+                "snapshot for --idle seconds), after a last refresh over every snapshot; without it, follow until "
+                "Ctrl-C / SIGTERM"),
+            idle: float = typer.Option(30.0, "--idle", help="with --until-done: seconds without a writer or a new "
+                                       "snapshot that end the recording (longer than any pause of the writer)"),
             json: bool = typer.Option(False, "--json", help="machine-readable summary on stdout")) -> None:
     """Extract the DLDR subspace of RUN out of core (exact Gram or randomized), into RUN/subspaces/NAME."""
     from pipeline import extract_subspace
@@ -96,11 +99,13 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
             check_follow_settings(settings)
         elif until_done:
             raise InvalidArgumentError("--until-done goes with --follow (it says when following ends)")
+        if idle <= 0:
+            raise InvalidArgumentError(f"idle (--idle) must be a positive number of seconds, got {idle}")
         target = check_scheduler(scheduler) if scheduler is not None else None
     client = _connect(scheduler, target)  # before the store is touched
     try:
         if follow:
-            _follow(run, every, settings, client, poll, json, until_done)
+            _follow(run, every, settings, client, poll, json, until_done, idle)
             return
         with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
             try:
@@ -171,7 +176,7 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
         raise fail(f"cannot connect to the dask scheduler --scheduler {address!r}: {exc}", 2) from None
 
 
-def _follow(run, every, settings, scheduler, poll, json, until_done=False):
+def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0):
     from pipeline.follow import follow as follow_run
 
     name = settings.name
@@ -189,7 +194,10 @@ def _follow(run, every, settings, scheduler, poll, json, until_done=False):
 
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,
-                             on_gram=on_gram, on_subspace=on_subspace, until_done=until_done)
+                             on_gram=on_gram, on_subspace=on_subspace, until_done=until_done, idle=idle)
+    if until_done and not stop and not updates:
+        raise fail("the recording ended before it held enough snapshots for the subspace (d + 1 sampled rows): "
+                   "none was extracted", 1)
     if not json:
         err.print(f"the recording has ended: {updates} refreshes, the last over every snapshot" if until_done and not stop
                   else f"stopped after {updates} refreshes; the Gram cache is intact")

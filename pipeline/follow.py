@@ -25,7 +25,7 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
            window: int | None = None, settings: ExtractionSettings | None = None, scheduler: object = None,
            poll: float = 1.0, stop: StopFlag | None = None, max_updates: int | None = None,
            on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None,
-           until_done: bool = False) -> int:
+           until_done: bool = False, idle: float = 30.0) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
     Each refresh is an extraction with the same settings (keyword arguments or ``settings``) over the
@@ -36,11 +36,14 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     writer is never blocked, nor are extractions into other subspace names. Returns the number of
     subspace refreshes; stops when ``stop`` is set (the cache stays intact: an interrupted update
     resumes on the next run) or after ``max_updates``. ``until_done=True`` also stops when the recording
-    has ended: a writer held the store and has let go of it for two polls (and at least 2 s), after a last
-    refresh over every committed snapshot; so the subspace then covers the whole run. Before a writer has
-    been seen it keeps waiting (it may start later).
+    has ended: for ``idle`` seconds no writer has held the store and no snapshot was committed (a writer that
+    reopens the store per epoch, or a job restarting, within that time keeps it following), after a last
+    refresh over every committed snapshot, so the subspace then covers the whole run. A store whose recording
+    ended before following started is refreshed once and left after ``idle`` seconds. On an object store a
+    writer killed with its lock object left behind counts as active until that lock is broken.
     """
     check_follow_args(every=every, poll=poll)
+    check_positive("idle", idle)
     if settings is not None and not isinstance(settings, ExtractionSettings):
         raise InvalidArgumentError(f"settings must be an ExtractionSettings, got {settings!r}")
     if settings is not None and (any(v is not None for v in (dim, variance, snapshots, smooth, window))
@@ -54,17 +57,18 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     stop = StopFlag() if stop is None else stop
     store = TrajectoryStore.open(path, "r")
     refreshed_at, updates = 0, 0
-    seen, idle_since = False, None  # (until_done) a writer was seen; since when none has held the store
+    last_t, last_activity = -1, time.monotonic()  # (until_done) when a writer or a new snapshot was last seen
     try:
         while not stop:
             done = False
-            if until_done:
-                active = writer_active(store.path, store.storage_options)
-                seen = seen or active
-                idle_since = None if active else (idle_since or time.monotonic())
-                done = seen and not active and time.monotonic() - idle_since >= max(2 * poll, 2.0)
+            if until_done and writer_active(store.path, store.storage_options):
+                last_activity = time.monotonic()
             store.refresh()
             t = len(store)
+            if t != last_t:
+                last_t, last_activity = t, time.monotonic()
+            if until_done:
+                done = time.monotonic() - last_activity >= idle
             if t >= 2 and settings.method == "gram":
                 with extraction_access(store, None, stop=stop) as access, access.gram() as root:
                     _, stats = update_gram(store, root, scheduler=scheduler, stop=stop)
