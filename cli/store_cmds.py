@@ -79,9 +79,10 @@ def verify(run: str = typer.Argument(..., metavar="RUN", help="store path or URL
             from pipeline.verify import verify_subspaces  # (imports torch and dask: only when there is one)
 
             subspaces = verify_subspaces(run)
-    bad_subspaces = sorted(name for name, problem in subspaces.items() if problem is not None)
+    bad_subspaces = sorted(name for name, check in subspaces.items() if check.problem is not None)
     if json:
-        print_json({**report.to_json(), "ok": report.ok and not bad_subspaces, "subspaces": subspaces})
+        print_json({**report.to_json(), "ok": report.ok and not bad_subspaces,
+                    "subspaces": {name: check.to_json() for name, check in subspaces.items()}})
     else:
         for problem in report.store_problems:
             out.print(f"[red]store:[/] {escape(problem)}", highlight=False, soft_wrap=True)
@@ -91,12 +92,18 @@ def verify(run: str = typer.Argument(..., metavar="RUN", help="store path or URL
             out.print(f"[red]snapshot {index}:[/] {escape('; '.join(problems))}", highlight=False, soft_wrap=True)
         if report.ok:
             out.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
-        for name, problem in subspaces.items():
-            if problem is None:
+        for name, check in subspaces.items():
+            if check.ok and check.digest:
                 out.print(f"[green]ok[/]: subspace {escape(name)} (its basis matches the digest its extraction recorded)",
                           highlight=False)
+            elif check.ok:
+                out.print(f"[green]ok[/]: subspace {escape(name)} [yellow](no digest recorded: extracted before "
+                          "digests, so only read whole and found finite)[/]", highlight=False)
+            elif check.note is not None:
+                out.print(f"[yellow]note:[/] subspace {escape(name)} {escape(check.note)}", highlight=False,
+                          soft_wrap=True)
             else:
-                out.print(f"[red]subspace {escape(name)}:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+                out.print(f"[red]subspace {escape(name)}:[/] {escape(check.problem)}", highlight=False, soft_wrap=True)
     if not report.ok:
         bad = ", ".join(str(i) for i in sorted(report.problems))
         err.print(f"[bold red]verify failed[/]: bad snapshots: {bad or 'none'}", highlight=False)

@@ -45,12 +45,13 @@ def mmap_copy(sub: Subspace, cache_dir: "str | os.PathLike | None", cols: int) -
     for candidate in sorted(folder.glob(pattern)):
         named = _names(candidate, prefix, cols, algorithm)
         if named is not None and (expected is None or named[0] == expected):
-            data = _open_cached(candidate, sub, cols, named[1])
+            stale: list = []
+            data = _open_cached(candidate, sub, cols, named[1], stale)
             if data is not None:
                 target, digest = candidate, named[0]
                 break
-            if expected is not None:  # damaged, or hashed by an earlier version: never usable (renamed-in files
-                try:  # are whole), so it is not hashed again at every load
+            if stale and expected is not None:  # read, and damaged or hashed by an earlier version: never usable
+                try:  # (renamed-in files are whole), so it is not hashed again at every load
                     candidate.unlink(missing_ok=True)
                 except OSError:
                     pass
@@ -135,17 +136,22 @@ def _file_hash(tiles: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
-def _open_cached(target: Path, sub: Subspace, cols: int, file_hash: str) -> np.ndarray | None:
+def _open_cached(target: Path, sub: Subspace, cols: int, file_hash: str, stale: list | None = None
+                 ) -> np.ndarray | None:
     """The cached copy (k, d, cols), memory-mapped, or None when it is missing, unreadable, of another
-    shape, or does not hash to ``file_hash`` (every tile is hashed: a hole anywhere is found)."""
+    shape, or does not hash to ``file_hash`` (every tile is hashed: a hole anywhere is found); a file that was
+    read but is not the copy (shape, dtype, hash) is also appended to ``stale``."""
     n, d = sub.basis.shape
     try:
         data = np.load(target, mmap_mode="r")  # (k, d, cols)
     except (OSError, ValueError, EOFError):  # missing, not an .npy, empty (a crash before its data reached disk)
         return None
-    if data.shape != (tile_count(n, cols), d, cols) or data.dtype != np.float32 or not data.flags.c_contiguous:
+    if data.shape != (tile_count(n, cols), d, cols) or data.dtype != np.float32 or not data.flags.c_contiguous \
+            or _file_hash(data) != file_hash:
+        if stale is not None:
+            stale.append(target)
         return None
-    return data if _file_hash(data) == file_hash else None
+    return data
 
 
 def _write_cached(folder: Path, prefix: str, sub: Subspace, cols: int) -> tuple[Path, str]:

@@ -192,8 +192,8 @@ class Subspace:
         :class:`SubspaceChangedError` when the subspace was replaced meanwhile."""
         try:
             return self.basis[r0:r1, :]
-        except (ValueError, RuntimeError, OSError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
-            self.check_unchanged()
+        except (ValueError, RuntimeError, TypeError, IndexError, ArithmeticError) as exc:  # (not OSError: a
+            self.check_unchanged()  # denied read or an object store's throttling is no damage, raised as it is)
             raise CorruptSnapshotError(
                 f"the basis of subspace {self.name!r} in {self.path} does not decode in rows {r0}..{r1 - 1} ({exc}): "
                 f"its files are damaged. Extract it again: `trajstore extract {self.path} --dim {self.dim} --name "

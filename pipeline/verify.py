@@ -5,27 +5,47 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from trajstore import TrajectoryStore
-from trajstore.errors import TrajstoreError
 
 from .subspace import SubspaceChangedError, SubspaceNotFoundError, list_subspaces, open_subspace
 
 
-def verify_subspaces(path: "str | os.PathLike", storage_options: dict | None = None) -> dict[str, str | None]:
-    """``{name: None}`` for each subspace whose basis reads back whole, finite and equal to its recorded digest,
-    ``{name: what is wrong}`` for the others: damaged files (with the command that extracts it again), a digest
-    from a newer version, or an extraction still running or killed (unfinished). Reads P in blocks of ~8 MiB."""
+@dataclass
+class SubspaceCheck:
+    """What verifying one subspace found. ``ok``: its basis read back whole and finite, and equal to its recorded
+    digest when it has one (``digest`` False: extracted before digests, so finiteness is all that was checked);
+    ``problem``: what is wrong (damaged files, with the command that extracts it again; a digest from a newer
+    version; an unfinished extraction); ``note``: neither (replaced while it was read: verify again)."""
+
+    ok: bool
+    digest: bool
+    problem: str | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "digest": self.digest, "problem": self.problem, "note": self.note}
+
+
+def verify_subspaces(path: "str | os.PathLike", storage_options: dict | None = None) -> dict[str, SubspaceCheck]:
+    """Each subspace of the store (not ``extract --follow``'s staged next version) read whole, ~8 MiB at a time,
+    and checked as :meth:`Subspace.read` checks it."""
     store = TrajectoryStore.open(path, "r", storage_options=storage_options)
-    found: dict[str, str | None] = {}
-    for name in list_subspaces(store):  # (not extract --follow's next version, staged under another name)
+    found: dict[str, SubspaceCheck] = {}
+    for name in list_subspaces(store):
+        has_digest = False
         try:
-            open_subspace(store, name).read(sink=lambda r0, rows: None)
-            found[name] = None
+            sub = open_subspace(store, name)
+            has_digest = sub.digest is not None
+            sub.read(sink=lambda r0, rows: None)
+            found[name] = SubspaceCheck(True, has_digest)
         except SubspaceChangedError:
-            found[name] = "replaced while it was read (an extraction is writing it): run verify again once it is done"
+            found[name] = SubspaceCheck(False, has_digest, note="replaced while it was read (an extraction is writing "
+                                        "it): run verify again once it is done")
         except SubspaceNotFoundError as exc:
-            found[name] = f"unfinished: {exc}"
-        except TrajstoreError as exc:  # CorruptSnapshotError, FormatVersionError, NonFiniteError
-            found[name] = str(exc)
+            found[name] = SubspaceCheck(False, has_digest, problem=f"unfinished: {exc}")
+        except Exception as exc:  # noqa: BLE001 -- typed errors say what to do; anything else is reported as it is
+            found[name] = SubspaceCheck(False, has_digest, problem=str(exc) if "trajstore" in type(exc).__module__
+                                        else f"cannot be read ({type(exc).__name__}: {exc})")
     return found

@@ -229,7 +229,10 @@ def test_an_int64_buffer_float64_cannot_hold_is_refused_as_on_the_host(tmp_path)
         store.append(model, step=0)
         store.flush()
         assert store.read_buffers(0)["1.num_batches_tracked"].item() == 2**53 + 2
-        tracked.fill_(2**53 + 1)  # rounds to 2^53 in float64
+        if mode:  # the copy of these weights does take the asynchronous path
+            from trajstore.devicecopy import Plan, examine
+            assert isinstance(examine(store, model, None), Plan)
+        tracked.fill_(2**53 + 1 if mode else 2**63 - 1)  # rounds to 2^53; INT64_MAX rounds to 2^63 (CUDA clamps back)
         with pytest.raises(InexactValuesError, match="num_batches_tracked"):
             store.append(model, step=1)
             store.flush()  # the asynchronous path reports it once the copy has landed

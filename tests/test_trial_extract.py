@@ -9,7 +9,7 @@ from pipeline.optim import SubspaceBFGS, SubspaceSGD
 from trajstore.errors import CorruptSnapshotError, InvalidArgumentError
 
 from .test_digest_versions import extracted  # noqa: F401 -- the fixture
-from .test_review_basis import train
+from .test_review_basis import strip_digest, train
 
 def test_a_state_of_one_subspace_optimizer_is_refused_by_the_other(extracted):  # noqa: F811
     """A SubspaceSGD state loaded into SubspaceBFGS (or back) went on silently with fresh state."""
@@ -59,7 +59,7 @@ def test_a_recipe_shuffling_with_the_global_generator_is_refused_before_training
     assert not (run / "trajectory.zarr").exists()
 
 
-def test_a_recipe_that_does_not_shuffle_trains_and_resumes(tmp_path):
+def test_a_recipe_that_does_not_shuffle_trains(tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -93,7 +93,14 @@ def test_verify_reads_every_subspace_against_its_digest(extracted):  # noqa: F81
     assert r.exit_code == 1 and "ok: subspace a" in text and "subspace b: the basis of subspace 'b'" in text, text
     assert "--name b --overwrite" in text and "bad subspaces: b" in text
     report = json.loads(CliRunner().invoke(app, ["verify", str(path), "--json"]).stdout)
-    assert report["ok"] is False and report["subspaces"]["a"] is None and "digest" in report["subspaces"]["b"]
+    assert report["ok"] is False and report["subspaces"]["a"]["ok"] and "digest" in report["subspaces"]["b"]["problem"]
+    strip_digest(path, "b")  # extracted before digests: only finiteness can be checked, and is said so
+    text = " ".join(CliRunner().invoke(app, ["verify", str(path)]).output.split())
+    assert "ok: subspace b (no digest recorded" in text
+    (path / "subspaces" / "a" / "basis" / "zarr.json").write_text("{")  # not zarr's error: one line naming it
+    r = CliRunner().invoke(app, ["verify", str(path)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "subspace a:" in text and "Traceback" not in r.output, text
 
 
 def test_project_json_needs_no_plot(extracted):  # noqa: F811
@@ -164,3 +171,20 @@ def test_a_state_saved_with_an_lr_scheduler_still_loads(extracted):  # noqa: F81
     torch.optim.lr_scheduler.StepLR(sgd, 2)
     with pytest.raises(InvalidArgumentError, match="saved by another optimizer"):
         SubspaceBFGS(model.parameters(), basis).load_state_dict(sgd.state_dict())
+
+
+def test_a_loader_whose_sampler_has_its_own_generator_checkpoints_that_one():
+    """DataLoader(sampler=RandomSampler(ds, generator=g)) has no loader generator: a fresh one was given, and the
+    checkpoint saved it instead of g (a resumed run would repeat the first batch orders)."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    from pipeline.experiments.recipes import Recipe, with_generator
+
+    data = TensorDataset(torch.arange(20.0))
+    g = torch.Generator().manual_seed(3)
+    recipe = Recipe(torch.nn.Linear(1, 1), DataLoader(data, sampler=RandomSampler(data, generator=g)), None, None)
+    assert with_generator(recipe, "r", seed=0).train.generator is g
+    shuffled = Recipe(torch.nn.Linear(1, 1), DataLoader(data, shuffle=True), None, None)
+    with pytest.raises(InvalidArgumentError, match="global random generator"):
+        with_generator(shuffled, "r", seed=0)

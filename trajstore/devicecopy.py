@@ -270,7 +270,12 @@ def _exact_in_float64(buffers: list, like: "torch.Tensor") -> "torch.Tensor":
     wide = [b.detach().reshape(-1) for b in buffers if b.dtype == torch.int64]
     if not wide:
         return torch.ones_like(like)
-    return torch.stack([(b.to(torch.float64).to(torch.int64) == b).all() for b in wide]).all().reshape(1)
+    exact = []
+    for b in wide:
+        f = b.to(torch.float64)
+        # (f < 2^63: CUDA clamps 2^63, the rounding of INT64_MAX, back to INT64_MAX, which would compare equal)
+        exact.append(((f.to(torch.int64) == b) & (f < 2.0 ** 63)).all())
+    return torch.stack(exact).all().reshape(1)
 
 
 class Pending:

@@ -142,7 +142,11 @@ def with_generator(recipe: Recipe, name: str, seed: int) -> Recipe:
                                    f"{type(train).__name__}")
     if train.generator is not None:
         return recipe
-    if isinstance(train.sampler, RandomSampler) and train.sampler.generator is None:
+    own = getattr(train.sampler, "generator", None)  # e.g. DataLoader(sampler=RandomSampler(ds, generator=g))
+    if own is not None:
+        train.generator = own  # the generator that orders the batches is the one a checkpoint must hold
+        return recipe
+    if isinstance(train.sampler, RandomSampler):
         raise InvalidArgumentError(
             f"recipe {name!r}: its train DataLoader shuffles with torch's global random generator, so a run could "
             "not be resumed with the batches it would have seen. Give it a generator of its own: "
