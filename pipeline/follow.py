@@ -60,15 +60,13 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     last_t, last_activity = -1, time.monotonic()  # (until_done) when a writer or a new snapshot was last seen
     try:
         while not stop:
-            done = False
             if until_done and writer_active(store.path, store.storage_options):
                 last_activity = time.monotonic()
             store.refresh()
             t = len(store)
             if t != last_t:
                 last_t, last_activity = t, time.monotonic()
-            if until_done:
-                done = time.monotonic() - last_activity >= idle
+            done = until_done and time.monotonic() - last_activity >= idle
             if t >= 2 and settings.method == "gram":
                 with extraction_access(store, None, stop=stop) as access, access.gram() as root:
                     _, stats = update_gram(store, root, scheduler=scheduler, stop=stop)

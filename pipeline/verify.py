@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from trajstore import TrajectoryStore
+from trajstore.errors import TrajstoreError
 
 from .subspace import SubspaceChangedError, SubspaceNotFoundError, list_subspaces, open_subspace
 
@@ -31,21 +32,23 @@ class SubspaceCheck:
 def verify_subspaces(path: "str | os.PathLike", storage_options: dict | None = None) -> dict[str, SubspaceCheck]:
     """Each subspace of the store (not ``extract --follow``'s staged next version) read whole, ~8 MiB at a time,
     and checked as :meth:`Subspace.read` checks it."""
-    store = TrajectoryStore.open(path, "r", storage_options=storage_options)
-    found: dict[str, SubspaceCheck] = {}
-    for name in list_subspaces(store):
-        has_digest = False
-        try:
-            sub = open_subspace(store, name)
-            has_digest = sub.digest is not None
-            sub.read(sink=lambda r0, rows: None)
-            found[name] = SubspaceCheck(True, has_digest)
-        except SubspaceChangedError:
-            found[name] = SubspaceCheck(False, has_digest, note="replaced while it was read (an extraction is writing "
-                                        "it): run verify again once it is done")
-        except SubspaceNotFoundError as exc:
-            found[name] = SubspaceCheck(False, has_digest, problem=f"unfinished: {exc}")
-        except Exception as exc:  # noqa: BLE001 -- typed errors say what to do; anything else is reported as it is
-            found[name] = SubspaceCheck(False, has_digest, problem=str(exc) if "trajstore" in type(exc).__module__
-                                        else f"cannot be read ({type(exc).__name__}: {exc})")
-    return found
+    with TrajectoryStore.open(path, "r", storage_options=storage_options) as store:
+        return {name: _check(store, name) for name in list_subspaces(store)}
+
+
+def _check(store: TrajectoryStore, name: str) -> SubspaceCheck:
+    has_digest = False
+    try:
+        sub = open_subspace(store, name)
+        has_digest = sub.digest is not None
+        sub.read(sink=lambda r0, rows: None)
+        return SubspaceCheck(True, has_digest)
+    except SubspaceChangedError:
+        return SubspaceCheck(False, has_digest, note="replaced while it was read (an extraction is writing it): run "
+                             "verify again once it is done")
+    except SubspaceNotFoundError as exc:
+        return SubspaceCheck(False, has_digest, problem=f"unfinished: {exc}")
+    except TrajstoreError as exc:  # typed: it says what to do
+        return SubspaceCheck(False, has_digest, problem=str(exc))
+    except Exception as exc:  # noqa: BLE001 -- unreadable metadata and the like, reported as it is
+        return SubspaceCheck(False, has_digest, problem=f"cannot be read ({type(exc).__name__}: {exc})")
