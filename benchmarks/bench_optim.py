@@ -29,10 +29,15 @@ from trajstore.layout import ParamLayout
 
 
 def random_basis(model: nn.Module, d: int, seed: int = 0) -> torch.Tensor:
-    """A random orthonormal (n, d) float32 basis, built in column blocks of the QR."""
+    """A random orthonormal (n, d) float32 basis by CholeskyQR2 (Gram matrices accumulated in float64 over
+    row blocks). Not torch.linalg.qr: MKL's ?orgqr refuses its workspace size at ~134M x 15 ("Parameter 8
+    was incorrect on entry to SORGQR", seen on the H200) and the bench would time a basis that is not one."""
     n = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, d, generator=gen))
+    q = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))  # (n, d)
+    for _ in range(2):  # the second pass takes the error to float32 rounding
+        gram = sum(block.T.double() @ block.double() for block in q.split(1 << 22))  # (d, d)
+        chol = torch.linalg.cholesky(gram)  # gram = L L^T, so q L^-T is orthonormal
+        q = torch.linalg.solve_triangular(chol.float(), q.T, upper=False).T.contiguous()
     return q
 
 
