@@ -160,9 +160,9 @@ def test_nan_in_cuda_weights_is_refused_at_the_next_call(tmp_path):
     store.append(model, step=1)  # returns: the NaN is seen once the copy has landed
     assert not torch.cuda.current_stream().query(), "append waited for the GPU"
     with torch.no_grad():
-        model[2].weight[1, 2] = 0.0
-    # the next call reports it: this append if the row was examined by then (the GPU's clock may outrun the
-    # calibrated sleep; seen on an H200), else the flush. Either way the row after it is not recorded.
+        model[2].weight[1, 2].fill_(0.0)  # not ``= 0.0``: that copies a host scalar and waits for the GPU
+    # the next call reports it: the flush, or this append if the row was examined by then (with the
+    # element assignment above, the H200 finished sleeping inside it). Either way this row is not recorded.
     with pytest.raises(NonFiniteError, match=r"step 1 .*'2\.weight'.*asynchronously from CUDA.*1 snapshot"):
         store.append(model, step=2)
         store.flush()
