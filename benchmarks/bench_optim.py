@@ -59,6 +59,33 @@ def time_steps(model: nn.Module, opt, x, y, steps: int, device: str) -> float:
     return times[len(times) // 2]
 
 
+def one_pass_ms(host: torch.Tensor, mode: str, block_rows: int, repeats: int = 5) -> float:
+    """GPU only: median milliseconds for one read of P (n, d) where ``mode`` reads it from: device memory
+    (resident: ``P.sum()``) or page-locked host memory over the bus (streamed: block copies, back to back,
+    into one device buffer). Twice this is the two-pass bound of a P-SGD step."""
+    if mode == "resident":
+        dev = host.to("cuda")  # (n, d)
+
+        def one_pass():
+            dev.sum()
+    else:
+        buf = torch.empty(block_rows, host.shape[1], device="cuda")  # (block_rows, d)
+
+        def one_pass():
+            for block in host.split(block_rows):
+                buf[: len(block)].copy_(block, non_blocking=True)
+    times = []
+    for i in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        one_pass()
+        end.record()
+        end.synchronize()
+        if i:  # the first is a warm-up
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def bench(sizes: list[int], dims: list[int], steps: int, device: str, block_rows: int) -> list[dict]:
     rows = []
     for widths in ([int(s) for s in str(sz).split("x")] for sz in sizes):
@@ -90,9 +117,15 @@ def bench(sizes: list[int], dims: list[int], steps: int, device: str, block_rows
                 entry[f"{mode}_ms"] = 1e3 * t
                 entry[f"{mode}_ratio_vs_sgd"] = t / t_sgd
                 entry[f"{mode}_basis_device_MiB"] = basis.device_bytes() / 2**20
+                del basis, opt
                 if device == "cuda":
                     entry[f"{mode}_peak_device_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-                del basis, opt
+                    bound = 2 * one_pass_ms(host, mode, block_rows)
+                    entry[f"{mode}_bound_ms"] = bound
+                    entry[f"{mode}_extra_vs_bound"] = (entry[f"{mode}_ms"] - entry["sgd_ms"]) / bound
+                    print(f"  {mode}: two-pass bound {bound:.2f} ms ({2 * p.numel() * 4 / bound / 1e6:.0f} GB/s), "
+                          f"P-SGD extra over SGD {entry[f'{mode}_ms'] - entry['sgd_ms']:.2f} ms = "
+                          f"{entry[f'{mode}_extra_vs_bound']:.2f}x the bound (issue 13: <= 1.15x)", flush=True)
             rows.append(entry)
             print(f"n={n:,} d={d}: SGD {1e3 * t_sgd:.2f} ms | P-SGD resident {entry['resident_ms']:.2f} ms "
                   f"({entry['resident_ratio_vs_sgd']:.2f}x) | streamed {entry['streamed_ms']:.2f} ms "
