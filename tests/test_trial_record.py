@@ -123,7 +123,7 @@ def test_integers_beyond_what_the_store_holds_are_refused(tmp_path):
 
     store = TrajectoryStore.create(tmp_path / "s.zarr", ParamLayout([TensorSpec("w", (2,), "float64")]))
     for bad in (torch.tensor([2**53 + 1, 3]), np.array([2**53 + 1, 3], np.int64),
-                np.array([2**64 - 1, 0], np.uint64)):
+                np.array([2**64 - 1, 0], np.uint64), torch.tensor([2**63 - 1, 0])):  # INT64_MAX rounds to 2^63
         with pytest.raises(InexactValuesError):
             store.append(bad, step=0)
     with pytest.raises(LayoutMismatchError, match="longdouble|float128|cannot record exactly"):
@@ -131,9 +131,10 @@ def test_integers_beyond_what_the_store_holds_are_refused(tmp_path):
     store.append(np.array([2**53, 3], np.int64), step=1)
     store.append(np.array([0.25, -2.0], ">f8"), step=2)
     store.append(np.array([7, 9], np.uint32), step=3)
+    store.append(torch.tensor([-2**63, 0]), step=4)  # INT64_MIN is a power of two: float64 holds it
     store.close()
     with TrajectoryStore.open(tmp_path / "s.zarr") as r:
-        np.testing.assert_array_equal(r.read(slice(None)), [[2**53, 3], [0.25, -2.0], [7, 9]])
+        np.testing.assert_array_equal(r.read(slice(None)), [[2**53, 3], [0.25, -2.0], [7, 9], [-2.0**63, 0]])
 
     model = nn.BatchNorm1d(2)
     store = TrajectoryStore.create(tmp_path / "b.zarr", model, buffers=True)

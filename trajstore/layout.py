@@ -358,8 +358,12 @@ def first_inexact(dst: "torch.Tensor", src: "torch.Tensor") -> tuple:
     src = src.reshape(-1).to("cpu")
     if not src.is_floating_point() and src.dtype != torch.bool:
         back = dst.reshape(-1).to("cpu").to(torch.float64)
-        back_int = torch.where(back.isfinite(), back, torch.zeros_like(back)).to(src.dtype)
-        same = back.isfinite() & (back_int == src)
+        info = torch.iinfo(src.dtype)
+        # only a float inside the integer type's range converts back defined: INT64_MAX rounds to 2^63, which
+        # x86 converts to INT64_MIN but aarch64 clamps back to INT64_MAX (equal: accepted, silently inexact)
+        fits = back.isfinite() & (back >= float(info.min)) & (back < float(info.max) + 1.0)
+        back_int = torch.where(fits, back, torch.zeros_like(back)).to(src.dtype)
+        same = fits & (back_int == src)
         return (None if bool(same.all()) else int((~same).nonzero()[0, 0])), src, back
     back, want = dst.reshape(-1).to(torch.float64), src.to(torch.float64)
     same = (back == want) | (back.isnan() & want.isnan())
