@@ -178,6 +178,7 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
 
 def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0):
     from pipeline.follow import follow as follow_run
+    from trajstore.lock import describe_holder
 
     name = settings.name
 
@@ -192,9 +193,16 @@ def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=
         else:
             err.print(f"subspace {escape(name)}: d = {sub.dim} from {_rows_text(sub)}", highlight=False)
 
+    def on_stalled(holder: dict, seconds: float) -> None:
+        err.print(f"[yellow]note:[/] no new snapshot for {seconds:.0f} s, but the writer lock is held by "
+                  f"{escape(describe_holder(holder))}: still following. If that writer has stopped for good, take "
+                  f"its lock over (`trajstore repair {escape(run)} --break-lock`), or stop here with Ctrl-C (the "
+                  "Gram cache stays intact)", highlight=False)
+
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,
-                             on_gram=on_gram, on_subspace=on_subspace, until_done=until_done, idle=idle)
+                             on_gram=on_gram, on_subspace=on_subspace, until_done=until_done, idle=idle,
+                             on_stalled=on_stalled)
     if until_done and not stop and not updates:
         raise fail("the recording ended before it held enough snapshots for the subspace (d + 1 sampled rows): "
                    "none was extracted", 1)

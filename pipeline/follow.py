@@ -11,7 +11,7 @@ from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
 from trajstore.errors import InvalidArgumentError
 from trajstore.format import local_dir
-from trajstore.lock import writer_active
+from trajstore.lock import writer_holder
 
 from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
@@ -25,7 +25,8 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
            window: int | None = None, settings: ExtractionSettings | None = None, scheduler: object = None,
            poll: float = 1.0, stop: StopFlag | None = None, max_updates: int | None = None,
            on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None,
-           until_done: bool = False, idle: float = 30.0) -> int:
+           until_done: bool = False, idle: float = 30.0,
+           on_stalled: Callable[[dict, float], None] | None = None) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
     Each refresh is an extraction with the same settings (keyword arguments or ``settings``) over the
@@ -39,8 +40,10 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     has ended: for ``idle`` seconds no writer has held the store and no snapshot was committed (a writer that
     reopens the store per epoch, or a job restarting, within that time keeps it following), after a last
     refresh over every committed snapshot, so the subspace then covers the whole run. A store whose recording
-    ended before following started is refreshed once and left after ``idle`` seconds. On an object store a
-    writer killed with its lock object left behind counts as active until that lock is broken.
+    ended before following started is refreshed once and left after ``idle`` seconds. A lock left behind by a
+    killed writer on this host does not count; one held from another host (or left by a writer killed
+    there, on an object store) does, until it is released or broken: then ``on_stalled(holder record,
+    seconds since the last new snapshot)`` is called once per ``idle`` seconds without a new snapshot.
     """
     check_follow_args(every=every, poll=poll)
     check_positive("idle", idle)
@@ -58,14 +61,19 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     store = TrajectoryStore.open(path, "r")
     refreshed_at, updates = 0, 0
     last_t, last_activity = -1, time.monotonic()  # (until_done) when a writer or a new snapshot was last seen
+    last_new = stalled_since = last_activity  # when a snapshot was last committed; the last stall report
     try:
         while not stop:
-            if until_done and writer_active(store.path, store.storage_options):
+            holder = writer_holder(store.path, store.storage_options) if until_done else None
+            if holder is not None:
                 last_activity = time.monotonic()
             store.refresh()
             t = len(store)
             if t != last_t:
-                last_t, last_activity = t, time.monotonic()
+                last_t, last_activity, last_new = t, time.monotonic(), time.monotonic()
+            if holder is not None and on_stalled and time.monotonic() - max(last_new, stalled_since) >= idle:
+                stalled_since = time.monotonic()
+                on_stalled(holder, stalled_since - last_new)
             done = until_done and time.monotonic() - last_activity >= idle
             if t >= 2 and settings.method == "gram":
                 with extraction_access(store, None, stop=stop) as access, access.gram() as root:

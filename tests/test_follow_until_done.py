@@ -3,6 +3,7 @@ seconds), after a last refresh over every snapshot (the new-user trial: --follow
 left the subspace behind the store)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -109,3 +110,75 @@ def test_the_cli_flags(tmp_path):
         writer.kill()
     assert r.exit_code == 0 and "the recording has ended" in " ".join(r.output.split()), r.output
     assert len(open_subspace(tmp_path / "cli.zarr").snapshots) == 12
+
+
+def test_a_lock_left_on_s3_by_a_writer_killed_on_this_host_does_not_keep_following(s3):
+    """A killed writer's lock object stays on the object store until broken, but its pid is dead here: the
+    recording has ended (before: --until-done followed it for ever)."""
+    from trajstore.format import LOCK_NAME
+
+    from .test_s3 import take_lock_and_die
+
+    url = s3.url("stale-follow.zarr")
+    write_store(url, trajectory(6, 400, rank=2))
+    take_lock_and_die(url, LOCK_NAME)
+    assert s3.fs().exists(f"{s3.bucket}/stale-follow.zarr/{LOCK_NAME}") and not writer_active(url)
+    assert watched_follow(url, seconds=90, every=2, dim=2, poll=0.1, until_done=True, idle=1.0) == 1
+    assert len(open_subspace(url).snapshots) == 6
+
+
+def write_holder_elsewhere(path: Path) -> dict:
+    """The writer lock's record as a writer on another host leaves it (one this host cannot check)."""
+    from trajstore.format import LOCK_NAME
+
+    holder = {"pid": 4242, "host": "gpu-node-7.elsewhere", "since": "2026-11-28T01:02:03", "start": "99",
+              "token": "0" * 32, "purpose": "a writer (recording, import, repair or gc)"}
+    (path / LOCK_NAME).write_text(json.dumps(holder))
+    return holder
+
+
+def test_a_writer_on_another_host_keeps_it_following_and_is_reported_when_stalled(tmp_path):
+    """Such a holder counts as recording; once per --idle without a new snapshot ``on_stalled`` names it
+    (the CLI prints how to take the lock over). Released, the recording ends."""
+    from trajstore.format import LOCK_NAME
+
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(6, 400, rank=2))
+    holder = write_holder_elsewhere(path)
+    assert writer_active(str(path))
+    reports = []
+
+    def on_stalled(record: dict, seconds: float) -> None:
+        reports.append((record, seconds))
+        if len(reports) == 2:  # the writer releases its lock (the file stays, emptied)
+            (path / LOCK_NAME).write_text("")
+
+    began = time.monotonic()
+    assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=1.0, on_stalled=on_stalled) == 1
+    assert [r for r, _ in reports] == [holder, holder] and 1.0 <= reports[0][1] < reports[1][1]
+    assert time.monotonic() - began >= 3.0  # two reports one --idle apart, then --idle with no writer
+
+
+def test_the_cli_says_who_holds_the_lock_when_nothing_arrives(tmp_path):
+    from trajstore.format import LOCK_NAME
+
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(6, 400, rank=2))
+    write_holder_elsewhere(path)
+
+    def release_once_reported() -> None:  # the note comes --idle after the last snapshot; then release
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (path / "subspaces").exists():
+            time.sleep(0.1)
+        time.sleep(3.0)
+        (path / LOCK_NAME).write_text("")
+
+    releaser = threading.Thread(target=release_once_reported)
+    releaser.start()
+    r = CliRunner().invoke(app, ["extract", str(path), "--dim", "2", "--follow", "--every", "2", "--poll", "0.1",
+                                 "--until-done", "--idle", "1"])
+    releaser.join()
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "the recording has ended" in out, r.output
+    assert "but the writer lock is held by pid 4242 on host gpu-node-7.elsewhere" in out
+    assert f"trajstore repair {path} --break-lock" in out

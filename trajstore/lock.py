@@ -92,20 +92,32 @@ def _pid_alive(pid: int, start: str | None = None) -> bool:
 
 
 def writer_active(root: str, storage_options: dict | None = None) -> bool:
-    """Whether a process holds the store's writer lock now, read without taking the lock (so it never gets in a
-    writer's way): a local lock file names its live holder (a killed holder's record does not count); on an
-    object store the lock object exists while held (a killed writer's stays until broken)."""
+    """Whether a process holds the store's writer lock now (:func:`writer_holder` is not None)."""
+    return writer_holder(root, storage_options) is not None
+
+
+def writer_holder(root: str, storage_options: dict | None = None) -> dict | None:
+    """The record (pid, host, since, ...) of the process holding the store's writer lock now, or None; read
+    without taking the lock, so it never gets in a writer's way. A holder recorded on this host that no
+    longer runs holds nothing: a local lock file's, and an object store's lock object a killed writer left
+    behind (it stays there until broken, but no writer is coming back to it). A holder on another host
+    cannot be checked from here and counts as holding the lock, as does an object store's lock object whose
+    record cannot be read (then ``{}``)."""
     local = local_dir(root)
     if local is not None:
         try:
             holder = _read_json((Path(local) / LOCK_NAME).read_bytes())
         except FileNotFoundError:
-            return False
-        if not holder:
-            return False
-        return holder.get("host") != socket.gethostname() or _pid_alive(_pid_of(holder), holder.get("start"))
-    fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
-    return WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}") is not None
+            return None
+        if not holder:  # released: the file stays, emptied
+            return None
+    else:
+        fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        holder = WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
+        if holder is None:
+            return None
+    here = holder.get("host") == socket.gethostname()
+    return None if here and not _pid_alive(_pid_of(holder), holder.get("start")) else holder
 
 
 def _pid_of(holder: dict) -> int:
