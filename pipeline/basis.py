@@ -169,8 +169,6 @@ class Basis:
         written once per store and subspace, in ``<store>/subspaces/<name>/`` or a folder of its own
         under ``cache_dir``; checked against the subspace before use and rebuilt when stale, see
         :func:`pipeline.basis_cache.mmap_copy`); ``"auto"`` picks pinned when P takes less than half the free RAM, else mmap.
-        ``mode="resident"`` with ``host="mmap"``, or ``cache_dir`` with ``host="pinned"`` or ``mode="resident"``,
-        raises :class:`~trajstore.errors.InvalidArgumentError` (each asks for something the other excludes).
 
         The basis returned is exactly one complete extraction's: what is read is checked against the digest
         the extraction recorded (a subspace written before digests: against its attributes, re-read after
@@ -179,13 +177,6 @@ class Basis:
         """
         if host not in ("auto", "pinned", "mmap"):
             raise InvalidArgumentError(f"host must be 'auto', 'pinned' or 'mmap', got {host!r}")
-        if mode == "resident" and host == "mmap":  # (with mode="auto", host says where P goes if streamed)
-            raise InvalidArgumentError("mode='resident' holds P on the device and host='mmap' streams it from disk: "
-                                       "ask for one of them (mode='streamed', or leave host out)")
-        if cache_dir is not None and (host == "pinned" or mode == "resident"):
-            raise InvalidArgumentError("cache_dir is where host='mmap' writes its uncompressed copy of P; with "
-                                       f"{'host=' + repr(host) if host == 'pinned' else 'mode=' + repr(mode)} nothing is "
-                                       "written there: leave cache_dir out, or use host='mmap' (or 'auto')")
         _check_dtype(dtype)
         _check_device(device)
         sharding, checked = None, False

@@ -367,22 +367,3 @@ def test_a_zero_gradient_is_still_a_gradient(two_heads):
     before = model.head_b.weight.detach().clone()
     sgd_run(model, SubspaceSGD(model.parameters(), basis, lr=0.1, momentum=0.9), set_to_none=False)
     assert not torch.equal(model.head_b.weight, before)
-
-
-def test_contradictory_placement_arguments_are_refused_not_ignored(tmp_path):
-    """host= and cache_dir= say where streamed P lives: with mode='resident' (or host='pinned' for cache_dir)
-    they were silently ignored (the new-user trial asked for an mmap cache folder and got none)."""
-    from trajstore.errors import InvalidArgumentError
-
-    path = tmp_path / "run.zarr"
-    write_store(path, trajectory(5, 600, rank=2))
-    extract_subspace(path, dim=2)
-    for bad in (dict(mode="resident", host="mmap"), dict(mode="resident", cache_dir=tmp_path / "c"),
-                dict(host="pinned", cache_dir=tmp_path / "c")):
-        with pytest.raises(InvalidArgumentError, match="cache_dir|host='mmap'"):
-            Basis.from_store(path, **bad)
-    assert not (tmp_path / "c").exists()
-    resident = Basis.from_store(path, mode="resident", host="pinned")  # pinned RAM and resident agree on CPU
-    mapped = Basis.from_store(path, mode="streamed", host="mmap", cache_dir=tmp_path / "c")
-    assert any((tmp_path / "c").iterdir()) and np.array_equal(resident.to_numpy(), mapped.to_numpy())
-    del mapped
