@@ -5,6 +5,7 @@ without it.
 """
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from trajstore import inspect
 from trajstore.errors import InvalidArgumentError, TrajstoreError
+from trajstore.lock import describe_holder
 
 from ._choices import BasisPrecision, Method
 from ._console import err, errors_to_exit, fail, note, out, print_json, progress_bar
@@ -179,7 +181,6 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
 def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0):
     from pipeline.follow import follow as follow_run
     from trajstore.format import local_dir
-    from trajstore.lock import describe_holder
 
     name = settings.name
 
@@ -195,13 +196,15 @@ def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=
             err.print(f"subspace {escape(name)}: d = {sub.dim} from {_rows_text(sub)}", highlight=False)
 
     # a local lock is an flock: repair takes it when its holder is gone; an object store's must be broken
-    take_over = f"trajstore repair {run}" + ("" if local_dir(run) is not None else " --break-lock")
+    take_over = f"trajstore repair {shlex.quote(run)}" + ("" if local_dir(run) is not None else " --break-lock")
 
     def on_stalled(holder: dict, seconds: float) -> None:
         who = describe_holder(holder) if holder else "a process whose lock record cannot be read"
         err.print(f"[yellow]note:[/] no new snapshot for {seconds:.0f} s, but the writer lock is held by "
-                  f"{escape(who)}: still following. If that writer has stopped for good, take its lock over "
-                  f"(`{escape(take_over)}`), or stop here with Ctrl-C (the Gram cache stays intact)", highlight=False)
+                  f"{escape(who)}, which cannot be checked from here: still following. Only if you know that "
+                  f"writer is gone, take its lock over (`{escape(take_over)}`; taking a live writer's lock "
+                  "lets two writers mix one store); or stop here with Ctrl-C (the Gram cache stays intact)",
+                  highlight=False, soft_wrap=True)
 
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,

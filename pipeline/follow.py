@@ -11,7 +11,7 @@ from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
 from trajstore.errors import InvalidArgumentError
 from trajstore.format import local_dir
-from trajstore.lock import writer_holder
+from trajstore.lock import holder_unverifiable, writer_holder
 
 from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
@@ -41,9 +41,11 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     reopens the store per epoch, or a job restarting, within that time keeps it following), after a last
     refresh over every committed snapshot, so the subspace then covers the whole run. A store whose recording
     ended before following started is refreshed once and left after ``idle`` seconds. A lock left behind by a
-    killed writer on this host does not count; one held from another host (or left by a writer killed
-    there, on an object store) does, until it is released or broken: then ``on_stalled(holder record,
-    seconds since the last new snapshot)`` is called once per ``idle`` seconds without a new snapshot.
+    killed writer on this host does not count. One whose holder cannot be checked from here (another host or
+    container, :func:`trajstore.lock.holder_unverifiable`) does, until it is released or broken; while no
+    snapshot arrives, ``on_stalled(holder record, seconds since the last new snapshot)`` is called ``idle``
+    seconds after the last one, then after 2, 4, 8, ... times ``idle`` more. A live holder on this host is a
+    writer between snapshots and is never reported.
     """
     check_follow_args(every=every, poll=poll)
     check_positive("idle", idle)
@@ -62,6 +64,7 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     refreshed_at, updates = 0, 0
     last_t, last_activity = -1, time.monotonic()  # (until_done) when a writer or a new snapshot was last seen
     last_new = stalled_since = last_activity  # when a snapshot was last committed; the last stall report
+    stall_gap = idle  # the wait before the next stall report: doubles after each one, back to idle on a snapshot
     try:
         while not stop:
             holder = writer_holder(store.path, store.storage_options) if until_done else None
@@ -70,9 +73,11 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
             store.refresh()
             t = len(store)
             if t != last_t:
-                last_t, last_activity, last_new = t, time.monotonic(), time.monotonic()
-            if holder is not None and on_stalled and time.monotonic() - max(last_new, stalled_since) >= idle:
+                last_t, last_activity, last_new, stall_gap = t, time.monotonic(), time.monotonic(), idle
+            if (on_stalled and holder is not None and time.monotonic() - max(last_new, stalled_since) >= stall_gap
+                    and holder_unverifiable(store.path, holder)):
                 stalled_since = time.monotonic()
+                stall_gap *= 2
                 on_stalled(holder, stalled_since - last_new)
             done = until_done and time.monotonic() - last_activity >= idle
             if t >= 2 and settings.method == "gram":

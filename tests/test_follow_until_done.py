@@ -4,6 +4,7 @@ left the subspace behind the store)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from cli.main import app
 from pipeline import open_subspace
 from pipeline.compute import StopFlag
 from pipeline.follow import follow
-from trajstore.lock import writer_active
+from trajstore.lock import describe_holder, writer_active
 
 from .synthetic import trajectory, write_store
 
@@ -138,8 +139,8 @@ def write_holder_elsewhere(path: Path) -> dict:
 
 
 def test_a_writer_on_another_host_keeps_it_following_and_is_reported_when_stalled(tmp_path):
-    """Such a holder counts as recording; once per --idle without a new snapshot ``on_stalled`` names it
-    (the CLI prints how to take the lock over). Released, the recording ends."""
+    """Such a holder counts as recording; --idle without a new snapshot ``on_stalled`` names it (the CLI
+    prints how to take the lock over), then after twice as long again. Released, the recording ends."""
     from trajstore.format import LOCK_NAME
 
     path = tmp_path / "run.zarr"
@@ -155,30 +156,83 @@ def test_a_writer_on_another_host_keeps_it_following_and_is_reported_when_stalle
 
     began = time.monotonic()
     assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=1.0, on_stalled=on_stalled) == 1
-    assert [r for r, _ in reports] == [holder, holder] and 1.0 <= reports[0][1] < reports[1][1]
-    assert time.monotonic() - began >= 3.0  # two reports one --idle apart, then --idle with no writer
+    assert [r for r, _ in reports] == [holder, holder] and 1.0 <= reports[0][1] < 2.0
+    assert reports[1][1] - reports[0][1] >= 2.0  # the second report waits twice --idle: it backs off
+    assert time.monotonic() - began >= 4.0  # two reports, then --idle with no writer
 
 
-def test_the_cli_says_who_holds_the_lock_when_nothing_arrives(tmp_path):
+def holder_record(pid: int, **fields) -> dict:
+    """The writer lock's record as process ``pid`` on this host would write it (fields override)."""
+    from trajstore.lock import _holder, _proc_start
+
+    return {**_holder("a writer (recording, import, repair or gc)"), "pid": pid, "start": _proc_start(pid), **fields}
+
+
+def test_a_live_writer_on_this_host_keeps_it_following_and_is_never_reported(tmp_path):
+    """A writer between snapshots (a long epoch) is no stalled writer: no advice to take its lock over.
+    Once it is gone its lock holds nothing and the recording ends."""
     from trajstore.format import LOCK_NAME
 
     path = tmp_path / "run.zarr"
     write_store(path, trajectory(6, 400, rank=2))
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (path / LOCK_NAME).write_text(json.dumps(holder_record(writer.pid)))
+        assert writer_active(str(path))
+        reports = []
+        threading.Timer(3.5, writer.kill).start()
+        began = time.monotonic()
+        assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=1.0,
+                              on_stalled=lambda r, s: reports.append(r)) == 1
+        assert reports == [] and time.monotonic() - began >= 4.5  # followed while it ran, then --idle more
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_holder_in_another_container_on_this_host_is_not_taken_for_dead(tmp_path):
+    """Two containers may share a host name (docker --network host) but not a pid namespace: a pid that does
+    not run here may run there, so its lock holds (before: the host name alone let a live writer's lock on
+    an object store be taken for a killed one's)."""
+    from trajstore.format import LOCK_NAME
+    from trajstore.lock import _holder, holder_unverifiable, writer_holder
+
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(3, 400, rank=2))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a pid that no longer runs in this namespace
+    this = _holder("a writer")
+    for fields, held in [({}, False), ({"pidns": this["pidns"] + 1}, True), ({"boot": "another-boot"}, True),
+                         ({"host": "other"}, True)]:
+        record = {**this, "pid": pid, "start": "1", **fields}
+        (path / LOCK_NAME).write_text(json.dumps(record))
+        assert (writer_holder(str(path)) == record) is held, fields
+        assert holder_unverifiable(str(path), record) is held
+    old = {k: v for k, v in this.items() if k not in ("boot", "pidns")}  # written before those fields existed
+    assert not holder_unverifiable(str(path), old) and holder_unverifiable("s3://bucket/run.zarr", old)
+
+
+def test_the_cli_says_who_holds_the_lock_when_nothing_arrives(tmp_path, monkeypatch):
+    import cli.extract_cmds as extract_cmds
+    from trajstore.format import LOCK_NAME
+
+    path = tmp_path / "run with space.zarr"
+    write_store(path, trajectory(6, 400, rank=2))
     write_holder_elsewhere(path)
+    reported = threading.Event()
 
-    def release_once_reported() -> None:  # the note comes --idle after the last snapshot; then release
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (path / "subspaces").exists():
-            time.sleep(0.1)
-        time.sleep(3.0)
-        (path / LOCK_NAME).write_text("")
+    def describe_and_release(holder: dict) -> str:  # the note names the holder: then it releases its lock
+        reported.set()
+        return describe_holder(holder)
 
-    releaser = threading.Thread(target=release_once_reported)
+    monkeypatch.setattr(extract_cmds, "describe_holder", describe_and_release)
+    releaser = threading.Thread(target=lambda: reported.wait(60) and (path / LOCK_NAME).write_text(""))
     releaser.start()
     r = CliRunner().invoke(app, ["extract", str(path), "--dim", "2", "--follow", "--every", "2", "--poll", "0.1",
-                                 "--until-done", "--idle", "1"])
+                                 "--until-done", "--idle", "1"], terminal_width=80)
+    reported.set()
     releaser.join()
-    out = " ".join(r.output.split())
-    assert r.exit_code == 0 and "the recording has ended" in out, r.output
-    assert "but the writer lock is held by pid 4242 on host gpu-node-7.elsewhere" in out
-    assert f"(`trajstore repair {path}`)" in out  # a local lock: repair takes it once its holder is gone
+    assert r.exit_code == 0 and "the recording has ended" in r.output, r.output
+    note = next(line for line in r.output.splitlines() if line.startswith("note:"))  # one line, however long
+    assert "but the writer lock is held by pid 4242 on host gpu-node-7.elsewhere" in note
+    assert f"(`trajstore repair {shlex.quote(str(path))}`;" in note  # a local lock: repair takes it when gone

@@ -55,30 +55,69 @@ def subspace_lock_name(name: str) -> str:
     return f"{DERIVED_LOCK_NAME}.subspace-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot), telling a reused pid apart; None off Linux."""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """Process ``pid``'s state letter and start time (clock ticks since boot); None off Linux or if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), fields[19].decode()
     except (OSError, IndexError):
         return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), telling a reused pid apart; None off Linux."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _machine() -> dict:
+    """What tells this machine's process table apart beyond its host name: the kernel's boot id (another
+    machine or a reboot) and the pid namespace (another container sharing the host name, as with docker's
+    ``--network host``). Empty off Linux."""
+    ids = {}
+    try:
+        ids["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ids["pidns"] = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pass
+    return ids
 
 
 def _holder(purpose: str) -> dict:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "start": _proc_start(pid), "token": uuid.uuid4().hex, "purpose": purpose}
+            "start": _proc_start(pid), "token": uuid.uuid4().hex, "purpose": purpose, **_machine()}
+
+
+def _sees(holder: dict, strict: bool) -> bool:
+    """Whether this process can tell if ``holder`` still runs: it was recorded on this host, this boot and
+    this pid namespace. A record from before those were written matches on its host alone unless ``strict``
+    (an object store's lock, which containers and machines sharing a host name could all reach)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    here = _machine()
+    if strict and any(key not in holder for key in here):
+        return False
+    return all(holder.get(key, value) == value for key, value in here.items())
+
+
+def _gone(holder: dict, strict: bool = False) -> bool:
+    """Whether ``holder`` is a process this one can see (:func:`_sees`) and it no longer runs."""
+    return _sees(holder, strict) and not _pid_alive(_pid_of(holder), holder.get("start"))
 
 
 def is_this_process(holder: dict) -> bool:
-    """Whether ``holder`` is this very process (same pid, host and start time)."""
+    """Whether ``holder`` is this very process (same pid, host, start time, boot and pid namespace: pid 1
+    of two containers sharing a host name are two processes)."""
     start = holder.get("start")
-    return (_pid_of(holder) == os.getpid() and holder.get("host") == socket.gethostname()
+    return (_pid_of(holder) == os.getpid() and _sees(holder, strict=False)
             and (start is None or start == _proc_start(os.getpid())))
 
 
 def _pid_alive(pid: int, start: str | None = None) -> bool:
-    """Whether ``pid`` runs on this host (and, given its recorded ``start``, is the same process)."""
+    """Whether ``pid`` runs on this host (and, given its recorded ``start``, is the same process). A zombie
+    (exited, not yet reaped by its parent) no longer runs: the kernel has dropped its flocks."""
     if pid <= 0:
         return False
     try:
@@ -87,8 +126,11 @@ def _pid_alive(pid: int, start: str | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    now = _proc_start(pid)
-    return start is None or now is None or now == start
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # off Linux: kill(pid, 0) is all there is
+    state, now = stat
+    return state not in ("Z", "X") and (start is None or now == start)
 
 
 def writer_active(root: str, storage_options: dict | None = None) -> bool:
@@ -98,11 +140,12 @@ def writer_active(root: str, storage_options: dict | None = None) -> bool:
 
 def writer_holder(root: str, storage_options: dict | None = None) -> dict | None:
     """The record (pid, host, since, ...) of the process holding the store's writer lock now, or None; read
-    without taking the lock, so it never gets in a writer's way. A holder recorded on this host that no
-    longer runs holds nothing: a local lock file's, and an object store's lock object a killed writer left
-    behind (it stays there until broken, but no writer is coming back to it). A holder on another host
-    cannot be checked from here and counts as holding the lock, as does an object store's lock object whose
-    record cannot be read (then ``{}``)."""
+    without taking the lock, so it never gets in a writer's way. A holder recorded on this host (this boot,
+    this pid namespace) that no longer runs holds nothing: a local lock file's, and an object store's lock
+    object a killed writer left behind (it stays there until broken, but no writer is coming back to it). A
+    holder this process cannot check (:func:`holder_unverifiable`: another host or container, or an object
+    store's record from before the boot and namespace were written) counts as holding the lock, as does an
+    object store's lock object whose record cannot be read (then ``{}``)."""
     local = local_dir(root)
     if local is not None:
         try:
@@ -116,8 +159,13 @@ def writer_holder(root: str, storage_options: dict | None = None) -> dict | None
         holder = WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
         if holder is None:
             return None
-    here = holder.get("host") == socket.gethostname()
-    return None if here and not _pid_alive(_pid_of(holder), holder.get("start")) else holder
+    return None if _gone(holder, strict=local is None) else holder
+
+
+def holder_unverifiable(root: str, holder: dict) -> bool:
+    """Whether this process cannot tell if ``holder`` (a :func:`writer_holder` record of ``root``'s lock)
+    still runs: it was recorded on another host, boot or container, or its record cannot be read (``{}``)."""
+    return not holder or not _sees(holder, strict=local_dir(root) is None)
 
 
 def _pid_of(holder: dict) -> int:
@@ -142,8 +190,7 @@ def _shared_holders(folder: Path) -> list[dict]:
             holder = _read_json(path.read_bytes()[:4096])
         except OSError:
             continue
-        alive = holder.get("host") != socket.gethostname() or _pid_alive(_pid_of(holder), holder.get("start"))
-        if holder.get("pid") and alive:
+        if holder.get("pid") and not _gone(holder):
             holders.setdefault((holder.get("pid"), holder.get("host")), holder)
     return list(holders.values())
 
@@ -328,8 +375,7 @@ class WriterLock:
         if self.break_lock:
             previous = self._read_holder(fs, lock_path)
             if previous is not None:
-                alive = previous.get("host") == socket.gethostname() and _pid_alive(
-                    _pid_of(previous), previous.get("start"))
+                alive = _sees(previous, strict=True) and _pid_alive(_pid_of(previous), previous.get("start"))
                 warnings.warn(f"{self._what}: break_lock=True removed the lock of {_describe(previous)}"
                               f"{', which is still running' if alive else ''}", StaleLockWarning,
                               stacklevel=_user_stacklevel())
@@ -369,7 +415,7 @@ class WriterLock:
         racy = "" if atomic else " (this filesystem's lock is check-then-put, not atomic)"
         if is_this_process(holder):
             raise self._this_process(holder, racy)
-        if holder.get("host") == socket.gethostname() and not _pid_alive(_pid_of(holder), holder.get("start")):
+        if _gone(holder, strict=True):
             raise StaleLockError(
                 f"{self._what} has a stale lock from {_describe(holder)}, which is no longer running (it was "
                 f"killed or crashed; its lock object stays behind on the object store){racy}. Committed data "
