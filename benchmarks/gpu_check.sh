@@ -16,13 +16,23 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
     exit 0
 fi
 # The lent machine reaches no package index: the dependencies its image lacks travel as wheels in .whl/
-# (downloaded here for its Python, see benchmarks/README or the device tool's notes), installed to /tmp/site.
+# (gitignored), installed to /tmp/site. Build .whl/ here for the device's Python 3.12 before the call, and
+# name it in the device tool's carry (carry=[".whl"], 64 MiB a call in all):
+#   for pkg in zarr numcodecs donfig google-crc32c crc32c dask distributed partd locket tblib tornado zict mnist1d; do
+#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform manylinux1_x86_64 -d .whl "$pkg"
+#   done
+# (pure-Python packages come as py3-none-any wheels either way; one version of each, or the install stops).
 if ! python3 -c "import zarr, dask, distributed, numcodecs" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 -c "import zarr, dask, numcodecs, torch, trajstore, pipeline; print('zarr', zarr.__version__, 'dask', dask.__version__, 'torch', torch.__version__)" | tee "$out/$stamp-device.txt"
+if ! python3 -c "import zarr, dask, numcodecs, torch, trajstore, pipeline; print('zarr', zarr.__version__, 'dask', dask.__version__, 'torch', torch.__version__)" 2>&1 | tee "$out/$stamp-device.txt"; then
+    echo "gpu_check: trajstore or its dependencies do not import here (see above; build .whl/ as this script's header says)" | tee -a "$out/$stamp-device.txt"
+    exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/$stamp-device.txt"
 status=0
 timeout 120 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_basis_dtype.py 2>&1 | tee "$out/$stamp-pytest-cuda.txt" || status=1

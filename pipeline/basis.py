@@ -356,6 +356,11 @@ class Basis:
         """P (n, d) as float32 numpy, as this basis holds it (a 16-bit basis: its rounded values, widened)."""
         return self._rows(0, self.n)
 
+    @property
+    def pass_bytes(self) -> int:
+        """Bytes one pass over P reads: its tiles, rows padded to whole tiles (a little over n * d * itemsize)."""
+        return self._tiles.numel() * self._tiles.element_size()
+
     def device_bytes(self) -> int:
         """Device memory held for P: all of it (resident, and on the CPU any basis not read from the memory map
         in place) or the two tile buffers (CUDA streamed), plus each product thread's buffers once the products
