@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}/gpu"
 mkdir -p "$out"
 stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
+if ! python3 -c "import torch"; then
+    echo "gpu_check: torch does not import here" | tee "$out/$stamp-failed.txt"
+    exit 1
+fi
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device: nothing to check" | tee "$out/$stamp-skipped.txt"
     exit 0

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from trajstore import inspect
 from trajstore.errors import InvalidArgumentError, TrajstoreError
-from trajstore.lock import describe_holder
+from trajstore.holders import describe_holder
 
 from ._choices import BasisPrecision, Method
 from ._console import err, errors_to_exit, fail, note, out, print_json, progress_bar

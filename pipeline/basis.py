@@ -31,6 +31,7 @@ state moves between a float32 and a bfloat16 basis of the same extraction.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -52,7 +53,7 @@ from .basis_cache import extraction_digest, mmap_copy
 from .distributed import Sharding, fsdp_modules, reshard, sharding_of
 from .placement import (  # noqa: F401 -- the sizing rules, also reached as pipeline.basis.*
     ALIGN_COLS, CPU_TILE_COLS, DTYPES, PIECE_COLS, UPCAST_BYTES, _check_device, _check_dtype, _choose_host,
-    _choose_mode, _pool, compute_dtype, piece_cols, product_threads, product_workers, scratch_bytes, tile_cols)
+    _choose_mode, _pool, compute_dtype, one_blas_thread, piece_cols, product_threads, product_workers, scratch_bytes, tile_cols)
 from .subspace import ATTEMPTS, DIGEST, LEGACY_DIGEST, BasisDigest, Subspace, block_rows, open_subspace
 from .tiles import padded_rows, rows_of, tile_count, tile_in_place, tiles_of
 
@@ -304,10 +305,12 @@ class Basis:
 
         def tile_sum(tile: torch.Tensor, segments: list[Segment], scratch: dict) -> torch.Tensor:
             acc = torch.zeros(self.d, dtype=torch.float64, device=self.device)  # (d,)
-            for i, lo, _, b0, b1 in segments:
-                if flats[i] is not None:
-                    for a, cols in self._pieces(tile, b0, b1, scratch):  # cols: (d, k) in compute_dtype
-                        acc += torch.mv(cols, flats[i][lo + a:lo + a + cols.shape[1]].to(cdt)).double()
+            # each sum over k on one core: MKL would split it over threads as it sees fit, changing the bits
+            with one_blas_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+                for i, lo, _, b0, b1 in segments:
+                    if flats[i] is not None:
+                        for a, cols in self._pieces(tile, b0, b1, scratch):  # cols: (d, k) in compute_dtype
+                            acc += torch.mv(cols, flats[i][lo + a:lo + a + cols.shape[1]].to(cdt)).double()
             return acc
 
         out = torch.zeros(self.d, dtype=torch.float64, device=self.device)  # (d,)
@@ -358,7 +361,8 @@ class Basis:
 
     @property
     def pass_bytes(self) -> int:
-        """Bytes one pass over P reads: its tiles, rows padded to whole tiles (a little over n * d * itemsize)."""
+        """Bytes of P's tiles as held, rows padded to whole tiles (a little over n * d * itemsize): what one pass
+        reads, except for a 16-bit basis rounded from float32 tiles as it goes (those are float32 here)."""
         return self._tiles.numel() * self._tiles.element_size()
 
     def device_bytes(self) -> int:

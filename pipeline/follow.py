@@ -11,7 +11,8 @@ from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
 from trajstore.errors import InvalidArgumentError
 from trajstore.format import local_dir
-from trajstore.lock import holder_unverifiable, writer_holder
+from trajstore.holders import holder_unverifiable
+from trajstore.lock import writer_holder
 
 from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
@@ -42,10 +43,11 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     refresh over every committed snapshot, so the subspace then covers the whole run. A store whose recording
     ended before following started is refreshed once and left after ``idle`` seconds. A lock left behind by a
     killed writer on this host does not count. One whose holder cannot be checked from here (another host or
-    container, :func:`trajstore.lock.holder_unverifiable`) does, until it is released or broken; while no
-    snapshot arrives, ``on_stalled(holder record, seconds since the last new snapshot)`` is called ``idle``
-    seconds after the last one, then after 2, 4, 8, ... times ``idle`` more. A live holder on this host is a
-    writer between snapshots and is never reported.
+    container, :func:`trajstore.holders.holder_unverifiable`) does, until it is released or broken; while no
+    snapshot arrives, ``on_stalled(holder record, seconds since the last new snapshot or since following
+    began)`` is called ``idle`` seconds after that, then after 2, 4, 8, ... times ``idle`` more (from
+    ``idle`` again for a new holder). A live holder on this host is a writer between snapshots and is never
+    reported.
     """
     check_follow_args(every=every, poll=poll)
     check_positive("idle", idle)
@@ -65,11 +67,14 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     last_t, last_activity = -1, time.monotonic()  # (until_done) when a writer or a new snapshot was last seen
     last_new = stalled_since = last_activity  # when a snapshot was last committed; the last stall report
     stall_gap = idle  # the wait before the next stall report: doubles after each one, back to idle on a snapshot
+    stalled_by = None  # the token of the lock holder last seen
     try:
         while not stop:
             holder = writer_holder(store.path, store.storage_options) if until_done else None
             if holder is not None:
                 last_activity = time.monotonic()
+                if holder.get("token") != stalled_by:  # another writer took the lock: report it from idle on
+                    stalled_by, stall_gap = holder.get("token"), idle
             store.refresh()
             t = len(store)
             if t != last_t:

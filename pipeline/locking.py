@@ -29,7 +29,8 @@ import zarr
 from trajstore import TrajectoryStore
 from trajstore.errors import StoreLockedError
 from trajstore.format import DERIVED_LOCK_NAME, zarr_store
-from trajstore.lock import GRAM_LOCK_NAME, WriterLock, describe_holder, is_this_process, subspace_lock_name
+from trajstore.holders import describe_holder, is_this_process
+from trajstore.lock import GRAM_LOCK_NAME, WriterLock, subspace_lock_name
 
 from .compute import Interrupted, StopFlag
 

@@ -6,10 +6,14 @@ predicts with (the same functions, so a plan and a basis never disagree); no ten
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -104,6 +108,37 @@ def _after_fork() -> None:  # a forked child has none of the parent's threads: s
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run this thread's BLAS calls on one core: MKL's thread-local setting, restored after (other threads,
+    and torch's own intra-op setting, are untouched). Left to itself MKL splits a long gemv's sum (g̃ = Pᵀg)
+    over ``torch.get_num_threads()`` OpenMP threads where it judges that worth it, which depends on the CPU,
+    so the bits would change with the thread count (P c splits its rows, not its sums: unaffected)."""
+    setter = _mkl_local_threads()
+    if setter is None:
+        yield
+        return
+    previous = setter(1)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+@functools.cache
+def _mkl_local_threads() -> "Callable[[int], int] | None":
+    """MKL's ``mkl_set_num_threads_local`` (C interface) in the MKL torch links, or None (no MKL)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        setter = lib.MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
 
 
 def _pool() -> ThreadPoolExecutor:

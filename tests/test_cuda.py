@@ -161,15 +161,11 @@ def test_nan_in_cuda_weights_is_refused_at_the_next_call(tmp_path):
     assert not torch.cuda.current_stream().query(), "append waited for the GPU"
     with torch.no_grad():
         model[2].weight[1, 2].fill_(0.0)  # not ``= 0.0``: that copies a host scalar and waits for the GPU
-    refused = r"step 1 .*'2\.weight'.*asynchronously from CUDA.*1 snapshot"
-    if not torch.cuda.current_stream().query():  # the NaN row has not landed: this append cannot know yet
-        store.append(model, step=2)
-        with pytest.raises(NonFiniteError, match=refused):
-            store.flush()  # the flush waits for the row and reports it
-    else:  # (a slow host let the GPU finish first: then the append may already report it)
-        with pytest.raises(NonFiniteError, match=refused):
-            store.append(model, step=2)
-            store.flush()
+    # the NaN row has not landed (fill_ queues a kernel and returns): this append cannot know yet
+    assert not torch.cuda.current_stream().query(), "fill_ waited for the GPU"
+    store.append(model, step=2)
+    with pytest.raises(NonFiniteError, match=r"step 1 .*'2\.weight'.*asynchronously from CUDA.*1 snapshot"):
+        store.flush()  # the flush waits for the row and reports it
     assert len(store) == 1 and _same_bits(store.read(0), good)
     with pytest.raises(TrajstoreError):
         store.append(model, step=3)  # the writer stopped: reopen to go on

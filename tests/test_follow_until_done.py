@@ -11,13 +11,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline import open_subspace
 from pipeline.compute import StopFlag
 from pipeline.follow import follow
-from trajstore.lock import describe_holder, writer_active
+from trajstore.holders import describe_holder
+from trajstore.lock import writer_active
 
 from .synthetic import trajectory, write_store
 
@@ -156,16 +158,16 @@ def test_a_writer_on_another_host_keeps_it_following_and_is_reported_when_stalle
 
     began = time.monotonic()
     assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=1.0, on_stalled=on_stalled) == 1
-    assert [r for r, _ in reports] == [holder, holder] and 1.0 <= reports[0][1] < 2.0
+    assert [r for r, _ in reports] == [holder, holder] and reports[0][1] >= 1.0
     assert reports[1][1] - reports[0][1] >= 2.0  # the second report waits twice --idle: it backs off
     assert time.monotonic() - began >= 4.0  # two reports, then --idle with no writer
 
 
 def holder_record(pid: int, **fields) -> dict:
     """The writer lock's record as process ``pid`` on this host would write it (fields override)."""
-    from trajstore.lock import _holder, _proc_start
+    from trajstore.holders import new_holder, proc_start
 
-    return {**_holder("a writer (recording, import, repair or gc)"), "pid": pid, "start": _proc_start(pid), **fields}
+    return {**new_holder("a writer (recording, import, repair or gc)"), "pid": pid, "start": proc_start(pid), **fields}
 
 
 def test_a_live_writer_on_this_host_keeps_it_following_and_is_never_reported(tmp_path):
@@ -179,12 +181,12 @@ def test_a_live_writer_on_this_host_keeps_it_following_and_is_never_reported(tmp
     try:
         (path / LOCK_NAME).write_text(json.dumps(holder_record(writer.pid)))
         assert writer_active(str(path))
-        reports = []
-        threading.Timer(3.5, writer.kill).start()
-        began = time.monotonic()
+        reports, killed = [], []
+        threading.Timer(3.5, lambda: (writer.kill(), killed.append(time.monotonic()))).start()
         assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=1.0,
                               on_stalled=lambda r, s: reports.append(r)) == 1
-        assert reports == [] and time.monotonic() - began >= 4.5  # followed while it ran, then --idle more
+        assert killed and time.monotonic() - killed[0] >= 0.8  # it followed while the writer ran, then --idle
+        assert reports == []  # (left unreaped, a zombie: its flock is gone, so it holds nothing)
     finally:
         writer.kill()
         writer.wait()
@@ -195,13 +197,16 @@ def test_a_holder_in_another_container_on_this_host_is_not_taken_for_dead(tmp_pa
     not run here may run there, so its lock holds (before: the host name alone let a live writer's lock on
     an object store be taken for a killed one's)."""
     from trajstore.format import LOCK_NAME
-    from trajstore.lock import _holder, holder_unverifiable, writer_holder
+    from trajstore.holders import holder_unverifiable, new_holder
+    from trajstore.lock import writer_holder
 
     path = tmp_path / "run.zarr"
     write_store(path, trajectory(3, 400, rank=2))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a pid that no longer runs in this namespace
-    this = _holder("a writer")
+    this = new_holder("a writer")
+    if "pidns" not in this or "boot" not in this:
+        pytest.skip("this kernel shows no boot id or pid namespace: no container to tell apart")
     for fields, held in [({}, False), ({"pidns": this["pidns"] + 1}, True), ({"boot": "another-boot"}, True),
                          ({"host": "other"}, True)]:
         record = {**this, "pid": pid, "start": "1", **fields}
@@ -210,6 +215,31 @@ def test_a_holder_in_another_container_on_this_host_is_not_taken_for_dead(tmp_pa
         assert holder_unverifiable(str(path), record) is held
     old = {k: v for k, v in this.items() if k not in ("boot", "pidns")}  # written before those fields existed
     assert not holder_unverifiable(str(path), old) and holder_unverifiable("s3://bucket/run.zarr", old)
+    other = {**this, "pid": pid, "pidns": this["pidns"] + 1}
+    assert "in another container or boot" in describe_holder(other)  # so `ps` not showing it misleads no one
+    assert "another container" not in describe_holder(this)
+
+
+def test_a_zombie_holds_nothing_and_a_reused_pid_is_another_process():
+    """An exited writer its parent has not reaped yet still has a pid, but no flock: it is dead. So is a pid
+    now used by another process (another start time). A running one is alive."""
+    from trajstore.holders import pid_state, proc_start
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = proc_start(child.pid)
+        assert pid_state(child.pid, start) == "alive" and pid_state(child.pid, "1") == "dead"
+        child.kill()
+        deadline = time.monotonic() + 30
+        while pid_state(child.pid, start) != "dead" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"  # unreaped: a zombie
+        assert pid_state(child.pid, start) == "dead"
+    finally:
+        child.kill()
+        child.wait()
+    assert pid_state(child.pid, start) == "dead"
 
 
 def test_the_cli_says_who_holds_the_lock_when_nothing_arrives(tmp_path, monkeypatch):
@@ -226,13 +256,13 @@ def test_the_cli_says_who_holds_the_lock_when_nothing_arrives(tmp_path, monkeypa
         return describe_holder(holder)
 
     monkeypatch.setattr(extract_cmds, "describe_holder", describe_and_release)
-    releaser = threading.Thread(target=lambda: reported.wait(60) and (path / LOCK_NAME).write_text(""))
-    releaser.start()
+    monkeypatch.setenv("COLUMNS", "60")  # a narrow terminal: the note must not wrap into the path
+    releaser = threading.Thread(target=lambda: (reported.wait(60), (path / LOCK_NAME).write_text("")))
+    releaser.start()  # released after the note, or after 60 s so that a missing note fails, not hangs
     r = CliRunner().invoke(app, ["extract", str(path), "--dim", "2", "--follow", "--every", "2", "--poll", "0.1",
-                                 "--until-done", "--idle", "1"], terminal_width=80)
-    reported.set()
+                                 "--until-done", "--idle", "1"], terminal_width=60)
     releaser.join()
-    assert r.exit_code == 0 and "the recording has ended" in r.output, r.output
+    assert reported.is_set() and r.exit_code == 0 and "the recording has ended" in r.output, r.output
     note = next(line for line in r.output.splitlines() if line.startswith("note:"))  # one line, however long
     assert "but the writer lock is held by pid 4242 on host gpu-node-7.elsewhere" in note
     assert f"(`trajstore repair {shlex.quote(str(path))}`;" in note  # a local lock: repair takes it when gone

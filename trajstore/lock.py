@@ -29,10 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
-import socket
-import time
 import unicodedata
-import uuid
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +38,7 @@ import fsspec
 
 from .errors import StaleLockError, StoreLockedError
 from .format import DERIVED_LOCK_NAME, LOCK_NAME, local_dir
+from .holders import describe_holder, gone, is_this_process, new_holder, pid_alive, pid_of, sees
 
 _ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a"}
 GRAM_LOCK_NAME = f"{DERIVED_LOCK_NAME}.gram"  # the Gram pass (gram/) of the extractions sharing the derived lock
@@ -53,84 +51,6 @@ def subspace_lock_name(name: str) -> str:
     the name case-folded, as a case-insensitive filesystem makes ``A`` and ``a`` one folder."""
     key = unicodedata.normalize("NFKC", name).casefold()
     return f"{DERIVED_LOCK_NAME}.subspace-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """Process ``pid``'s state letter and start time (clock ticks since boot); None off Linux or if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0].decode(), fields[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _proc_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot), telling a reused pid apart; None off Linux."""
-    stat = _proc_stat(pid)
-    return stat[1] if stat else None
-
-
-def _machine() -> dict:
-    """What tells this machine's process table apart beyond its host name: the kernel's boot id (another
-    machine or a reboot) and the pid namespace (another container sharing the host name, as with docker's
-    ``--network host``). Empty off Linux."""
-    ids = {}
-    try:
-        ids["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        ids["pidns"] = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        pass
-    return ids
-
-
-def _holder(purpose: str) -> dict:
-    pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "start": _proc_start(pid), "token": uuid.uuid4().hex, "purpose": purpose, **_machine()}
-
-
-def _sees(holder: dict, strict: bool) -> bool:
-    """Whether this process can tell if ``holder`` still runs: it was recorded on this host, this boot and
-    this pid namespace. A record from before those were written matches on its host alone unless ``strict``
-    (an object store's lock, which containers and machines sharing a host name could all reach)."""
-    if holder.get("host") != socket.gethostname():
-        return False
-    here = _machine()
-    if strict and any(key not in holder for key in here):
-        return False
-    return all(holder.get(key, value) == value for key, value in here.items())
-
-
-def _gone(holder: dict, strict: bool = False) -> bool:
-    """Whether ``holder`` is a process this one can see (:func:`_sees`) and it no longer runs."""
-    return _sees(holder, strict) and not _pid_alive(_pid_of(holder), holder.get("start"))
-
-
-def is_this_process(holder: dict) -> bool:
-    """Whether ``holder`` is this very process (same pid, host, start time, boot and pid namespace: pid 1
-    of two containers sharing a host name are two processes)."""
-    start = holder.get("start")
-    return (_pid_of(holder) == os.getpid() and _sees(holder, strict=False)
-            and (start is None or start == _proc_start(os.getpid())))
-
-
-def _pid_alive(pid: int, start: str | None = None) -> bool:
-    """Whether ``pid`` runs on this host (and, given its recorded ``start``, is the same process). A zombie
-    (exited, not yet reaped by its parent) no longer runs: the kernel has dropped its flocks."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # off Linux: kill(pid, 0) is all there is
-    state, now = stat
-    return state not in ("Z", "X") and (start is None or now == start)
 
 
 def writer_active(root: str, storage_options: dict | None = None) -> bool:
@@ -159,27 +79,7 @@ def writer_holder(root: str, storage_options: dict | None = None) -> dict | None
         holder = WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
         if holder is None:
             return None
-    return None if _gone(holder, strict=local is None) else holder
-
-
-def holder_unverifiable(root: str, holder: dict) -> bool:
-    """Whether this process cannot tell if ``holder`` (a :func:`writer_holder` record of ``root``'s lock)
-    still runs: it was recorded on another host, boot or container, or its record cannot be read (``{}``)."""
-    return not holder or not _sees(holder, strict=local_dir(root) is None)
-
-
-def _pid_of(holder: dict) -> int:
-    pid = holder.get("pid")
-    return pid if isinstance(pid, int) and not isinstance(pid, bool) else -1
-
-
-def _describe(holder: dict) -> str:
-    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
-
-
-def describe_holder(holder: dict) -> str:
-    """``"pid N on host H (since T)"`` for a lock holder's record."""
-    return _describe(holder)
+    return None if gone(holder, strict=local is None) else holder
 
 
 def _shared_holders(folder: Path) -> list[dict]:
@@ -190,8 +90,9 @@ def _shared_holders(folder: Path) -> list[dict]:
             holder = _read_json(path.read_bytes()[:4096])
         except OSError:
             continue
-        if holder.get("pid") and not _gone(holder):
-            holders.setdefault((holder.get("pid"), holder.get("host")), holder)
+        if holder.get("pid") and not gone(holder):
+            key = tuple(str(holder.get(k)) for k in ("pid", "host", "boot", "pidns", "start"))  # one process
+            holders.setdefault(key, holder)
     return list(holders.values())
 
 
@@ -299,7 +200,7 @@ class WriterLock:
         verb = {LOCK_NAME: "being written by"}.get(self.name, "in use by")
         if self.name.startswith(f"{DERIVED_LOCK_NAME}.subspace-"):
             verb = "being extracted by"
-        return f"{verb} {_describe(holder)}, {purpose}"
+        return f"{verb} {describe_holder(holder)}, {purpose}"
 
     def _this_process(self, holder: dict, note: str = "") -> StoreLockedError:
         if self.name == LOCK_NAME:
@@ -316,7 +217,7 @@ class WriterLock:
             holders = _shared_holders(Path(self._local))
             if any(is_this_process(h) for h in holders):
                 return self._this_process(next(h for h in holders if is_this_process(h)))
-            named = "; ".join(f"{_describe(h)}, {h.get('purpose')}" for h in holders[:3]) or "running extractions"
+            named = "; ".join(f"{describe_holder(h)}, {h.get('purpose')}" for h in holders[:3]) or "running extractions"
             return StoreLockedError(f"{self._what} is in use by {named}; wait for the extractions to finish (gc, "
                                     "repair and re-creating the store need derived data to themselves)",
                                     holders[0] if holders else {})
@@ -342,11 +243,9 @@ class WriterLock:
             os.close(fd)
             raise self._locked(holder) from None
         previous = _read_json(os.pread(fd, 4096, 0))
-        if previous.get("pid") and not (
-            previous.get("pid") == os.getpid() and previous.get("host") == socket.gethostname()
-        ):
+        if previous.get("pid") and not is_this_process(previous):
             warnings.warn(
-                f"{self._what}: broke a stale lock left by {_describe(previous)}, which is no longer "
+                f"{self._what}: broke a stale lock left by {describe_holder(previous)}, which is no longer "
                 "running (it was killed or crashed); "
                 + ("resuming after its last committed snapshot" if self.name == LOCK_NAME else
                    "its finished blocks are kept and resumed"),
@@ -358,7 +257,7 @@ class WriterLock:
                 os.ftruncate(fd, 0)
         else:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(_holder(self.purpose)).encode(), 0)
+            os.pwrite(fd, json.dumps(new_holder(self.purpose)).encode(), 0)
             os.fsync(fd)
         self._fd = fd
 
@@ -375,15 +274,15 @@ class WriterLock:
         if self.break_lock:
             previous = self._read_holder(fs, lock_path)
             if previous is not None:
-                alive = _sees(previous, strict=True) and _pid_alive(_pid_of(previous), previous.get("start"))
-                warnings.warn(f"{self._what}: break_lock=True removed the lock of {_describe(previous)}"
+                alive = sees(previous, strict=True) and pid_alive(pid_of(previous), previous.get("start"))
+                warnings.warn(f"{self._what}: break_lock=True removed the lock of {describe_holder(previous)}"
                               f"{', which is still running' if alive else ''}", StaleLockWarning,
                               stacklevel=_user_stacklevel())
                 try:
                     fs.rm_file(lock_path)
                 except FileNotFoundError:
                     pass
-        holder = _holder(self.purpose)
+        holder = new_holder(self.purpose)
         body = json.dumps(holder).encode()
         for _ in range(3):
             try:
@@ -415,15 +314,15 @@ class WriterLock:
         racy = "" if atomic else " (this filesystem's lock is check-then-put, not atomic)"
         if is_this_process(holder):
             raise self._this_process(holder, racy)
-        if _gone(holder, strict=True):
+        if gone(holder, strict=True):
             raise StaleLockError(
-                f"{self._what} has a stale lock from {_describe(holder)}, which is no longer running (it was "
+                f"{self._what} has a stale lock from {describe_holder(holder)}, which is no longer running (it was "
                 f"killed or crashed; its lock object stays behind on the object store){racy}. Committed data "
                 f"is intact: to take the lock over, {self._how_to_break}",
                 holder,
             )
         raise StoreLockedError(
-            f"{self._what} is locked by {_describe(holder)}, {holder.get('purpose') or self.purpose}{racy}; one "
+            f"{self._what} is locked by {describe_holder(holder)}, {holder.get('purpose') or self.purpose}{racy}; one "
             f"{'writer' if self.name == LOCK_NAME else 'extraction'} at a time. If that process is gone, "
             f"{self._how_to_break}",
             holder,
