@@ -5,40 +5,38 @@ Commit protocol (design.md): every row of snapshot t is written first, then
 atomically). Readers see rows ``[0, committed)`` only; a writer reopening a store whose
 arrays run ahead of ``committed`` overwrites from ``committed``.
 
-This module opens and reads stores; _appending.py writes rows, _creating.py writes new stores.
+This module opens stores and reads their per-snapshot arrays; _reading.py reads snapshots, _appending.py
+writes rows, _creating.py writes new stores.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import zarr
 
 from . import devicecopy, distributed, optstate
 from ._appending import OPEN_WRITERS, Appending
+from ._reading import Reading
 from ._creating import BACKFILL, backfill, chunking, create_files
-from ._lazy import torch as _torch
 from ._values import metric_key
 from .codecs import CodecPreset
 from .columns import ColumnMap
 from .errors import CorruptMetadataError, CorruptSnapshotError, InvalidArgumentError, SnapshotIndexError
-from .format import (BUFFERS, DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, LOCK_NAME, METRICS, PARAMS,
+from .format import (DEFAULT_CHUNK, DEFAULT_SHARD, DERIVED_LOCK_NAME, EPOCH, LOCK_NAME, METRICS, PARAMS,
                      ROW_DTYPES, STEP, VALUES_ATTR, WALL_TIME, local_dir, normalize, open_root, zarr_store)
-from .layout import BF16, ParamLayout, raw_dtype, read_dtype, strip_prefixes
+from .layout import BF16, ParamLayout, raw_dtype, read_dtype
 from .lock import WriterLock
-from .fastread import open_fast, row_layout_problem
+from .fastread import row_layout_problem
 from .reader import RowReader, check_unchanged
 from .writer import BackgroundWriter
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["TrajectoryStore", "metric_key"]
 
 
-class TrajectoryStore(Appending):
+class TrajectoryStore(Appending, Reading):
     """A trajectory of parameter snapshots on disk. Create with :meth:`create`, open with :meth:`open`."""
 
     def __init__(self, path: str, group: zarr.Group, meta: dict, mode: str, lock: WriterLock | None,
@@ -356,113 +354,6 @@ class TrajectoryStore(Appending):
         token = f"{len(self)}-{len(self._meta.get('truncations', []))}-{self._meta.get('created')}"
         return RowReader(self.path, len(self), self.n_columns, self.values, self._meta["codec"],
                          self.storage_options, token, strict=bool(self._meta.get("all_chunks_written")))
-
-    def read(self, index: "int | slice | Sequence[int]") -> np.ndarray:
-        """Snapshot ``index`` as (n,), or several as (k, n), decoded to :attr:`dtype` (float32 for a
-        bfloat16 store: its values exactly)."""
-        self._check_readable()
-        t = len(self)
-        if isinstance(index, slice):
-            r0, r1, step = index.indices(t)
-            if r1 <= r0:
-                return np.empty((0, self.n_params), self.dtype)
-            if step < 0:
-                return self.read(list(range(r0, r1, step)))
-            return self.columns.to_global(self.reader().read_block(r0, r1)[::step])
-        if isinstance(index, (int, np.integer)):
-            i = self._check_index(int(index))
-            return self.columns.to_global(self.reader().read_block(i, i + 1)[0])
-        rows = [self._check_index(int(i)) for i in index]
-        reader = self.reader()
-        if not rows:
-            return np.empty((0, self.n_params), self.dtype)
-        return self.columns.to_global(np.stack([reader.read_block(i, i + 1)[0] for i in rows]))
-
-    def to_dask(self, row_block: int | None = None, col_block: int | None = None):
-        """The committed snapshots as a dask array (t, n_columns), decoded lazily block by block, in
-        stored column order (the parameter order unless the store was recorded sharded: :attr:`columns`)."""
-        import dask.array as da
-
-        t = len(self)
-        params = self._group[PARAMS]
-        col_block = col_block or int(params.shards[1] if params.shards else params.chunks[1])
-        if row_block is None:
-            row_block = max(1, min(t, (128 << 20) // (col_block * self.dtype.itemsize)))
-        k = self.codec.keyframe_interval
-        row_block = max(k, row_block - row_block % k)  # xor groups never straddle blocks
-        return da.from_array(self.reader(), chunks=(row_block, col_block), asarray=False, lock=False,
-                             fancy=False, meta=np.empty((0, 0), self.dtype), name=False)
-
-    def read_buffers(self, index: int) -> dict[str, torch.Tensor]:
-        """The buffers (BN running statistics) recorded with snapshot ``index``."""
-        if self.buffer_layout is None:
-            raise InvalidArgumentError(f"store {self.path} records no buffers (create it with buffers=True)")
-        i = self._check_index(index)
-        # zarr trusts the array's zarr.json: check it describes the layout trajstore writes first
-        open_fast(f"{self.path.rstrip('/')}/{BUFFERS}", self.storage_options, layout_required=True)
-        try:
-            row = self.array(BUFFERS)[i, :]
-        except (ValueError, RuntimeError, OSError, IndexError, ArithmeticError) as exc:  # checksum, decode
-            raise CorruptSnapshotError(f"the buffers of snapshot {i} in store {self.path} are damaged "
-                                       f"({type(exc).__name__}: {exc}); run `trajstore verify {self.path}`") from None
-        return self.buffer_layout.unflatten(row)
-
-    def state_dict(self, index: int) -> dict[str, torch.Tensor]:
-        """Snapshot ``index`` as a state_dict of tensors in their original shapes and dtypes.
-
-        A tied tensor appears under each of its names (``wte.weight`` and ``lm_head.weight``), as
-        one shared tensor, so a strict ``model.load_state_dict`` takes it.
-        """
-        sd = self.layout.with_aliases(self.layout.unflatten(self.read(index)))
-        if self.buffer_layout is not None:
-            sd.update(self.buffer_layout.with_aliases(self.read_buffers(index)))
-        return sd
-
-    def load_into(self, model: torch.nn.Module, index: int) -> torch.nn.Module:
-        """Copy snapshot ``index`` (and its buffers, if recorded) into ``model`` in place.
-
-        An FSDP2 model (``fully_shard``) gets this rank's rows of each tensor in its local shard (every rank
-        reads the snapshot; no collective): call it on every rank."""
-        distributed.reshard(model)  # an evaluation forward leaves FSDP2's root gathered: copies there are lost
-        self.layout.check_same(ParamLayout.from_module(model), "model")
-        sd = self.state_dict(index)
-        with _torch().no_grad():
-            named = dict(model.named_parameters())
-            named.update(dict(model.named_buffers()))
-            for key, tensor in named.items():
-                value = sd.get(strip_prefixes(key))
-                if value is not None:
-                    distributed.copy_into(tensor, value)
-        return model
-
-    # -- optimizer state ------------------------------------------------------------------
-    @property
-    def optimizer_state_keys(self) -> list[str]:
-        """The optimizer state keys recorded (``["exp_avg", "exp_avg_sq", "step"]``); [] when none."""
-        return list(optstate.keys(self))
-
-    def optimizer_state(self, index: int) -> dict[str, dict[str, object]]:
-        """The optimizer state recorded with snapshot ``index``: tensor name -> {key: tensor or number}
-        (the shape of ``torch.optim.Optimizer.state``, keyed by parameter name). Tensors without state at
-        that snapshot (before the first step) are left out."""
-        if not self._meta.get("optimizer_state"):
-            raise InvalidArgumentError(f"store {self.path} records no optimizer state (create it with "
-                                       "optimizer_state=True)")
-        self._check_readable()
-        return optstate.read_state(self, self._check_index(index))
-
-    def load_optimizer_state(self, optimizer: "torch.optim.Optimizer", model: "torch.nn.Module",
-                             index: int) -> "torch.optim.Optimizer":
-        """Resume from snapshot ``index``: give ``optimizer`` (built over ``model``'s parameters) the state
-        recorded with it, through ``optimizer.load_state_dict`` (moved to each parameter's device and
-        dtype). Its param_groups (lr, momentum, betas, ...) stay as constructed. Pair it with
-        :meth:`load_into` for the weights."""
-        if not self._meta.get("optimizer_state"):
-            raise InvalidArgumentError(f"store {self.path} records no optimizer state (create it with "
-                                       "optimizer_state=True)")
-        self._check_readable()
-        optstate.load_into(self, optimizer, model, self._check_index(index))  # reads (checked) before it loads
-        return optimizer
 
     # -- internals ----------------------------------------------------------------------
     def _check_readable(self) -> None:
