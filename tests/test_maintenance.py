@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from trajstore import TrajectoryStore
 from trajstore.errors import LocalPathRequiredError, StoreLockedError, SubspaceNotFoundError
+from trajstore.lock import StaleLockWarning
 from trajstore.inspect import verify
 from trajstore.maintenance import MARKER, gc, repair
 
@@ -518,3 +519,27 @@ def test_drop_bad_only_keeps_an_old_bf16_stores_dtype_and_format(tmp_path):
         for j, i in enumerate([0, 1, 3, 4]):
             np.testing.assert_array_equal(store.reader().read_block(j, j + 1)[0], rows[i])
     assert verify(path).ok
+
+
+def test_dry_runs_leave_a_killed_writers_lock_as_it_lies_and_refuse_a_live_writer(tmp_path):
+    """A dry run changes nothing: not even the lock file a killed writer left (the real run takes it over),
+    and it refuses, as the real run does, while a writer holds the lock."""
+    path = tmp_path / "run.zarr"
+    kill_before_commit(path, N, at=3)
+    lock = path / ".trajstore.lock"
+    before = lock.read_bytes()
+    assert json.loads(before)["pid"]  # the killed writer's record
+    result = CliRunner().invoke(app, ["repair", str(path), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "stale lock" in result.output and "left as it lies" in result.output and "broke" not in result.output
+    assert gc(path, dry_run=True).removed and repair(path, dry_run=True).ok
+    assert lock.read_bytes() == before, "a dry run rewrote or emptied the lock file"
+    assert (path / "params/c/3/0").exists()
+    with pytest.warns(StaleLockWarning, match="broke a stale lock"):  # the real opening takes it over
+        writer = TrajectoryStore.open(path, "a")  # a live writer (this process)
+    with writer:
+        for dry in (lambda: repair(path, dry_run=True), lambda: gc(path, dry_run=True)):
+            with pytest.raises(StoreLockedError, match="repair and gc need the store to themselves"):
+                dry()
+        writer.append(row(3, N), step=3, epoch=3, metrics={"i": 3.0})
+    assert repair(path).ok and len(TrajectoryStore.open(path)) == 4

@@ -16,8 +16,10 @@ import fsspec
 import numpy as np
 
 from . import optstate
-from .errors import CorruptSnapshotError, InvalidArgumentError
+from .errors import CorruptSnapshotError, InvalidArgumentError, StoreLockedError
 from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir
+from .holders import describe_holder, gone
+from .lock import recorded_writer
 from .store import TrajectoryStore
 
 READ_ERRORS = (CorruptSnapshotError, ValueError, RuntimeError, OSError, TypeError, KeyError)
@@ -49,6 +51,29 @@ def open_locked(path: str, storage_options: dict | None, break_lock: bool = Fals
         warnings.simplefilter("always")
         store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock, process_group=None)
     return store, [str(w.message) for w in caught]
+
+
+def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run: bool) -> tuple[Handle, list[str]]:
+    """:func:`open_locked`, or for a dry run the store read without its lock: a dry run writes nothing, not
+    even the lock's record, and never breaks or takes over a lock. It refuses, as the real run would, while
+    a writer holds the lock (the plan would be out of date at its next commit); a lock the real run would
+    break or take over is named in the notes and left as it lies."""
+    if not dry_run:
+        return open_locked(path, storage_options, break_lock)
+    notes, holder = [], recorded_writer(path, storage_options)
+    if holder is not None:
+        remote = local_dir(path) is None
+        who = f"{describe_holder(holder)}, {holder.get('purpose') or 'a writer'}"
+        if not gone(holder, strict=remote) and not (remote and break_lock):
+            how = ("if that process is gone, rerun with --break-lock" if remote
+                   else "wait for it to finish or stop it")
+            raise StoreLockedError(f"{path} is being written by {who}; repair and gc need the store to themselves, "
+                                   f"and a dry run's plan would be out of date at its next commit: {how}", holder)
+        stale = gone(holder, strict=remote)
+        notes.append(f"dry run: {'the stale lock left by' if stale else 'the lock held by'} {who} would be "
+                     f"{'broken' if remote else 'taken over'} by the real run"
+                     f"{' (with --break-lock)' if remote else ''}; it is left as it lies")
+    return Handle.open(path, "r", storage_options=storage_options), notes
 
 
 @contextlib.contextmanager

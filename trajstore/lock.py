@@ -1,4 +1,4 @@
-"""One writer per store: an advisory lock holding the holder's pid and host.
+"""One writer per store: an advisory lock holding its holder's record (pid, host, boot, pid namespace, start).
 
 Local stores (plain paths and ``file://`` URLs) use ``fcntl.flock``: the kernel drops the
 lock when its holder dies, so a lock file naming a dead pid is *stale*, reported with a
@@ -63,23 +63,25 @@ def writer_holder(root: str, storage_options: dict | None = None) -> dict | None
     without taking the lock, so it never gets in a writer's way. A holder recorded on this host (this boot,
     this pid namespace) that no longer runs holds nothing: a local lock file's, and an object store's lock
     object a killed writer left behind (it stays there until broken, but no writer is coming back to it). A
-    holder this process cannot check (:func:`holder_unverifiable`: another host or container, or an object
-    store's record from before the boot and namespace were written) counts as holding the lock, as does an
-    object store's lock object whose record cannot be read (then ``{}``)."""
+    holder this process cannot check (:func:`trajstore.holders.holder_unverifiable`: another host or
+    container, or an object store's record from before the boot and namespace were written) counts as
+    holding the lock, as does an object store's lock object whose record cannot be read (then ``{}``)."""
+    holder = recorded_writer(root, storage_options)
+    return None if holder is None or gone(holder, strict=local_dir(root) is None) else holder
+
+
+def recorded_writer(root: str, storage_options: dict | None = None) -> dict | None:
+    """The writer lock's record as it lies, live or stale (None: no lock, or a released one); read without
+    taking the lock. :func:`writer_holder` says whether its holder still holds it."""
     local = local_dir(root)
     if local is not None:
         try:
             holder = _read_json((Path(local) / LOCK_NAME).read_bytes())
         except FileNotFoundError:
             return None
-        if not holder:  # released: the file stays, emptied
-            return None
-    else:
-        fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
-        holder = WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
-        if holder is None:
-            return None
-    return None if gone(holder, strict=local is None) else holder
+        return holder or None  # released: the file stays, emptied
+    fs, path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+    return WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
 
 
 def _shared_holders(folder: Path) -> list[dict]:

@@ -29,7 +29,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ._scan import (TRASH, Files, Scan, derived_locked, digest, open_locked, row_arrays, scan, tree_bytes)
+from ._scan import (TRASH, Files, Scan, derived_locked, digest, open_for, open_locked, row_arrays, scan,
+                    tree_bytes)
 from .errors import LocalPathRequiredError, RepairError, StoreLockedError, SubspaceNotFoundError
 from .format import (BUFFERS, EPOCH, GRAM, LANDSCAPES, METRICS, NONFINITE, OPTIMIZER, PARAMS, REFERENCE, ROW_ARRAYS,
                      STEP, SUBSPACES, WALL_TIME, local_dir, normalize)
@@ -93,7 +94,7 @@ def repair(path: "str | os.PathLike", *, dry_run: bool = False, drop_bad_only: b
     subspaces and the Gram cache are not carried over). ``dry_run`` changes nothing. ``break_lock``
     takes over an object store's lock left by a killed writer."""
     path = normalize(path)
-    store, notes = open_locked(path, storage_options, break_lock)
+    store, notes = open_for(path, storage_options, break_lock, dry_run)
     report = RepairReport(path, "none", dry_run, notes=notes)
     try:
         report.leftovers = _repair_leftovers(path, remove=not dry_run)
@@ -336,7 +337,7 @@ def gc(path: "str | os.PathLike", *, subspace: str | None = None, incomplete: bo
     derived-data lock for ``gram/`` and ``subspaces/`` (skipped with a note when an extraction runs).
     Nothing under a committed row is ever removed."""
     path = normalize(path)
-    store, notes = open_locked(path, storage_options, break_lock)
+    store, notes = open_for(path, storage_options, break_lock, dry_run)
     report = GcReport(path, dry_run, notes=notes)
     try:
         files = Files(path, storage_options)
