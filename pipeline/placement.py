@@ -112,14 +112,16 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Run this thread's BLAS calls on one core: MKL's thread-local setting, restored after (other threads,
-    and torch's own intra-op setting, are untouched). Left to itself MKL splits a long gemv's sum (g̃ = Pᵀg)
-    over ``torch.get_num_threads()`` OpenMP threads where it judges that worth it, which depends on the CPU,
-    so the bits would change with the thread count (P c splits its rows, not its sums: unaffected)."""
+    """Run this thread's MKL calls on one core: MKL's thread-local setting, restored after (other threads,
+    and torch's own intra-op setting, are untouched). Left to itself MKL may split a long gemv's sum
+    (g̃ = Pᵀg) over several OpenMP threads where it judges that worth it, which depends on the CPU and on
+    the thread count MKL runs with, so the bits would change with that count (P c splits its rows, not its
+    sums: unaffected). A no-op where torch has no MKL (its other BLAS back ends were not measured)."""
     setter = _mkl_local_threads()
     if setter is None:
         yield
         return
+    torch.get_num_threads()  # torch sets MKL's local count on a thread's first parallel op: let it happen now
     previous = setter(1)
     try:
         yield
@@ -127,18 +129,35 @@ def one_blas_thread() -> Iterator[None]:
         setter(previous)
 
 
+_TORCH_CPU_LIBS = ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll")
+
+
 @functools.cache
 def _mkl_local_threads() -> "Callable[[int], int] | None":
     """MKL's ``mkl_set_num_threads_local`` (C interface) in the MKL torch links, or None (no MKL)."""
     if not torch.backends.mkl.is_available():
         return None
-    try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        setter = lib.MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
-        return None
-    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    setter = mkl_function("MKL_Set_Num_Threads_Local")
+    if setter is None:
+        warnings.warn("torch has MKL but trajstore found no mkl_set_num_threads_local in it: g̃ = Pᵀg may sum in an "
+                      "order that changes with torch's thread count (the same bits need the same "
+                      "torch.set_num_threads)", RuntimeWarning, stacklevel=3)
     return setter
+
+
+def mkl_function(name: str) -> "Callable[[int], int] | None":
+    """An ``int f(int)`` of MKL's C interface from the torch library that links it (or from the symbols this
+    process has loaded), or None."""
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for lib in [os.path.join(folder, each) for each in _TORCH_CPU_LIBS if os.path.exists(os.path.join(folder, each))
+                ] + [None]:
+        try:
+            function = getattr(ctypes.CDLL(lib), name)
+        except (OSError, AttributeError):
+            continue
+        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+        return function
+    return None
 
 
 def _pool() -> ThreadPoolExecutor:

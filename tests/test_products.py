@@ -29,15 +29,21 @@ def test_projection_of_a_large_tensor_is_accurate_to_float32_pieces():
     assert float((got - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_same_bits_resident_streamed_mapped_and_any_thread_count(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_bits_resident_streamed_mapped_and_any_thread_count(tmp_path, dtype):
+    """A 16-bit basis and gradients too: their upcasts run inside the products' one-core BLAS setting,
+    in pool threads whose first torch op that is (torch would re-apply its own MKL thread count there)."""
     n, d = 300_001, 5
     q, g = _problem(n, d, seed=1)
-    layout = ParamLayout([TensorSpec("a", (1000, 200), "float32"), TensorSpec("b", (n - 200_000,), "float32")])
+    q, g = q.to(dtype).float(), g.to(dtype)  # P representable in dtype: the float32 copies hold the same values
+    name = str(dtype).removeprefix("torch.")
+    layout = ParamLayout([TensorSpec("a", (1000, 200), name), TensorSpec("b", (n - 200_000,), name)])
     grads = [g[:200_000].reshape(1000, 200), g[200_000:]]
     np.save(tmp_path / "p.npy", q.numpy())
     mapped = np.load(tmp_path / "p.npy", mmap_mode="r")  # read-only: tiles made as they are read
-    bases = [Basis(q, layout, mode="resident", block_rows=65_536), Basis(q, layout, mode="streamed", block_rows=65_536),
-             Basis(mapped, layout, mode="streamed", block_rows=65_536)]
+    bases = [Basis(q, layout, mode="resident", block_rows=65_536, dtype=dtype),
+             Basis(q, layout, mode="streamed", block_rows=65_536, dtype=dtype),
+             Basis(mapped, layout, mode="streamed", block_rows=65_536, dtype=dtype)]
     assert bases[0]._tiles is not None
     c = torch.randn(d, dtype=torch.float64)
     threads = torch.get_num_threads()
@@ -46,7 +52,7 @@ def test_same_bits_resident_streamed_mapped_and_any_thread_count(tmp_path):
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             for basis in bases:
-                lifted = [torch.zeros(1000, 200), torch.zeros(n - 200_000)]
+                lifted = [torch.zeros(1000, 200, dtype=dtype), torch.zeros(n - 200_000, dtype=dtype)]
                 basis.add_lifted_(lifted, c, alpha=-0.5)
                 results.append((basis.project(grads), torch.cat([t.reshape(-1) for t in lifted])))
     finally:
@@ -56,7 +62,7 @@ def test_same_bits_resident_streamed_mapped_and_any_thread_count(tmp_path):
     ref = q.double().T @ g.double()
     assert float((results[0][0] - ref).norm() / ref.norm()) < 1e-5
     want = -0.5 * (q.double() @ c)
-    assert float((results[0][1].double() - want).norm() / want.norm()) < 1e-6
+    assert float((results[0][1].double() - want).norm() / want.norm()) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("n, cols", [(10, 4), (12, 4), (1, 1), (7, 100)])
@@ -281,3 +287,37 @@ def test_a_run_directory_is_named_with_its_store_and_bad_numbers_are_typed(tmp_p
         Basis(np.zeros((100, 2), np.float32), ParamLayout([TensorSpec("w", (100,), "float32")]), fraction=0)
     with pytest.raises(InvalidArgumentError, match="bandwidth"):
         plan("1M", 4, device="cpu", bandwidth="10")
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL: nothing to set")
+def test_one_blas_thread_holds_in_a_new_thread_whose_first_torch_op_runs_inside_it():
+    """torch sets MKL's thread-local count on a thread's first parallel op; inside the block that would undo
+    the one-core setting, and Pᵀg's sum would split again."""
+    import sys
+    import threading
+
+    from pipeline.placement import _mkl_local_threads, mkl_function, one_blas_thread
+
+    if sys.platform.startswith("linux"):
+        assert _mkl_local_threads() is not None, "no MKL_Set_Num_Threads_Local found in torch's MKL"
+    mkl_threads = mkl_function("MKL_Get_Max_Threads")
+    if _mkl_local_threads() is None or mkl_threads is None:
+        pytest.skip("this torch's MKL has no thread-local setting trajstore can reach")
+    mkl_threads.argtypes = []
+    seen = []
+
+    def fresh_thread():
+        with one_blas_thread():
+            torch.ones(1 << 20).to(torch.float64)  # this thread's first parallel op
+            seen.append(mkl_threads())
+        seen.append(mkl_threads())
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        worker = threading.Thread(target=fresh_thread)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2]
