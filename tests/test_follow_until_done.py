@@ -218,6 +218,9 @@ def test_a_holder_in_another_container_on_this_host_is_not_taken_for_dead(tmp_pa
     other = {**this, "pid": pid, "pidns": this["pidns"] + 1}
     assert "in another container or boot" in describe_holder(other)  # so `ps` not showing it misleads no one
     assert "another container" not in describe_holder(this)
+    assert "another container" not in describe_holder(old)  # no ids recorded: nothing says it is elsewhere
+    from trajstore.holders import pid_state
+    assert pid_state(2 ** 70) == "unknown"  # a garbled record's pid: neither alive nor dead to this process
 
 
 def test_a_zombie_holds_nothing_and_a_reused_pid_is_another_process():

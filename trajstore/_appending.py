@@ -59,8 +59,9 @@ def _matches(flatten: "Callable[[], np.ndarray]", stored: "Callable[[], np.ndarr
 
 
 class Appending(RowWriting):
-    """Mixin of TrajectoryStore: everything that writes rows. The store's reading side provides
-    ``_row_values``, ``reader``, ``read``, ``array``, ``metric_names`` and ``_check_index``."""
+    """Mixin of TrajectoryStore: everything that writes rows. It reads through ``read``
+    (:class:`trajstore._reading.Reading`) and the store's ``_row_values``, ``reader``, ``array``,
+    ``metric_names`` and ``_check_index`` (store.py)."""
 
     def holds(self, source: object, index: int) -> bool:
         """Whether snapshot ``index`` equals ``source``'s parameters bit for bit (NaN equal to NaN).

@@ -1,6 +1,6 @@
 """What the background writer thread runs for one snapshot: grow the per-snapshot arrays, write this
 process's columns of the row and its per-snapshot values, then commit (single process, or every rank of a
-sharded job, each phase ending in a collective). A mixin of :class:`trajstore._appending.Appending`."""
+sharded job, each phase ending in a collective). The base class of :class:`trajstore._appending.Appending`."""
 from __future__ import annotations
 
 import numpy as np

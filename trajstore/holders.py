@@ -106,8 +106,18 @@ def pid_state(pid: int, start: str | None = None) -> str:
         return "dead"
     except PermissionError:
         pass
-    stat = proc_stat(pid) if _proc_is_ours() else None
+    except OverflowError:  # no pid of this system: a garbled record, which this process cannot judge
+        return "unknown"
+    ours = _proc_is_ours()
+    stat = proc_stat(pid) if ours else None
     if stat is None:
+        if ours:  # it may have exited between the two looks
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return "dead"
+            except PermissionError:
+                pass
         return "unknown"
     state, now = stat
     if start is not None and now != start:
@@ -150,7 +160,8 @@ def pid_of(holder: dict) -> int:
 def describe_holder(holder: dict) -> str:
     """``"pid N on host H (since T)"`` for a lock holder's record, saying when H is this host's name but the
     pid is not in this process table (another container or boot: ``ps`` here will not show it)."""
-    where = ""
-    if holder.get("host") == socket.gethostname() and not sees(holder, strict=False):
+    where, here = "", machine_ids()
+    if holder.get("host") == socket.gethostname() and any(
+            key in holder and key in here and holder[key] != here[key] for key in ("boot", "pidns")):
         where = ", in another container or boot of this host name"
     return f"pid {holder.get('pid')} on host {holder.get('host')}{where} (since {holder.get('since')})"
