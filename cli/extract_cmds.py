@@ -73,7 +73,8 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
             basis_precision: BasisPrecision = typer.Option(
                 BasisPrecision.float64, "--basis-precision", help="float64: the basis product in float64 (exact); "
                 "float32: faster (~25% of the basis pass), principal angles ~1e-5 rad; the Gram stays float64"),
-            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing subspace NAME"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing subspace NAME (with --follow: "
+                                           "one extracted with other settings)"),
             break_lock: bool = typer.Option(False, "--break-lock", help="take over the lock of a dead extraction"),
             follow: bool = typer.Option(False, "--follow", help="keep extracting while RUN is being recorded"),
             every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
@@ -107,7 +108,7 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
     client = _connect(scheduler, target)  # before the store is touched
     try:
         if follow:
-            _follow(run, every, settings, client, poll, json, until_done, idle)
+            _follow(run, every, settings, client, poll, json, until_done, idle, overwrite)
             return
         with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
             try:
@@ -178,7 +179,7 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
         raise fail(f"cannot connect to the dask scheduler --scheduler {address!r}: {exc}", 2) from None
 
 
-def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0):
+def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0, overwrite=False):
     from pipeline.follow import follow as follow_run
     from trajstore.format import local_dir
 
@@ -209,7 +210,9 @@ def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,
                              on_gram=on_gram, on_subspace=on_subspace, until_done=until_done, idle=idle,
-                             on_stalled=on_stalled)
+                             on_stalled=on_stalled, overwrite=overwrite,
+                             on_waiting=lambda message: err.print(f"[yellow]note:[/] {escape(message)}",
+                                                                  highlight=False, soft_wrap=True))
     if until_done and not stop and not updates:
         raise fail("the recording ended before it held enough snapshots for the subspace (d + 1 sampled rows): "
                    "none was extracted", 1)

@@ -9,8 +9,8 @@ from trajstore import TrajectoryStore
 
 from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
-from trajstore.errors import InvalidArgumentError
-from trajstore.format import local_dir
+from trajstore.errors import InvalidArgumentError, NotAStoreError, SubspaceExistsError
+from trajstore.format import PARAMS, local_dir, normalize
 from trajstore.holders import holder_unverifiable
 from trajstore.lock import writer_holder
 
@@ -18,7 +18,7 @@ from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
 from .locking import extraction_access
 from .settings import ExtractionSettings
-from .subspace import Subspace, open_subspace
+from .subspace import SUBSPACES, Subspace, open_subspace
 
 
 def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, variance: float | None = None,
@@ -27,7 +27,8 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
            poll: float = 1.0, stop: StopFlag | None = None, max_updates: int | None = None,
            on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None,
            until_done: bool = False, idle: float = 30.0,
-           on_stalled: Callable[[dict, float], None] | None = None) -> int:
+           on_stalled: Callable[[dict, float], None] | None = None, overwrite: bool = False,
+           on_waiting: Callable[[str], None] | None = None) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
     Each refresh is an extraction with the same settings (keyword arguments or ``settings``) over the
@@ -48,6 +49,11 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     began)`` is called ``idle`` seconds after that, then after 2, 4, 8, ... times ``idle`` more (from
     ``idle`` again for a new holder). A live holder on this host is a writer between snapshots and is never
     reported.
+
+    A subspace ``name`` extracted with other settings is refused (:class:`SubspaceExistsError`) unless
+    ``overwrite``: each refresh replaces it. A store not created yet (no such path, an empty folder, or a
+    creation under way) is waited for, ``on_waiting(message)`` called once; with ``until_done`` for
+    ``idle`` seconds at most, then its :class:`NotAStoreError` is raised.
     """
     check_follow_args(every=every, poll=poll)
     check_positive("idle", idle)
@@ -62,7 +68,15 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
                                       smooth=smooth, window=window)
     settings = check_follow_settings(settings)
     stop = StopFlag() if stop is None else stop
-    store = TrajectoryStore.open(path, "r")
+    store = _open_when_created(path, poll, stop, idle if until_done else None, on_waiting)
+    if store is None:  # stopped while waiting
+        return 0
+    try:
+        if not overwrite:
+            _check_same_request(store, settings)
+    except BaseException:
+        store.close()
+        raise
     refreshed_at, updates = 0, 0
     last_t, last_activity = -1, time.monotonic()  # (until_done) when a writer or a new snapshot was last seen
     last_new = stalled_since = last_activity  # when a snapshot was last committed; the last stall report
@@ -114,6 +128,48 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
     finally:
         store.close()
     return updates
+
+
+def _open_when_created(path: "str | os.PathLike", poll: float, stop: StopFlag, patience: float | None,
+                       on_waiting: Callable[[str], None] | None) -> TrajectoryStore | None:
+    """The store at ``path`` read-only, once it exists; None if ``stop`` is set first. Waits only while the
+    path is missing, an empty folder or a store being created; gives up after ``patience`` seconds."""
+    began, told = time.monotonic(), False
+    while True:
+        try:
+            return TrajectoryStore.open(path, "r")
+        except NotAStoreError as exc:
+            local = local_dir(normalize(path))
+            coming = local is None or not local.exists() or (local.is_dir() and (
+                not any(local.iterdir()) or (local / PARAMS).exists()))
+            if not coming or (patience is not None and time.monotonic() - began >= patience):
+                raise
+            if on_waiting and not told:
+                on_waiting(f"{exc}; waiting for a writer to create it"
+                           + (f" (for {patience:g} s at most)" if patience is not None else ""))
+                told = True
+        deadline = time.monotonic() + poll
+        while time.monotonic() < deadline:
+            if stop:
+                return None
+            time.sleep(min(0.1, poll))
+
+
+def _check_same_request(store: TrajectoryStore, settings: ExtractionSettings) -> None:
+    """Refuse to follow into a subspace extracted with other settings (each refresh would replace it)."""
+    key = f"{SUBSPACES}/{settings.name}"
+    if key not in store.group:
+        return
+    found, wanted = store.group[key].attrs.asdict(), {**settings.requested(),
+                                                      "basis_precision": settings.basis_precision}
+    differ = {k: (found.get(k, "float64" if k == "basis_precision" else None), v) for k, v in wanted.items()
+              if found.get(k, "float64" if k == "basis_precision" else None) != v}
+    if differ:
+        said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())
+        raise SubspaceExistsError(
+            f"subspace {settings.name!r} in {store.path} was extracted with other settings: {said}. Following "
+            "refreshes it with these settings and would replace it: pass overwrite=True (--overwrite), or "
+            "follow into another name (--name)")
 
 
 def _enough(settings: ExtractionSettings, t: int) -> bool:

@@ -269,3 +269,48 @@ def test_the_cli_says_who_holds_the_lock_when_nothing_arrives(tmp_path, monkeypa
     note = next(line for line in r.output.splitlines() if line.startswith("note:"))  # one line, however long
     assert "but the writer lock is held by pid 4242 on host gpu-node-7.elsewhere" in note
     assert f"(`trajstore repair {shlex.quote(str(path))}`;" in note  # a local lock: repair takes it when gone
+
+
+def test_following_into_a_subspace_of_other_settings_needs_overwrite(tmp_path):
+    """Each refresh replaces the subspace: one extracted with other settings is refused, as a plain extract
+    refuses it, unless --overwrite (the trial: --follow replaced a d = 2 subspace with d = 3 silently)."""
+    from pipeline import extract_subspace
+    from trajstore.errors import SubspaceExistsError
+
+    path = tmp_path / "run.zarr"
+    write_store(path, trajectory(8, 400, rank=3))
+    extract_subspace(path, dim=2)
+    with pytest.raises(SubspaceExistsError, match=r"dim_requested 2 \(now 3\).*--overwrite"):
+        follow(path, every=2, dim=3, poll=0.1, until_done=True, idle=0.5)
+    assert open_subspace(path).dim == 2
+    r = CliRunner().invoke(app, ["extract", str(path), "--dim", "3", "--follow", "--until-done", "--idle", "0.5"])
+    assert r.exit_code == 2 and "other settings" in r.output and open_subspace(path).dim == 2, r.output
+    assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=0.5) == 1  # the same: refreshed
+    assert watched_follow(path, every=2, dim=3, poll=0.1, until_done=True, idle=0.5, overwrite=True) == 1
+    assert open_subspace(path).dim == 3
+
+
+def test_following_a_store_not_created_yet_waits_for_its_writer(tmp_path):
+    from trajstore.errors import NotAStoreError
+
+    path = tmp_path / "run.zarr"
+    waiting: list[str] = []
+    starter = threading.Timer(1.0, lambda: waiting.append(start_writer(path, 9)))
+    starter.start()
+    try:
+        updates = watched_follow(path, every=3, dim=2, poll=0.1, until_done=True, idle=5.0,
+                                 on_waiting=waiting.append)
+    finally:
+        starter.join()
+        writer = waiting[-1]
+        assert writer.wait(timeout=60) == 0
+    assert "the path does not exist; waiting for a writer" in waiting[0] and updates >= 1
+    assert len(open_subspace(path).snapshots) == 9
+    began = time.monotonic()
+    with pytest.raises(NotAStoreError, match="does not exist"):  # --until-done: waits --idle seconds at most
+        follow(tmp_path / "never.zarr", every=3, dim=2, poll=0.1, until_done=True, idle=0.5)
+    assert 0.5 <= time.monotonic() - began < 30
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a store")
+    with pytest.raises(NotAStoreError, match="not a trajstore store"):  # no store is coming there: at once
+        follow(tmp_path / "other", every=3, dim=2, poll=0.1)
