@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one call of at most ~7 minutes on an H100 (issue 10):
+# The checks that need a GPU, in one call of at most ~7 minutes (the timeouts below add up to 430 s; measured
+# on an H100 and an H200):
 #   1. the CUDA tests (pytest -m cuda): streamed basis == CPU result, snapshots of CUDA weights;
 #   2. bench_optim.py --device cuda: P-SGD resident and streamed against SGD at ~134M parameters;
 #   3. P-BFGS step time on the GPU (loss-only trials against backpropagating ones).
 #   4. bench_record_gpu.py: training-loop overhead of snapshots of CUDA weights, async vs sync copy.
 # Everything it prints goes to benchmarks/results/gpu/ (or $OUT/gpu when the device tool gives $OUT),
 # with a markdown summary. On a machine without CUDA it says so and exits 0.
+#
+# Setup. It needs torch with CUDA, and trajstore's other dependencies importable. On a machine that reaches a
+# package index, `pip install -e .` first. On one that does not (the lent GPU machines here: their image has
+# torch and nothing of ours), bring wheels along in .whl/ (gitignored); the script installs them to /tmp/site
+# when zarr, dask or numcodecs do not import. Build .whl/ elsewhere for the target's Python and platform, e.g.
+# for CPython 3.12 on x86-64 Linux (one version of each package; pure-Python ones come as py3-none-any):
+#   for pkg in zarr numcodecs donfig google-crc32c crc32c dask distributed partd locket tblib tornado zict mnist1d; do
+#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform manylinux1_x86_64 -d .whl "$pkg"
+#   done
+# and name it in the device tool's carry (carry=[".whl"], 64 MiB a call in all). Check the list against
+# `pip install --dry-run --report - .` on the target when its image changes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}/gpu"
@@ -19,15 +33,6 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
     echo "no CUDA device: nothing to check" | tee "$out/$stamp-skipped.txt"
     exit 0
 fi
-# The lent machine reaches no package index: the dependencies its image lacks travel as wheels in .whl/
-# (gitignored), installed to /tmp/site. Build .whl/ here for the device's Python 3.12 before the call, and
-# name it in the device tool's carry (carry=[".whl"], 64 MiB a call in all):
-#   for pkg in zarr numcodecs donfig google-crc32c crc32c dask distributed partd locket tblib tornado zict mnist1d; do
-#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       --platform manylinux1_x86_64 -d .whl "$pkg"
-#   done
-# (pure-Python packages come as py3-none-any wheels either way; one version of each, or the install stops).
 if ! python3 -c "import zarr, dask, distributed, numcodecs" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

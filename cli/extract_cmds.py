@@ -217,8 +217,9 @@ def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=
         raise fail("the recording ended before it held enough snapshots for the subspace (d + 1 sampled rows): "
                    "none was extracted", 1)
     if not json:
-        err.print(f"the recording has ended: {updates} refreshes, the last over every snapshot" if until_done and not stop
-                  else f"stopped after {updates} refreshes; the Gram cache is intact")
+        refreshes = f"{updates} refresh{'es' * (updates != 1)}"
+        err.print(f"the recording has ended: {refreshes}, the last over every snapshot" if until_done and not stop
+                  else f"stopped after {refreshes}; the Gram cache is intact")
 
 
 def spectrum(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),

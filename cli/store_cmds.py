@@ -51,7 +51,8 @@ def _info_table(data: dict) -> Table:
         ("temporary", human_bytes(derived["temporary"]) + (" (`trajstore gc` frees it)" if derived["temporary"]
                                                            else "")),
         ("total on disk", human_bytes(data["total_bytes"])),
-        ("codec", f"{data['codec']} ({'lossless' if data['lossless'] else 'lossy: ' + data['error_bound']})"),
+        ("codec", data["codec"] if data["lossless"] and "lossless" in data["codec"]
+         else f"{data['codec']} ({'lossless' if data['lossless'] else 'lossy: ' + data['error_bound']})"),
         ("chunk codecs", data.get("chunk_codecs", {}).get("params", "")),
         ("dtype", data["dtype"] + (f" (widened: {data['widened']})" if data.get("widened") else "")),
         ("optimizer state", (f"{human_bytes(data['optimizer_state']['bytes'])} of the stored bytes ("
