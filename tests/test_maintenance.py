@@ -539,7 +539,25 @@ def test_dry_runs_leave_a_killed_writers_lock_as_it_lies_and_refuse_a_live_write
         writer = TrajectoryStore.open(path, "a")  # a live writer (this process)
     with writer:
         for dry in (lambda: repair(path, dry_run=True), lambda: gc(path, dry_run=True)):
-            with pytest.raises(StoreLockedError, match="repair and gc need the store to themselves"):
+            with pytest.raises(StoreLockedError, match="repair and gc need the store to themselves: wait"):
                 dry()
         writer.append(row(3, N), step=3, epoch=3, metrics={"i": 3.0})
     assert repair(path).ok and len(TrajectoryStore.open(path)) == 4
+
+
+def test_repair_and_gc_refuse_a_live_writer_in_another_process_with_their_own_advice(tmp_path):
+    path = tmp_path / "run.zarr"
+    record(path, t=3)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom trajstore import TrajectoryStore\n"
+                               f"s = TrajectoryStore.open({str(path)!r}, 'a')\nprint('open', flush=True)\n"
+                               "time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for run in (lambda: repair(path), lambda: gc(path), lambda: repair(path, dry_run=True)):
+            with pytest.raises(StoreLockedError, match=f"pid {holder.pid} .*need the store to themselves") as caught:
+                run()
+            assert "mode='r'" not in str(caught.value)  # the Python API's advice is not for maintenance
+    finally:
+        holder.kill()
+        holder.wait()
+    assert repair(path).ok

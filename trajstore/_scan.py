@@ -19,11 +19,12 @@ from . import optstate
 from .errors import CorruptSnapshotError, InvalidArgumentError, StoreLockedError
 from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir
 from .holders import describe_holder, gone
-from .lock import recorded_writer
+from .lock import WRITER_ADVICE, recorded_writer
 from .store import TrajectoryStore
 
 READ_ERRORS = (CorruptSnapshotError, ValueError, RuntimeError, OSError, TypeError, KeyError)
 TRASH = ".trajstore-trash"  # a node is renamed here (atomically) before it is deleted
+MAINTENANCE_ADVICE = "repair and gc need the store to themselves: wait for that writer to finish, or stop it"
 BLOCK_BYTES = 64 << 20  # decoded bytes held at once while scanning (a keyframe group x a column range)
 
 
@@ -49,7 +50,13 @@ def open_locked(path: str, storage_options: dict | None, break_lock: bool = Fals
     """The store under its writer lock, and the lock warnings (a broken stale lock) as notes."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock, process_group=None)
+        try:
+            store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock, process_group=None)
+        except StoreLockedError as exc:  # the API's advice (mode='r') is not for these
+            message = str(exc)
+            if not message.endswith(WRITER_ADVICE):
+                raise
+            raise StoreLockedError(f"{message[:-len(WRITER_ADVICE)]}{MAINTENANCE_ADVICE}", exc.holder) from None
     return store, [str(w.message) for w in caught]
 
 
@@ -65,10 +72,9 @@ def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run:
         remote = local_dir(path) is None
         who = f"{describe_holder(holder)}, {holder.get('purpose') or 'a writer'}"
         if not gone(holder, strict=remote) and not (remote and break_lock):
-            how = ("if that process is gone, rerun with --break-lock" if remote
-                   else "wait for it to finish or stop it")
-            raise StoreLockedError(f"{path} is being written by {who}; repair and gc need the store to themselves, "
-                                   f"and a dry run's plan would be out of date at its next commit: {how}", holder)
+            how = "if that process is gone, rerun with --break-lock"
+            raise StoreLockedError(f"{path} is being written by {who}; {MAINTENANCE_ADVICE} (a dry run's plan would "
+                                   f"be out of date at its next commit){'; ' + how if remote else ''}", holder)
         stale = gone(holder, strict=remote)
         notes.append(f"dry run: {'the stale lock left by' if stale else 'the lock held by'} {who} would be "
                      f"{'broken' if remote else 'taken over'} by the real run"

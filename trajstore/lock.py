@@ -46,6 +46,9 @@ _DEFAULT_PURPOSE = {LOCK_NAME: "a writer (recording, import, repair or gc)",
                     DERIVED_LOCK_NAME: "exclusive access to derived data (gc, repair or store.derived())"}
 
 
+WRITER_ADVICE = "one writer at a time. Stop that process, or open the store with mode='r' to read it"
+
+
 def subspace_lock_name(name: str) -> str:
     """The lock file of the extraction into subspace ``name``: a digest (any name makes a file name) of
     the name case-folded, as a case-insensitive filesystem makes ``A`` and ``a`` one folder."""
@@ -226,7 +229,7 @@ class WriterLock:
         if is_this_process(holder):
             return self._this_process(holder)
         if self.name == LOCK_NAME:
-            advice = "one writer at a time. Stop that process, or open the store with mode='r' to read it"
+            advice = WRITER_ADVICE
         elif self.name.startswith(f"{DERIVED_LOCK_NAME}.subspace-"):
             advice = ("one extraction per subspace name: wait for it to finish, or extract into another --name "
                       "(extractions into different names run side by side)")
