@@ -249,9 +249,10 @@ class WriterLock:
             raise self._locked(holder) from None
         previous = _read_json(os.pread(fd, 4096, 0))
         if previous.get("pid") and not is_this_process(previous):
+            gone_how = ("which is no longer running (it was killed or crashed)" if sees(previous, strict=False) else
+                        "which no longer holds it (it ran on another host or container: killed, crashed or cut off)")
             warnings.warn(
-                f"{self._what}: broke a stale lock left by {describe_holder(previous)}, which is no longer "
-                "running (it was killed or crashed); "
+                f"{self._what}: broke a stale lock left by {describe_holder(previous)}, {gone_how}; "
                 + ("resuming after its last committed snapshot" if self.name == LOCK_NAME else
                    "its finished blocks are kept and resumed"),
                 StaleLockWarning,
