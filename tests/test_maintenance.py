@@ -561,3 +561,110 @@ def test_repair_and_gc_refuse_a_live_writer_in_another_process_with_their_own_ad
         holder.kill()
         holder.wait()
     assert repair(path).ok
+
+
+def test_dry_run_plans_what_the_real_run_does_for_a_metric_killed_before_its_backfill(tmp_path, monkeypatch):
+    """A metric created just before a kill has no chunk files for its rows before the first value (NaN by
+    design): the real run's writer opening backfills them, so the dry run must not plan to drop those rows."""
+    import trajstore._creating
+    from trajstore._creating import BACKFILL, create_row_array
+
+    monkeypatch.setattr(trajstore._creating, "ROW_CHUNK", 4)  # the backfill spans two chunk files
+    path = tmp_path / "run.zarr"
+    with TrajectoryStore.create(path, layout(N)) as store:
+        for i in range(6):
+            store.append(row(i, N), step=i, metrics={"loss": 1.0})
+    with TrajectoryStore.open(path, "a") as store:  # a writer killed after creating "acc", before backfilling
+        create_row_array(store.group["metrics"], "acc", 16, "float64", float("nan"), {BACKFILL: 6})
+    assert not (path / "metrics/acc/c/0").exists()
+    files = tree(path)
+    planned = repair(path, dry_run=True)
+    assert tree(path) == files, "a dry run must not change a byte"
+    done = repair(path)
+    assert (planned.action, planned.committed_after, planned.ok) == (done.action, done.committed_after, done.ok)
+    assert planned.ok and planned.committed_after == 6 and not planned.dropped
+    assert len(TrajectoryStore.open(path)) == 6 and verify(path).ok
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)  # a pid that no longer runs
+
+
+def test_a_dry_run_goes_by_the_flock_so_a_lock_nothing_holds_is_stale_wherever_its_record_is_from(tmp_path):
+    """Locally flock is the truth: a record from another container or host that no process holds is stale, and
+    the real run takes it over; the dry run must say so, not refuse (its record alone cannot be checked here).
+    A flock held by a live writer is refused whatever the record says."""
+    from trajstore.format import LOCK_NAME
+    from trajstore.holders import new_holder
+
+    path = tmp_path / "run.zarr"
+    record(path, t=3)
+    lock = path / LOCK_NAME
+    this = new_holder("a writer (recording, import, repair or gc)")
+    for fields in ({"pidns": 4026531836 if this.get("pidns") != 4026531836 else 1}, {"host": "elsewhere"}):
+        lock.write_text(json.dumps({**this, "pid": dead_pid(), **fields}))
+        before, files = lock.read_bytes(), tree(path)
+        report = repair(path, dry_run=True)
+        assert report.ok and any("stale lock" in n and "taken over" in n for n in report.notes), report.notes
+        assert gc(path, dry_run=True) is not None and lock.read_bytes() == before and tree(path) == files
+    done = repair(path)  # the real run takes it over
+    assert done.ok and any("broke a stale lock" in n for n in done.notes), done.notes
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(lock)!r}, os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True)\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:  # a live flock whose record is empty (a writer between taking the lock and writing its record)
+        assert holder.stdout.readline().strip() == "held"
+        lock.write_text("")
+        with pytest.raises(StoreLockedError, match="has not written its record yet"):
+            repair(path, dry_run=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert repair(path, dry_run=True).ok
+
+
+@pytest.mark.filterwarnings("ignore::trajstore.lock.NonAtomicLockWarning")
+def test_an_object_stores_stale_lock_refuses_repair_with_the_flag_to_break_it():
+    from trajstore.errors import StaleLockError
+    from trajstore.format import LOCK_NAME
+    from trajstore.holders import new_holder
+
+    url = f"memory://maint-{uuid.uuid4().hex}/run.zarr"
+    with TrajectoryStore.create(url, layout(5000), chunk_size=1024, shard_size=2048) as store:
+        store.append(row(0, 5000), step=0)
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{root}/{LOCK_NAME}", json.dumps({**new_holder("a writer"), "pid": dead_pid()}).encode())
+    for run in (lambda: repair(url), lambda: gc(url)):
+        with pytest.raises(StaleLockError, match="rerun with --break-lock") as caught:
+            run()
+        assert "TrajectoryStore.open" not in str(caught.value)
+    report = repair(url, dry_run=True)
+    assert report.ok and any("would be broken" in n and "--break-lock" in n for n in report.notes)
+    assert repair(url, break_lock=True).ok and not fs.exists(f"{root}/{LOCK_NAME}")
+
+
+def test_a_dry_run_refuses_its_plan_when_a_writer_commits_or_takes_the_lock_while_it_reads(tmp_path):
+    """A dry run reads without the lock; a writer that appended meanwhile (or holds the lock now) makes its plan
+    describe a store that is gone, so it is refused instead of reported."""
+    path = tmp_path / "run.zarr"
+    record(path, t=4)
+
+    def append_meanwhile(done: int, total: int) -> None:
+        with TrajectoryStore.open(path, "a") as writer:
+            writer.append(row(len(writer), N), step=100 + len(writer))
+
+    with pytest.raises(StoreLockedError, match=r"changed while the dry run read it \(appended to\).*rerun the dry"):
+        repair(path, dry_run=True, progress=append_meanwhile)
+    held = []
+
+    def take_the_lock(done: int, total: int) -> None:
+        if not held:
+            held.append(TrajectoryStore.open(path, "a"))
+
+    try:
+        with pytest.raises(StoreLockedError, match="a writer took the lock"):
+            repair(path, dry_run=True, progress=take_the_lock)
+    finally:
+        held[0].close()
+    assert repair(path, dry_run=True).ok and len(TrajectoryStore.open(path)) > 4  # those appends committed

@@ -16,10 +16,11 @@ import fsspec
 import numpy as np
 
 from . import optstate
+from ._creating import BACKFILL
 from .errors import CorruptSnapshotError, InvalidArgumentError, StoreLockedError
-from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir
+from .format import BUFFERS, METRICS, NONFINITE, PARAMS, REFERENCE, ROW_ARRAYS, STEP, local_dir, open_root
 from .holders import describe_holder, gone
-from .lock import WRITER_ADVICE, recorded_writer
+from .lock import BREAK_ADVICE, WRITER_ADVICE, local_lock_held, recorded_writer
 from .store import TrajectoryStore
 
 READ_ERRORS = (CorruptSnapshotError, ValueError, RuntimeError, OSError, TypeError, KeyError)
@@ -42,8 +43,13 @@ class Handle(TrajectoryStore):
     def _check_row_arrays(self) -> None:
         pass  # damage is what maintenance inspects
 
+    dry_run_lock: "dict | None" = None  # a dry run's: the writer lock's record when it opened the store
+
     def append(self, *args, **kwargs) -> int:
         raise InvalidArgumentError("a maintenance handle cannot append")
+
+
+BREAK_FLAG = "rerun with --break-lock (break_lock=True from Python)"
 
 
 def open_locked(path: str, storage_options: dict | None, break_lock: bool = False) -> tuple[Handle, list[str]]:
@@ -52,34 +58,64 @@ def open_locked(path: str, storage_options: dict | None, break_lock: bool = Fals
         warnings.simplefilter("always")
         try:
             store = Handle.open(path, "a", storage_options=storage_options, break_lock=break_lock, process_group=None)
-        except StoreLockedError as exc:  # the API's advice (mode='r') is not for these
+        except StoreLockedError as exc:  # the API's advice (mode='r', open(..., break_lock=True)) is not for these
             message = str(exc)
-            if not message.endswith(WRITER_ADVICE):
+            if message.endswith(WRITER_ADVICE):
+                message = f"{message[:-len(WRITER_ADVICE)]}{MAINTENANCE_ADVICE}"
+            elif message.endswith(BREAK_ADVICE):
+                message = f"{message[:-len(BREAK_ADVICE)]}{BREAK_FLAG}"
+            else:
                 raise
-            raise StoreLockedError(f"{message[:-len(WRITER_ADVICE)]}{MAINTENANCE_ADVICE}", exc.holder) from None
+            raise type(exc)(message, exc.holder) from None
     return store, [str(w.message) for w in caught]
 
 
 def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run: bool) -> tuple[Handle, list[str]]:
     """:func:`open_locked`, or for a dry run the store read without its lock: a dry run writes nothing, not
     even the lock's record, and never breaks or takes over a lock. It refuses, as the real run would, while
-    a writer holds the lock (the plan would be out of date at its next commit); a lock the real run would
-    break or take over is named in the notes and left as it lies."""
+    a writer holds the lock (the plan would be out of date at its next commit): locally whoever holds the
+    flock, whatever the record says; on an object store a record whose holder may still run. A lock the real
+    run would break or take over is named in the notes and left as it lies."""
     if not dry_run:
         return open_locked(path, storage_options, break_lock)
     notes, holder = [], recorded_writer(path, storage_options)
+    remote = local_dir(path) is None
+    live = (holder is not None and not gone(holder, strict=True)) if remote else local_lock_held(path)
+    who = (f"{describe_holder(holder)}, {holder.get('purpose') or 'a writer'}" if holder
+           else "a writer that has not written its record yet")
+    if live and not (remote and break_lock):
+        gone_advice = f"; if that process is gone, {BREAK_FLAG}" if remote else ""
+        raise StoreLockedError(f"{path} is being written by {who}; {MAINTENANCE_ADVICE} (a dry run's plan would "
+                               f"be out of date at its next commit){gone_advice}", holder or {})
     if holder is not None:
-        remote = local_dir(path) is None
-        who = f"{describe_holder(holder)}, {holder.get('purpose') or 'a writer'}"
-        if not gone(holder, strict=remote) and not (remote and break_lock):
-            how = "if that process is gone, rerun with --break-lock"
-            raise StoreLockedError(f"{path} is being written by {who}; {MAINTENANCE_ADVICE} (a dry run's plan would "
-                                   f"be out of date at its next commit){'; ' + how if remote else ''}", holder)
-        stale = gone(holder, strict=remote)
-        notes.append(f"dry run: {'the stale lock left by' if stale else 'the lock held by'} {who} would be "
+        notes.append(f"dry run: {'the lock held by' if live else 'the stale lock left by'} {who} would be "
                      f"{'broken' if remote else 'taken over'} by the real run"
                      f"{' (with --break-lock)' if remote else ''}; it is left as it lies")
-    return Handle.open(path, "r", storage_options=storage_options), notes
+    store = Handle.open(path, "r", storage_options=storage_options)
+    store.dry_run_lock = holder
+    return store, notes
+
+
+def check_dry_run_current(store: Handle, storage_options: dict | None) -> None:
+    """Refuse a dry run's plan (StoreLockedError) if, while it read the store without its lock, a writer took
+    the lock or the store was appended to, truncated or re-created: the plan describes a store that is gone."""
+    path, then = store.path, store._meta
+    holder = recorded_writer(path, storage_options)
+    remote = local_dir(path) is None
+    live = (holder is not None and not gone(holder, strict=True)) if remote else local_lock_held(path)
+    try:
+        now = open_root(path, "r", storage_options)[1]
+    except READ_ERRORS as exc:
+        now = {"unreadable": str(exc)}
+    changed = [what for what, key in (("appended to", "committed"), ("re-created", "created"))
+               if now.get(key) != then.get(key)]
+    changed += ["truncated"] * (len(now.get("truncations", [])) != len(then.get("truncations", [])))
+    took = live and (not remote or (holder or {}).get("token") != (store.dry_run_lock or {}).get("token"))
+    if changed or took:
+        who = f" (the writer lock is held by {describe_holder(holder)})" if took and holder else ""
+        raise StoreLockedError(
+            f"{path} changed while the dry run read it ({', '.join(changed) or 'a writer took the lock'}){who}: "
+            f"its plan is out of date. {MAINTENANCE_ADVICE}, then rerun the dry run", holder or {})
 
 
 @contextlib.contextmanager
@@ -186,10 +222,13 @@ def scan(store: TrajectoryStore, files: Files, progress: Callable[[int, int], No
         n = min(t, rows_of[name])
         size = g[name].chunks[0] if n else 1
         present = set(files.sizes(f"{name}/c")) if n and every_chunk else set()
+        # a metric created just before a kill: its rows before the marker are NaN by design, their chunk files
+        # not written yet (a writer's opening backfills them; a dry run, which opens read-only, must agree)
+        backfill_to = int(g[name].attrs.get(BACKFILL, 0)) if n and name.startswith(METRICS) else 0
         for c0 in range(0, n, size):
             c1 = min(n, c0 + size)
             try:
-                if every_chunk and f"{name}/c/{c0 // size}" not in present:
+                if every_chunk and f"{name}/c/{c0 // size}" not in present and c1 > backfill_to:
                     raise FileNotFoundError(f"its chunk file {name}/c/{c0 // size} is missing")
                 values = g[name][c0:c1]
             except READ_ERRORS as exc:
@@ -207,9 +246,9 @@ def scan(store: TrajectoryStore, files: Files, progress: Callable[[int, int], No
         present, arr = set(files.sizes(f"{name}/c")), g[name]
         per_row = -(-arr.shape[1] // (arr.shards or arr.chunks)[1])
         for i in range(rows):
-            gone = [f"{name}/c/{i}/{j}" for j in range(per_row) if f"{name}/c/{i}/{j}" not in present]
-            for k in (range(t) if gone and name == REFERENCE else [i] if gone else []):
-                found.flag(k, f"{name} shard files missing: {', '.join(gone)}")
+            missing = [f"{name}/c/{i}/{j}" for j in range(per_row) if f"{name}/c/{i}/{j}" not in present]
+            for k in (range(t) if missing and name == REFERENCE else [i] if missing else []):
+                found.flag(k, f"{name} shard files missing: {', '.join(missing)}")
     for i in range(min(t, rows_of.get(BUFFERS, 0))):
         try:
             g[BUFFERS][i, :]

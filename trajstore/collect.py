@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._scan import TRASH, Files, derived_locked, open_for, row_arrays, tree_bytes
+from ._scan import TRASH, Files, check_dry_run_current, derived_locked, open_for, row_arrays, tree_bytes
 from .errors import RepairError, StoreLockedError, SubspaceNotFoundError
 from .format import BUFFERS, GRAM, LANDSCAPES, OPTIMIZER, PARAMS, REFERENCE, SUBSPACES, local_dir, normalize
 from . import optstate
@@ -120,6 +120,7 @@ def gc(path: "str | os.PathLike", *, subspace: str | None = None, incomplete: bo
         if dry_run:
             report.notes.append("dry run: nothing was removed (derived data listed without its lock)")
             _gc_derived(store, g, files, sizes, report, subspace, incomplete)
+            check_dry_run_current(store, storage_options)
             return report
         try:
             with derived_locked(store, report.notes) as root:

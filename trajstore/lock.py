@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 import unicodedata
 import warnings
 from pathlib import Path
@@ -41,6 +42,9 @@ from .format import DERIVED_LOCK_NAME, LOCK_NAME, local_dir
 from .holders import describe_holder, gone, is_this_process, new_holder, pid_alive, pid_of, sees
 
 _ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a"}
+PROBE_RETRY_S = 0.1  # how long a local lock's taker retries before calling it held (see local_lock_held)
+BREAK_ADVICE = ("open it with break_lock=True (TrajectoryStore.open(path, 'a', break_lock=True) or "
+                "open_for_recording(path, model, break_lock=True))")  # the writer lock's, in the Python API
 GRAM_LOCK_NAME = f"{DERIVED_LOCK_NAME}.gram"  # the Gram pass (gram/) of the extractions sharing the derived lock
 _DEFAULT_PURPOSE = {LOCK_NAME: "a writer (recording, import, repair or gc)",
                     DERIVED_LOCK_NAME: "exclusive access to derived data (gc, repair or store.derived())"}
@@ -87,6 +91,24 @@ def recorded_writer(root: str, storage_options: dict | None = None) -> dict | No
     return WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
 
 
+def local_lock_held(root: str, name: str = LOCK_NAME) -> bool:
+    """Whether a process holds the local store's lock ``name`` now, whatever its record says: flock is the
+    truth for local stores (a record from another host, container or boot that nothing holds is stale, and a
+    writer's opening takes it over). Probed by taking the lock shared and releasing it at once, so it never
+    waits; a writer opening in that instant retries for ``PROBE_RETRY_S`` (:meth:`WriterLock._acquire_local`)."""
+    try:
+        fd = os.open(Path(local_dir(root)) / name, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases the probe's lock
+    return False
+
+
 def _shared_holders(folder: Path) -> list[dict]:
     """Live holders named in the per-subspace and Gram lock files under ``folder`` (local stores)."""
     holders: dict[tuple, dict] = {}  # one per process: its subspace lock's record before its Gram lock's
@@ -101,7 +123,7 @@ def _shared_holders(folder: Path) -> list[dict]:
     return list(holders.values())
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the user's line: the first caller outside trajstore,
     pipeline and cli (the depth of the call inside them varies)."""
     import sys
@@ -196,8 +218,7 @@ class WriterLock:
     def _how_to_break(self) -> str:
         if self.name != LOCK_NAME:
             return "rerun the extraction with break_lock=True (`trajstore extract --break-lock`)"
-        return ("open it with break_lock=True (TrajectoryStore.open(path, 'a', break_lock=True) or "
-                "open_for_recording(path, model, break_lock=True))")
+        return BREAK_ADVICE
 
     def _held_by(self, holder: dict) -> str:
         """"<verb> pid N on host H (since T), <purpose>" for a holder's record (old ones have no purpose)."""
@@ -241,22 +262,28 @@ class WriterLock:
     def _acquire_local(self) -> None:
         path = Path(self._local) / self.name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_json(os.pread(fd, 4096, 0))
-            os.close(fd)
-            raise self._locked(holder) from None
+        deadline = time.monotonic() + PROBE_RETRY_S  # a local_lock_held() probe holds it for an instant
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                holder = _read_json(os.pread(fd, 4096, 0))
+                os.close(fd)
+                raise self._locked(holder) from None
         previous = _read_json(os.pread(fd, 4096, 0))
         if previous.get("pid") and not is_this_process(previous):
             gone_how = ("which is no longer running (it was killed or crashed)" if sees(previous, strict=False) else
-                        "which no longer holds it (it ran on another host or container: killed, crashed or cut off)")
+                        "which no longer holds it (it ran on another host, container or boot: killed, crashed or cut off)")
             warnings.warn(
                 f"{self._what}: broke a stale lock left by {describe_holder(previous)}, {gone_how}; "
-                + ("resuming after its last committed snapshot" if self.name == LOCK_NAME else
+                + ("every snapshot it committed is kept" if self.name == LOCK_NAME else
                    "its finished blocks are kept and resumed"),
                 StaleLockWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
         if self.shared:  # any record here is a killed exclusive holder's: shared holders write none
             if previous:
@@ -276,14 +303,14 @@ class WriterLock:
             warnings.warn(
                 f"{self._what}: the {type(fs).__name__} filesystem has no atomic conditional create (S3 needs "
                 "botocore >= 1.35.20), so its lock is check-then-put: two writers starting at the same instant "
-                "could both take it. Start one writer per store", NonAtomicLockWarning, stacklevel=_user_stacklevel())
+                "could both take it. Start one writer per store", NonAtomicLockWarning, stacklevel=user_stacklevel())
         if self.break_lock:
             previous = self._read_holder(fs, lock_path)
             if previous is not None:
                 alive = sees(previous, strict=True) and pid_alive(pid_of(previous), previous.get("start"))
                 warnings.warn(f"{self._what}: break_lock=True removed the lock of {describe_holder(previous)}"
                               f"{', which is still running' if alive else ''}", StaleLockWarning,
-                              stacklevel=_user_stacklevel())
+                              stacklevel=user_stacklevel())
                 try:
                     fs.rm_file(lock_path)
                 except FileNotFoundError:

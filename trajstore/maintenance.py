@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ._scan import Files, Scan, derived_locked, digest, open_for, open_locked, row_arrays, scan
+from ._scan import (Files, Scan, check_dry_run_current, derived_locked, digest, open_for, open_locked, row_arrays,
+                    scan)
 from .collect import MARKER, OLD_SUFFIX, TMP_SUFFIX, GcItem, GcReport, gc, repair_leftovers
 from .errors import LocalPathRequiredError, RepairError
 from .format import (BUFFERS, EPOCH, GRAM, METRICS, NONFINITE, PARAMS, ROW_ARRAYS,
@@ -85,6 +86,8 @@ def repair(path: "str | os.PathLike", *, dry_run: bool = False, drop_bad_only: b
     try:
         report.leftovers = repair_leftovers(path, remove=not dry_run)
         found = scan(store, Files(path, storage_options), progress)
+        if dry_run:
+            check_dry_run_current(store, storage_options)
         t, k = found.committed, found.first_bad
         report.committed_before, report.committed_after, report.store_problems = t, t, found.store_problems
         if k == t:
