@@ -85,6 +85,9 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
                 "Ctrl-C / SIGTERM"),
             idle: float = typer.Option(30.0, "--idle", help="with --until-done: seconds without a writer or a new "
                                        "snapshot that end the recording (longer than any pause of the writer)"),
+            wait: Optional[float] = typer.Option(
+                None, "--wait", help="with --follow: seconds to wait for a writer to create RUN (default: with "
+                "--until-done the longer of --idle and 60 s; without it, until Ctrl-C)"),
             json: bool = typer.Option(False, "--json", help="machine-readable summary on stdout")) -> None:
     """Extract the DLDR subspace of RUN out of core (exact Gram or randomized), into RUN/subspaces/NAME."""
     from pipeline import extract_subspace
@@ -100,15 +103,16 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
         if follow:
             check_follow_args(every=every, poll=poll)
             check_follow_settings(settings)
-        elif until_done:
-            raise InvalidArgumentError("--until-done goes with --follow (it says when following ends)")
-        if idle <= 0:
-            raise InvalidArgumentError(f"idle (--idle) must be a positive number of seconds, got {idle}")
+        elif until_done or wait is not None:
+            raise InvalidArgumentError(f"{'--until-done' if until_done else '--wait'} goes with --follow")
+        if idle <= 0 or (wait is not None and wait <= 0):
+            which, value = ("idle", idle) if idle <= 0 else ("wait", wait)
+            raise InvalidArgumentError(f"{which} (--{which}) must be a positive number of seconds, got {value}")
         target = check_scheduler(scheduler) if scheduler is not None else None
     client = _connect(scheduler, target)  # before the store is touched
     try:
         if follow:
-            _follow(run, every, settings, client, poll, json, until_done, idle, overwrite)
+            _follow(run, every, settings, client, poll, json, until_done, idle, overwrite, wait)
             return
         with errors_to_exit(), stop_on_signals() as stop, progress_bar("extracting", quiet=json) as update:
             try:
@@ -179,7 +183,7 @@ def _connect(address: str | None, target: "tuple[str, str, int] | None"):
         raise fail(f"cannot connect to the dask scheduler --scheduler {address!r}: {exc}", 2) from None
 
 
-def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0, overwrite=False):
+def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=30.0, overwrite=False, wait=None):
     from pipeline.follow import follow as follow_run
     from trajstore.format import local_dir
 
@@ -210,7 +214,7 @@ def _follow(run, every, settings, scheduler, poll, json, until_done=False, idle=
     with errors_to_exit(), stop_on_signals() as stop:
         updates = follow_run(run, every=every, settings=settings, scheduler=scheduler, poll=poll, stop=stop,
                              on_gram=on_gram, on_subspace=on_subspace, until_done=until_done, idle=idle,
-                             on_stalled=on_stalled, overwrite=overwrite,
+                             on_stalled=on_stalled, overwrite=overwrite, wait=wait,
                              on_waiting=lambda message: err.print(f"[yellow]note:[/] {escape(message)}",
                                                                   highlight=False, soft_wrap=True))
     if until_done and not stop and not updates:

@@ -34,7 +34,8 @@ from .locking import extraction_access
 from .readback import ReadBackDigest
 from .sampling import Sampling
 from .settings import (STAGING, ExtractionSettings, check_dim_fits, check_dim_variance,  # noqa: F401 (re-exported)
-                       parse_snapshots, resolve_snapshots, selection_json)
+                       describe_differences, parse_snapshots, request_differences, resolve_snapshots,
+                       selection_json)
 from .subspace import SUBSPACES, Subspace, open_subspace
 from .subspace_write import create_subspace_group, digest_of, discard, promote_subspace, staging_name  # noqa: F401
 from .subspace_write import ORTHONORMALISE, begin_orthonormalising, needs_orthonormalising, orthonormaliser
@@ -224,10 +225,10 @@ def _resume_or_discard(store: TrajectoryStore, subspaces: zarr.Group, settings: 
                        overwrite: bool, log) -> tuple[list[int], dict]:
     """What to do with an existing subspace of this name: refuse, discard it, or resume it (the rows and
     attributes to go on with). Only an unfinished extraction of the same request is resumed."""
-    name, requested = settings.name, settings.requested()
+    name = settings.name
     found = subspaces[name].attrs.asdict()
-    same = all(found.get(k) == v for k, v in requested.items()) \
-        and found.get("basis_precision", "float64") == settings.basis_precision  # never mix two in one P
+    differ = request_differences(found, settings)
+    same = not differ  # never mix two requests (or two precisions) in one P
     if found.get("complete") and not overwrite:
         raise SubspaceExistsError(
             f"subspace {name!r} already exists in {store.path}; pass overwrite=True (--overwrite) "
@@ -250,11 +251,11 @@ def _resume_or_discard(store: TrajectoryStore, subspaces: zarr.Group, settings: 
         discard(store, subspaces, name)
         if log:
             log(f"discarded the unfinished randomized passes of another request under {name!r} "
-                f"({', '.join(f'{k}={found.get(k)!r}' for k in requested)}); extracting afresh")
+                f"({describe_differences(differ)}); extracting afresh")
     else:
         raise SubspaceExistsError(
             f"an unfinished extraction {name!r} with other settings is in {store.path} "
-            f"({', '.join(f'{k}={found.get(k)!r}' for k in requested)}); pass overwrite=True "
+            f"({describe_differences(differ)}); pass overwrite=True "
             "(--overwrite) to discard it, or rerun it with its own settings to finish it")
     return attrs["snapshots"], attrs
 

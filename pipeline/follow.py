@@ -9,16 +9,20 @@ from trajstore import TrajectoryStore
 
 from .checks import check_int, check_positive
 from .compute import Interrupted, StopFlag
+from trajstore._creating import may_be_created
 from trajstore.errors import InvalidArgumentError, NotAStoreError, SubspaceExistsError
-from trajstore.format import PARAMS, local_dir, normalize
+from trajstore.format import local_dir, normalize
 from trajstore.holders import holder_unverifiable
 from trajstore.lock import writer_holder
 
 from .dldr import extract_subspace, promote_subspace, staging_name
 from .gram import update_gram
 from .locking import extraction_access
-from .settings import ExtractionSettings
+from .settings import ExtractionSettings, describe_differences, request_differences
 from .subspace import SUBSPACES, Subspace, open_subspace
+
+
+MIN_CREATE_WAIT = 60.0  # seconds that follow(until_done=True) waits at least for a store to be created
 
 
 def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, variance: float | None = None,
@@ -28,7 +32,7 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
            on_gram: Callable[[int], None] | None = None, on_subspace: Callable[[Subspace], None] | None = None,
            until_done: bool = False, idle: float = 30.0,
            on_stalled: Callable[[dict, float], None] | None = None, overwrite: bool = False,
-           on_waiting: Callable[[str], None] | None = None) -> int:
+           on_waiting: Callable[[str], None] | None = None, wait: float | None = None) -> int:
     """Poll the store's committed count; update the Gram as rows arrive, re-extract every ``every`` rows.
 
     Each refresh is an extraction with the same settings (keyword arguments or ``settings``) over the
@@ -52,8 +56,9 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
 
     A subspace ``name`` extracted with other settings is refused (:class:`SubspaceExistsError`) unless
     ``overwrite``: each refresh replaces it. A store not created yet (no such path, an empty folder, or a
-    creation under way) is waited for, ``on_waiting(message)`` called once; with ``until_done`` for
-    ``idle`` seconds at most, then its :class:`NotAStoreError` is raised.
+    creation under way) is waited for, ``on_waiting(message)`` called once: for ``wait`` seconds at most,
+    then its :class:`NotAStoreError` is raised saying so (default: with ``until_done`` max(``idle``, 60 s),
+    since a training script takes a while to build its model and create the store; else until ``stop``).
     """
     check_follow_args(every=every, poll=poll)
     check_positive("idle", idle)
@@ -68,7 +73,10 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
                                       smooth=smooth, window=window)
     settings = check_follow_settings(settings)
     stop = StopFlag() if stop is None else stop
-    store = _open_when_created(path, poll, stop, idle if until_done else None, on_waiting)
+    if wait is not None:
+        check_positive("wait", wait)
+    patience = wait if wait is not None else max(idle, MIN_CREATE_WAIT) if until_done else None
+    store = _open_when_created(path, poll, stop, patience, on_waiting)
     if store is None:  # stopped while waiting
         return 0
     try:
@@ -105,6 +113,8 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
                 if stats.new_rows and on_gram:
                     on_gram(t)
             if _enough(settings, t) and (t - refreshed_at >= every or (done and t > refreshed_at)):
+                if updates or not overwrite:  # another extraction into this name meanwhile is not replaced
+                    _check_same_request(store, settings)
                 # local stores: the next version is written under a staging name and then replaces the old one
                 # whole, so readers never see it unfinished and a kill leaves the old one (object stores: in place)
                 staged = local_dir(store.path) is not None
@@ -133,17 +143,18 @@ def follow(path: "str | os.PathLike", *, every: int, dim: int | None = None, var
 def _open_when_created(path: "str | os.PathLike", poll: float, stop: StopFlag, patience: float | None,
                        on_waiting: Callable[[str], None] | None) -> TrajectoryStore | None:
     """The store at ``path`` read-only, once it exists; None if ``stop`` is set first. Waits only while the
-    path is missing, an empty folder or a store being created; gives up after ``patience`` seconds."""
+    path holds nothing, or only what a creator writes (:func:`may_be_created`; local folders and object-store
+    prefixes alike); gives up after ``patience`` seconds, saying so."""
     began, told = time.monotonic(), False
     while True:
         try:
             return TrajectoryStore.open(path, "r")
         except NotAStoreError as exc:
-            local = local_dir(normalize(path))
-            coming = local is None or not local.exists() or (local.is_dir() and (
-                not any(local.iterdir()) or (local / PARAMS).exists()))
-            if not coming or (patience is not None and time.monotonic() - began >= patience):
+            if not may_be_created(normalize(path)):
                 raise
+            if patience is not None and time.monotonic() - began >= patience:
+                raise NotAStoreError(f"{exc}; no writer created it within {patience:g} s (--wait): check the "
+                                     "path, or wait longer (--wait SECONDS)") from None
             if on_waiting and not told:
                 on_waiting(f"{exc}; waiting for a writer to create it"
                            + (f" (for {patience:g} s at most)" if patience is not None else ""))
@@ -160,12 +171,9 @@ def _check_same_request(store: TrajectoryStore, settings: ExtractionSettings) ->
     key = f"{SUBSPACES}/{settings.name}"
     if key not in store.group:
         return
-    found, wanted = store.group[key].attrs.asdict(), {**settings.requested(),
-                                                      "basis_precision": settings.basis_precision}
-    differ = {k: (found.get(k, "float64" if k == "basis_precision" else None), v) for k, v in wanted.items()
-              if found.get(k, "float64" if k == "basis_precision" else None) != v}
+    differ = request_differences(store.group[key].attrs.asdict(), settings)
     if differ:
-        said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())
+        said = describe_differences(differ)
         raise SubspaceExistsError(
             f"subspace {settings.name!r} in {store.path} was extracted with other settings: {said}. Following "
             "refreshes it with these settings and would replace it: pass overwrite=True (--overwrite), or "

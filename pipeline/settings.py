@@ -97,6 +97,35 @@ def selection_json(snapshots: "slice | Sequence[int] | None") -> object:
     return [int(i) for i in snapshots]
 
 
+def _canonical_selection(selection: object) -> object:
+    """A recorded selection (:func:`selection_json`) by what it selects: ``2:`` is ``2::1``, ``0:`` is all."""
+    if isinstance(selection, dict) and isinstance(selection.get("slice"), list) and len(selection["slice"]) == 3:
+        start, stop, step = selection["slice"]
+        start, step = 0 if start is None else start, 1 if step is None else step
+        return None if (start, stop, step) == (0, None, 1) else ("slice", start, stop, step)
+    return selection
+
+
+def request_differences(found: dict, settings: "ExtractionSettings") -> dict[str, tuple[object, object]]:
+    """Where the attributes ``found`` of a recorded subspace differ from the request ``settings``: name ->
+    (recorded, requested). Snapshot selections compare by what they select; a subspace recorded before
+    ``basis_precision`` existed holds a float64 product."""
+    wanted = {**settings.requested(), "basis_precision": settings.basis_precision}
+    differ = {}
+    for key, value in wanted.items():
+        old = found.get(key, "float64" if key == "basis_precision" else None)
+        same = (_canonical_selection(old) == _canonical_selection(value) if key == "snapshots_requested"
+                else old == value)
+        if not same:
+            differ[key] = (old, value)
+    return differ
+
+
+def describe_differences(differ: dict[str, tuple[object, object]]) -> str:
+    """``"dim_requested 5 (now 8), ..."`` for :func:`request_differences`."""
+    return ", ".join(f"{key} {old!r} (now {new!r})" for key, (old, new) in differ.items())
+
+
 def resolve_snapshots(snapshots: "slice | Sequence[int] | None", t: int) -> list[int]:
     """Committed snapshot indices for a slice / list; refuses anything beyond ``committed``."""
     if snapshots is None:

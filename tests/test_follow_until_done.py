@@ -288,6 +288,14 @@ def test_following_into_a_subspace_of_other_settings_needs_overwrite(tmp_path):
     assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=0.5) == 1  # the same: refreshed
     assert watched_follow(path, every=2, dim=3, poll=0.1, until_done=True, idle=0.5, overwrite=True) == 1
     assert open_subspace(path).dim == 3
+    # selections compare by what they select: 2: is 2::1, and 0: is all of them
+    extract_subspace(path, dim=2, name="burn", snapshots=slice(2, None))
+    extract_subspace(path, dim=2, name="all", snapshots=slice(0, None))
+    assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=0.5, name="burn",
+                          snapshots=slice(2, None, 1)) == 1
+    assert watched_follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=0.5, name="all") == 1
+    with pytest.raises(SubspaceExistsError, match=r"snapshots_requested .*'slice': \[2, None, 1\].*\(now"):
+        follow(path, every=2, dim=2, poll=0.1, until_done=True, idle=0.5, name="burn", snapshots=slice(3, None))
 
 
 def test_following_a_store_not_created_yet_waits_for_its_writer(tmp_path):
@@ -295,22 +303,90 @@ def test_following_a_store_not_created_yet_waits_for_its_writer(tmp_path):
 
     path = tmp_path / "run.zarr"
     waiting: list[str] = []
-    starter = threading.Timer(1.0, lambda: waiting.append(start_writer(path, 9)))
+    writers: list[subprocess.Popen] = []
+    starter = threading.Timer(1.0, lambda: writers.append(start_writer(path, 9)))
     starter.start()
     try:
         updates = watched_follow(path, every=3, dim=2, poll=0.1, until_done=True, idle=5.0,
                                  on_waiting=waiting.append)
     finally:
         starter.join()
-        writer = waiting[-1]
-        assert writer.wait(timeout=60) == 0
+        assert writers and writers[0].wait(timeout=60) == 0
     assert "the path does not exist; waiting for a writer" in waiting[0] and updates >= 1
     assert len(open_subspace(path).snapshots) == 9
     began = time.monotonic()
-    with pytest.raises(NotAStoreError, match="does not exist"):  # --until-done: waits --idle seconds at most
-        follow(tmp_path / "never.zarr", every=3, dim=2, poll=0.1, until_done=True, idle=0.5)
-    assert 0.5 <= time.monotonic() - began < 30
+    with pytest.raises(NotAStoreError, match="does not exist"):  # --wait seconds at most
+        follow(tmp_path / "never.zarr", every=3, dim=2, poll=0.1, until_done=True, idle=0.5, wait=1.0)
+    assert 1.0 <= time.monotonic() - began < 30
+    r = CliRunner().invoke(app, ["extract", str(tmp_path / "never.zarr"), "--dim", "2", "--follow", "--until-done",
+                                 "--idle", "0.2", "--wait", "0.5"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "no writer created it within 0.5 s (--wait)" in text, text
+    r = CliRunner().invoke(app, ["extract", str(path), "--dim", "2", "--wait", "5"])
+    assert r.exit_code == 2 and "--wait goes with --follow" in " ".join(r.output.split())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("not a store")
     with pytest.raises(NotAStoreError, match="not a trajstore store"):  # no store is coming there: at once
         follow(tmp_path / "other", every=3, dim=2, poll=0.1)
+
+
+def test_a_store_in_its_creation_window_is_waited_for_and_giving_up_says_how_long_and_what_to_do(tmp_path):
+    """A creator takes the lock, then writes zarr.json and the arrays, and the trajstore attributes last: a
+    follower that looks in between waits (before: it gave up on a folder holding only the lock file). Giving
+    up says after how long and which option waits longer; a folder of other files is refused at once."""
+    import zarr
+
+    from trajstore.errors import NotAStoreError
+    from trajstore.format import LOCK_NAME
+
+    path = tmp_path / "run.zarr"
+    path.mkdir()
+    (path / LOCK_NAME).write_text("")  # the creator's lock, taken before anything else is written
+    notes: list[str] = []
+    creator = threading.Timer(1.5, lambda: (zarr.open_group(str(path), mode="a"),  # a bare zarr.json first
+                                            time.sleep(1.0), write_store(path, trajectory(7, 400, rank=2))))
+    creator.start()
+    try:
+        assert watched_follow(path, every=3, dim=2, poll=0.1, until_done=True, idle=4.0, on_waiting=notes.append) >= 1
+    finally:
+        creator.join()
+    assert len(notes) == 1 and "waiting for a writer to create it" in notes[0]
+    assert len(open_subspace(path).snapshots) == 7
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    (empty / LOCK_NAME).write_text("")
+    with pytest.raises(NotAStoreError, match=r"no writer created it within 0.5 s \(--wait\).*--wait SECONDS"):
+        follow(empty, every=3, dim=2, poll=0.1, until_done=True, idle=0.5, wait=0.5)
+    other = f"memory://follow-{time.monotonic_ns()}/run.zarr"
+    import fsspec
+
+    fsspec.filesystem("memory").pipe_file(other.removeprefix("memory:/") + "/notes.txt", b"not a store")
+    began = time.monotonic()
+    with pytest.raises(NotAStoreError):  # an object-store prefix holding other files: no store is coming
+        follow(other, every=3, dim=2, poll=0.1)
+    assert time.monotonic() - began < 5
+
+
+def test_a_subspace_of_other_settings_written_while_following_is_not_replaced(tmp_path):
+    """Another extraction into the followed name between two refreshes (other settings) is refused at the next
+    refresh, not replaced silently; with --overwrite only the subspace found at the start is replaced."""
+    from pipeline import extract_subspace
+    from trajstore.errors import SubspaceExistsError
+
+    path = tmp_path / "run.zarr"
+    x = trajectory(12, 400, rank=3)
+    writer = write_store(path, x[:6], close=False)
+
+    def meanwhile(sub) -> None:  # after the first refresh: someone extracts dim 3 into it, the recording goes on
+        extract_subspace(path, dim=3, overwrite=True)
+        for i in range(6, 12):
+            writer.append(x[i], step=10 * i)
+        writer.flush()
+
+    for overwrite in (False, True):
+        with pytest.raises(SubspaceExistsError, match=r"dim_requested 3 \(now 2\)"):
+            watched_follow(path, every=2, dim=2, poll=0.1, on_subspace=meanwhile, overwrite=overwrite)
+        assert open_subspace(path).dim == 3
+        writer.close()
+        writer = write_store(path, x[:6], close=False)
+    writer.close()

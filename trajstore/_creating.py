@@ -64,7 +64,7 @@ def create_files(path: str, source: object, *, codec: "str | CodecPreset", metad
     lock = WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
     try:  # the existence check runs under the lock: two creators never clear each other's store
         holds_data = _holds_data(path, storage_options)
-        if holds_data and not overwrite and _interrupted_create(path):
+        if holds_data and _interrupted_create(path):  # with or without overwrite: it holds nothing to keep
             holds_data = False  # a create killed before its attributes were written: nothing committed
             with WriterLock(path, DERIVED_LOCK_NAME, storage_options=storage_options).acquire().held():
                 clear_except_lock(path, storage_options)
@@ -149,12 +149,37 @@ def _holds_data(path: str, storage_options: dict | None) -> bool:
     return any(not str(entry).rstrip("/").endswith(LOCK_NAME) for entry in entries)
 
 
+CREATED_NAMES = frozenset({"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS, METRICS, OPTIMIZER, LOCK_NAME,
+                           DERIVED_LOCK_NAME})  # every top-level entry TrajectoryStore.create writes
+
+
+def may_be_created(path: str, storage_options: dict | None = None) -> bool:
+    """Whether ``path`` (a local folder or an object-store prefix) holds nothing yet, or only entries that
+    :meth:`TrajectoryStore.create` writes: where a store that does not open yet may be on its way (a creator
+    takes the lock, then writes zarr.json and the arrays, and the trajstore attributes last)."""
+    local = local_dir(path)
+    if local is not None:
+        if not local.exists():
+            return True
+        if not local.is_dir():
+            return False
+        names = [entry.name for entry in local.iterdir()]
+    else:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        try:
+            names = [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return True
+    return all(name in CREATED_NAMES or name.startswith(DERIVED_LOCK_NAME) for name in names)
+
+
 def _interrupted_create(path: str) -> bool:
     """Whether the local folder ``path`` holds only what :meth:`TrajectoryStore.create` writes, without
     the trajstore attributes it writes last: a create that was killed, holding no snapshot."""
     local = local_dir(path)
-    ours = {"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS, METRICS, OPTIMIZER, LOCK_NAME, DERIVED_LOCK_NAME}
-    if local is None or not all(entry.name in ours for entry in local.iterdir()):
+    if local is None or not all(entry.name in CREATED_NAMES for entry in local.iterdir()):
         return False
     try:
         open_root(path, "r")
