@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from trajstore.errors import InvalidArgumentError
+from trajstore.lock import user_stacklevel
 
 from .tiles import tile_count
 
@@ -69,7 +70,7 @@ def product_threads() -> int:
     if value not in _warned:
         _warned.add(value)
         warnings.warn(f"TRAJSTORE_PRODUCT_THREADS={value!r} is not a positive integer: using torch.get_num_threads()",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=user_stacklevel())
     return torch.get_num_threads()
 
 
@@ -141,7 +142,7 @@ def _mkl_local_threads() -> "Callable[[int], int] | None":
     if setter is None:
         warnings.warn("torch has MKL but trajstore found no mkl_set_num_threads_local in it: g̃ = Pᵀg may sum in an "
                       "order that changes with torch's thread count (the same bits need the same "
-                      "torch.set_num_threads)", RuntimeWarning, stacklevel=3)
+                      "torch.set_num_threads)", RuntimeWarning, stacklevel=user_stacklevel())
     return setter
 
 
@@ -153,7 +154,7 @@ def mkl_function(name: str) -> "Callable[[int], int] | None":
                 ] + [None]:
         try:
             function = getattr(ctypes.CDLL(lib), name)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) where that is not supported (Windows)
             continue
         function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
         return function

@@ -18,15 +18,20 @@ class SubspaceCheck:
     """What verifying one subspace found. ``ok``: its basis read back whole and finite, and equal to its recorded
     digest when it has one (``digest`` False: extracted before digests, so finiteness is all that was checked);
     ``problem``: what is wrong (damaged files, with the command that extracts it again; a digest from a newer
-    version; an unfinished extraction); ``note``: neither (replaced while it was read: verify again)."""
+    version; an unfinished extraction); ``note``: neither (replaced while it was read: verify again).
+    ``snapshots``: how many snapshots it was extracted from, and ``newer``: how many the store committed after
+    the last of them (a subspace extracted before the recording went on does not span the rest)."""
 
     ok: bool
     digest: bool
     problem: str | None = None
     note: str | None = None
+    snapshots: int | None = None
+    newer: int = 0
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "digest": self.digest, "problem": self.problem, "note": self.note}
+        return {"ok": self.ok, "digest": self.digest, "problem": self.problem, "note": self.note,
+                "snapshots": self.snapshots, "newer_snapshots": self.newer}
 
 
 def verify_subspaces(path: "str | os.PathLike", storage_options: dict | None = None) -> dict[str, SubspaceCheck]:
@@ -42,7 +47,8 @@ def _check(store: TrajectoryStore, name: str) -> SubspaceCheck:
         sub = open_subspace(store, name)
         has_digest = sub.digest is not None
         sub.read(sink=lambda r0, rows: None)
-        return SubspaceCheck(True, has_digest)
+        used = list(sub.snapshots)
+        return SubspaceCheck(True, has_digest, snapshots=len(used), newer=len(store) - 1 - max(used) if used else 0)
     except SubspaceChangedError:
         return SubspaceCheck(False, has_digest, note="replaced while it was read (an extraction is writing it): run "
                              "verify again once it is done")

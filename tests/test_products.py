@@ -255,8 +255,9 @@ def test_a_bad_product_thread_setting_warns_and_is_not_used(monkeypatch):
 
     monkeypatch.setenv("TRAJSTORE_PRODUCT_THREADS", "abc")
     monkeypatch.setattr(placement, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="TRAJSTORE_PRODUCT_THREADS"):
+    with pytest.warns(RuntimeWarning, match="TRAJSTORE_PRODUCT_THREADS") as caught:
         assert placement.product_threads() == torch.get_num_threads()
+    assert caught[0].filename == __file__  # pointed at the user's line, not at trajstore's
     monkeypatch.setenv("TRAJSTORE_PRODUCT_THREADS", "1")
     assert placement.product_threads() == 1
 

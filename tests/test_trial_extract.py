@@ -188,3 +188,30 @@ def test_a_loader_whose_sampler_has_its_own_generator_checkpoints_that_one():
     shuffled = Recipe(torch.nn.Linear(1, 1), DataLoader(data, shuffle=True), None, None)
     with pytest.raises(InvalidArgumentError, match="global random generator"):
         with_generator(shuffled, "r", seed=0)
+
+
+def test_verify_notes_a_subspace_that_does_not_span_the_snapshots_committed_after_it(tmp_path):
+    """The trial: a subspace extracted before the recording went on was reported plainly "ok"."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from pipeline import extract_subspace
+
+    from .synthetic import trajectory, write_store
+
+    path = tmp_path / "run.zarr"
+    x = trajectory(9, 400, rank=3)
+    store = write_store(path, x[:6], close=False)
+    extract_subspace(path, dim=2)
+    assert "more since" not in " ".join(CliRunner().invoke(app, ["verify", str(path)]).output.split())
+    for i in range(6, 9):
+        store.append(x[i], step=10 * i)
+    store.close()
+    r = CliRunner().invoke(app, ["verify", str(path)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "subspace default was extracted from 6 snapshots; the store has committed 3 more" \
+        in text, text
+    report = json.loads(CliRunner().invoke(app, ["verify", str(path), "--json"]).stdout)
+    assert report["subspaces"]["default"]["newer_snapshots"] == 3 and report["subspaces"]["default"]["snapshots"] == 6
