@@ -37,13 +37,13 @@ def repair(run: str = typer.Argument(..., metavar="RUN", help="store path or URL
 
 def _print_repair(report: maintenance.RepairReport) -> None:
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False)
+        err.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False, soft_wrap=True)
     for item in report.leftovers:
         verb = "found" if report.dry_run else "removed"
         err.print(f"[yellow]{verb} leftover[/] {escape(str(item.path))} ({human_bytes(item.bytes)}): "
                   f"{escape(str(item.reason))}", highlight=False)
     for problem in report.store_problems:
-        err.print(f"[red]store:[/] {escape(problem)}", highlight=False)
+        err.print(f"[red]store:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if report.action == "none":
         err.print(f"[green]ok[/]: {report.committed_before} snapshots, all consistent; nothing to repair")
         return
@@ -85,7 +85,7 @@ def gc(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
         print_json(report.to_json())
         return
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False)
+        err.print(f"[yellow]note:[/] {escape(str(note))}", highlight=False, soft_wrap=True)
     if report.removed:
         table = Table(title="would remove" if dry_run else "removed", title_justify="left")
         for col in ("path", "size", "why"):
@@ -94,7 +94,7 @@ def gc(run: str = typer.Argument(..., metavar="RUN", help="store path or URL"),
             table.add_row(escape(str(item.path)), human_bytes(item.bytes), escape(str(item.reason)))
         err.print(table)
     for kept in report.kept:
-        err.print(f"[cyan]kept:[/] {escape(str(kept))}", highlight=False)
+        err.print(f"[cyan]kept:[/] {escape(str(kept))}", highlight=False, soft_wrap=True)
     freed = human_bytes(report.bytes_freed)
     err.print(f"[bold]dry run[/]: would free {freed}" if dry_run else f"[green]freed[/] {freed}", highlight=False)
 

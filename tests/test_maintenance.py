@@ -668,3 +668,19 @@ def test_a_dry_run_refuses_its_plan_when_a_writer_commits_or_takes_the_lock_whil
     finally:
         held[0].close()
     assert repair(path, dry_run=True).ok and len(TrajectoryStore.open(path)) > 4  # those appends committed
+
+
+def test_a_writer_refused_by_a_running_repair_is_told_it_is_a_repair(tmp_path):
+    """The trial: the holder was always "a writer (recording, import, repair or gc)"."""
+    from trajstore._scan import open_locked
+
+    path = tmp_path / "run.zarr"
+    record(path, t=2)
+    store, _ = open_locked(str(path), None)
+    try:
+        with pytest.raises(StoreLockedError, match=r"trajstore repair or gc \(maintenance\)"):
+            TrajectoryStore.open(path, "a")
+    finally:
+        store.close()
+    with TrajectoryStore.open(path, "a"):
+        assert "recording" in json.loads((path / ".trajstore.lock").read_text())["purpose"]

@@ -43,6 +43,7 @@ class Handle(TrajectoryStore):
     def _check_row_arrays(self) -> None:
         pass  # damage is what maintenance inspects
 
+    LOCK_PURPOSE = "trajstore repair or gc (maintenance)"  # what its lock record says holds the store
     dry_run_lock: "dict | None" = None  # a dry run's: the writer lock's record when it opened the store
 
     def append(self, *args, **kwargs) -> int:

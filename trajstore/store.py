@@ -39,6 +39,8 @@ __all__ = ["TrajectoryStore", "metric_key"]
 class TrajectoryStore(Appending, Reading):
     """A trajectory of parameter snapshots on disk. Create with :meth:`create`, open with :meth:`open`."""
 
+    LOCK_PURPOSE: "str | None" = None  # what the writer lock's record names as its holder (None: the usual one)
+
     def __init__(self, path: str, group: zarr.Group, meta: dict, mode: str, lock: WriterLock | None,
                  storage_options: dict | None, queue_depth: int = 2, durable: bool = False,
                  context: "distributed.RankContext | None" = None):
@@ -219,8 +221,8 @@ class TrajectoryStore(Appending, Reading):
                      durable: bool, context: "Callable[[dict], distributed.RankContext] | None"
                      ) -> "TrajectoryStore":
         group, meta = open_root(path, mode, storage_options)
-        lock = (WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options).acquire()
-                if mode == "a" else None)
+        lock = (WriterLock(path, LOCK_NAME, break_lock=break_lock, storage_options=storage_options,
+                           purpose=cls.LOCK_PURPOSE).acquire() if mode == "a" else None)
         try:
             if lock is not None:  # re-read under the lock: the previous writer may have committed since
                 group, meta = open_root(path, mode, storage_options)
