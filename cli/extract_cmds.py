@@ -77,14 +77,16 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
                                            "one extracted with other settings)"),
             break_lock: bool = typer.Option(False, "--break-lock", help="take over the lock of a dead extraction"),
             follow: bool = typer.Option(False, "--follow", help="keep extracting while RUN is being recorded"),
-            every: int = typer.Option(10, "--every", help="with --follow: refresh the subspace every K snapshots"),
+            every: Optional[int] = typer.Option(None, "--every", help="with --follow: refresh the subspace once K "
+                                                "new snapshots are in (default 10)"),
             poll: float = typer.Option(1.0, "--poll", help="with --follow: seconds between checks"),
             until_done: bool = typer.Option(
                 False, "--until-done", help="with --follow: stop once the recording has ended (no writer and no new "
                 "snapshot for --idle seconds), after a last refresh over every snapshot; without it, follow until "
                 "Ctrl-C / SIGTERM"),
-            idle: float = typer.Option(30.0, "--idle", help="with --until-done: seconds without a writer or a new "
-                                       "snapshot that end the recording (longer than any pause of the writer)"),
+            idle: Optional[float] = typer.Option(None, "--idle", help="with --until-done: seconds without a writer "
+                                                 "or a new snapshot that end the recording (longer than any pause of "
+                                                 "the writer; default 30)"),
             wait: Optional[float] = typer.Option(
                 None, "--wait", help="with --follow: seconds to wait for a writer to create RUN (default: with "
                 "--until-done the longer of --idle and 60 s; without it, until Ctrl-C)"),
@@ -100,11 +102,15 @@ def extract(run: str = typer.Argument(..., metavar="RUN", help="store path or UR
         settings = ExtractionSettings(dim=dim, variance=variance, snapshots=parse_snapshots(snapshots), name=name,
                                       method=method.value, block_size=block_size, smooth=smooth,
                                       window=window, basis_precision=basis_precision.value).validate()
+        loose = [flag for flag, given in (("--until-done", until_done), ("--wait", wait is not None),
+                                          ("--every", every is not None)) if given and not follow]
+        if loose or (idle is not None and not until_done):
+            raise InvalidArgumentError(f"{loose[0]} goes with --follow" if loose else
+                                       "--idle goes with --until-done (it says when the recording has ended)")
+        every, idle = 10 if every is None else every, 30.0 if idle is None else idle
         if follow:
             check_follow_args(every=every, poll=poll)
             check_follow_settings(settings)
-        elif until_done or wait is not None:
-            raise InvalidArgumentError(f"{'--until-done' if until_done else '--wait'} goes with --follow")
         if idle <= 0 or (wait is not None and wait <= 0):
             which, value = ("idle", idle) if idle <= 0 else ("wait", wait)
             raise InvalidArgumentError(f"{which} (--{which}) must be a positive number of seconds, got {value}")

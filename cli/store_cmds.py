@@ -94,20 +94,16 @@ def verify(run: str = typer.Argument(..., metavar="RUN", help="store path or URL
         if report.ok:
             out.print(f"[green]ok[/]: {report.snapshots} snapshots verified")
         for name, check in subspaces.items():
-            if check.ok and check.newer:
-                out.print(f"[yellow]note:[/] subspace {escape(name)} was extracted from {check.snapshots} snapshots; "
-                          f"the store has committed {check.newer} more since (rerun `trajstore extract` with "
-                          "--overwrite to include them)", highlight=False, soft_wrap=True)
+            if check.note is not None:
+                out.print(f"[yellow]note:[/] subspace {escape(name)} {escape(check.note)}", highlight=False,
+                          soft_wrap=True)
             if check.ok and check.digest:
                 out.print(f"[green]ok[/]: subspace {escape(name)} (its basis matches the digest its extraction recorded)",
                           highlight=False)
             elif check.ok:
                 out.print(f"[green]ok[/]: subspace {escape(name)} [yellow](no digest recorded: extracted before "
                           "digests, so only read whole and found finite)[/]", highlight=False)
-            elif check.note is not None:
-                out.print(f"[yellow]note:[/] subspace {escape(name)} {escape(check.note)}", highlight=False,
-                          soft_wrap=True)
-            else:
+            elif check.problem is not None:
                 out.print(f"[red]subspace {escape(name)}:[/] {escape(check.problem)}", highlight=False, soft_wrap=True)
     if not report.ok:
         bad = ", ".join(str(i) for i in sorted(report.problems))

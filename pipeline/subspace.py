@@ -196,8 +196,7 @@ class Subspace:
             self.check_unchanged()  # denied read or an object store's throttling is no damage, raised as it is)
             raise CorruptSnapshotError(
                 f"the basis of subspace {self.name!r} in {self.path} does not decode in rows {r0}..{r1 - 1} ({exc}): "
-                f"its files are damaged. Extract it again: `trajstore extract {self.path} --dim {self.dim} --name "
-                f"{self.name} --overwrite`") from None
+                f"its files are damaged. Extract it again: `{self.extract_command()}`") from None
 
     @property
     def columns(self) -> ColumnMap:
@@ -254,8 +253,7 @@ class Subspace:
         if not finite:
             raise CorruptSnapshotError(
                 f"the basis of subspace {self.name!r} in {self.path} holds NaN or Inf in the rows read: its files "
-                f"are damaged. Extract it again: `trajstore extract {self.path} --dim {self.dim} --name {self.name} "
-                "--overwrite`")
+                f"are damaged. Extract it again: `{self.extract_command()}`")
         return out
 
     def current_attrs(self) -> dict | None:
@@ -291,7 +289,31 @@ class Subspace:
                 else "holds NaN or Inf")
         raise CorruptSnapshotError(
             f"the basis of subspace {self.name!r} in {self.path} {what}: its files are damaged. Extract it again: "
-            f"`trajstore extract {self.path} --dim {self.dim} --name {self.name} --overwrite`")
+            f"`{self.extract_command()}`")
+
+    def extract_command(self) -> str:
+        """The ``trajstore extract ... --overwrite`` command that extracts this subspace again with the settings
+        it was extracted with (dimension or variance, snapshot selection, sampling, method), over the snapshots
+        the store holds by then."""
+        import shlex
+
+        attrs = self.attrs
+        args = ["trajstore", "extract", self.path]
+        if attrs.get("variance_requested") is not None:
+            args += ["--variance", f"{attrs['variance_requested']:g}"]
+        else:
+            args += ["--dim", str(attrs.get("dim_requested") or self.dim)]
+        chosen = attrs.get("snapshots_requested")
+        if isinstance(chosen, dict) and chosen.get("slice"):
+            args += ["--snapshots", ":".join("" if v is None else str(v) for v in chosen["slice"]).rstrip(":")]
+        elif isinstance(chosen, list):
+            args += ["--snapshots", ",".join(str(i) for i in chosen)]
+        sampling = attrs.get("sampling") or {}
+        args += ["--window", str(sampling["window"])] if sampling.get("window") else []
+        args += ["--smooth", f"{sampling['smooth']:g}"] if sampling.get("smooth") is not None else []
+        args += ["--method", str(attrs["method"])] if attrs.get("method") not in (None, "gram") else []
+        args += ["--basis-precision", "float32"] if attrs.get("basis_precision") == "float32" else []
+        return shlex.join(args + ["--name", self.name, "--overwrite"])
 
     def summary(self) -> dict:
         """A JSON-friendly description."""

@@ -18,7 +18,8 @@ class SubspaceCheck:
     """What verifying one subspace found. ``ok``: its basis read back whole and finite, and equal to its recorded
     digest when it has one (``digest`` False: extracted before digests, so finiteness is all that was checked);
     ``problem``: what is wrong (damaged files, with the command that extracts it again; a digest from a newer
-    version; an unfinished extraction); ``note``: neither (replaced while it was read: verify again).
+    version; an unfinished extraction); ``note``: neither (replaced while it was read: verify again), or with
+    ``ok`` what to know (it does not span the snapshots committed after it).
     ``snapshots``: how many snapshots it was extracted from, and ``newer``: how many the store committed after
     the last of them (a subspace extracted before the recording went on does not span the rest)."""
 
@@ -48,7 +49,13 @@ def _check(store: TrajectoryStore, name: str) -> SubspaceCheck:
         has_digest = sub.digest is not None
         sub.read(sink=lambda r0, rows: None)
         used = list(sub.snapshots)
-        return SubspaceCheck(True, has_digest, snapshots=len(used), newer=len(store) - 1 - max(used) if used else 0)
+        chosen = sub.attrs.get("snapshots_requested")  # a list is a fixed selection: nothing newer belongs to it
+        rows = (range(len(store))[slice(*chosen["slice"])] if isinstance(chosen, dict) and chosen.get("slice")
+                else [] if isinstance(chosen, list) else range(len(store)))
+        newer = sum(1 for i in rows if used and i > max(used))  # committed since, and taken by its selection
+        note = (f"was extracted from {len(used)} snapshots; the store has committed {newer} more since: "
+                f"`{sub.extract_command()}` includes them") if newer else None
+        return SubspaceCheck(True, has_digest, note=note, snapshots=len(used), newer=newer)
     except SubspaceChangedError:
         return SubspaceCheck(False, has_digest, note="replaced while it was read (an extraction is writing it): run "
                              "verify again once it is done")

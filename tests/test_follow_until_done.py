@@ -102,6 +102,10 @@ def test_the_cli_flags(tmp_path):
     write_store(path, trajectory(4, 300, rank=2))
     r = CliRunner().invoke(app, ["extract", str(path), "--dim", "2", "--until-done"])
     assert r.exit_code == 2 and "--until-done goes with --follow" in " ".join(r.output.split())
+    for loose, said in ((["--every", "5"], "--every goes with --follow"),  # (the trial: silently unused)
+                        (["--follow", "--idle", "5"], "--idle goes with --until-done")):  # (followed forever)
+        r = CliRunner().invoke(app, ["extract", str(path), "--dim", "2", *loose])
+        assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
     r = CliRunner().invoke(app, ["extract", str(path), "--dim", "5", "--follow", "--until-done", "--idle", "0.5"])
     assert r.exit_code == 1 and "none was extracted" in " ".join(r.output.split())  # 4 snapshots, d = 5: too few
     writer = start_writer(tmp_path / "cli.zarr", 12)

@@ -93,6 +93,8 @@ def test_repair_truncates_to_the_first_bad_snapshot_and_names_the_good_ones_it_d
     assert report.ok and report.action == "truncate" and (report.committed_before, report.committed_after) == (10, 4)
     assert [(d.index, d.step, d.bad) for d in report.dropped] == [(i, 10 * i, i == 4) for i in range(4, 10)]
     assert "crc32c" in report.dropped[0].reasons[0]
+    assert len(report.dropped[0].reasons) == 1, report.dropped[0].reasons  # (the trial: said twice)
+    assert "trajstore repair" not in report.dropped[0].reasons[0]  # (and told to run what is running)
     assert all("after the first bad snapshot 4" in d.reasons[0] for d in report.dropped[1:])
     assert verify(path).ok
     assert_same(contents(path), select(before, list(range(4))))
@@ -606,7 +608,7 @@ def test_a_dry_run_goes_by_the_flock_so_a_lock_nothing_holds_is_stale_wherever_i
         lock.write_text(json.dumps({**this, "pid": dead_pid(), **fields}))
         before, files = lock.read_bytes(), tree(path)
         report = repair(path, dry_run=True)
-        assert report.ok and any("stale lock" in n and "taken over" in n for n in report.notes), report.notes
+        assert report.ok and any("stale lock" in n and "take it over" in n for n in report.notes), report.notes
         assert gc(path, dry_run=True) is not None and lock.read_bytes() == before and tree(path) == files
     done = repair(path)  # the real run takes it over
     assert done.ok and any("broke a stale lock" in n for n in done.notes), done.notes
@@ -640,7 +642,7 @@ def test_an_object_stores_stale_lock_refuses_repair_with_the_flag_to_break_it():
             run()
         assert "TrajectoryStore.open" not in str(caught.value)
     report = repair(url, dry_run=True)
-    assert report.ok and any("would be broken" in n and "--break-lock" in n for n in report.notes)
+    assert report.ok and any("stale lock" in n and "break it (with --break-lock)" in n for n in report.notes)
     assert repair(url, break_lock=True).ok and not fs.exists(f"{root}/{LOCK_NAME}")
 
 

@@ -197,7 +197,8 @@ def test_verify_notes_a_subspace_that_does_not_span_the_snapshots_committed_afte
     from typer.testing import CliRunner
 
     from cli.main import app
-    from pipeline import extract_subspace
+    from pipeline import extract_subspace, open_subspace
+    from trajstore import TrajectoryStore
 
     from .synthetic import trajectory, write_store
 
@@ -215,3 +216,19 @@ def test_verify_notes_a_subspace_that_does_not_span_the_snapshots_committed_afte
         in text, text
     report = json.loads(CliRunner().invoke(app, ["verify", str(path), "--json"]).stdout)
     assert report["subspaces"]["default"]["newer_snapshots"] == 3 and report["subspaces"]["default"]["snapshots"] == 6
+    assert "3 more since" in report["subspaces"]["default"]["note"]  # (the trial: null in the JSON)
+    # the command it gives extracts that subspace (its name, its settings), not the default one
+    extract_subspace(path, dim=2, name="late", snapshots=slice(1, None, 2), smooth=0.5)
+    for i in range(9, 12):
+        with TrajectoryStore.open(path, "a") as store:
+            store.append(x[i - 9], step=10 * i)
+    text = " ".join(CliRunner().invoke(app, ["verify", str(path)]).output.split())
+    command = text.split("subspace late was extracted")[1].split("`")[1]
+    assert command.endswith("--snapshots 1::2 --smooth 0.5 --name late --overwrite"), command
+    r = CliRunner().invoke(app, command.split()[1:])
+    assert r.exit_code == 0, r.output
+    late = open_subspace(path, "late")
+    assert late.snapshots == list(range(1, 12, 2)) and late.attrs["sampling"]["smooth"] == 0.5
+    with TrajectoryStore.open(path, "a") as store:  # snapshot 12: not in the stride 1::2, so nothing it misses
+        store.append(x[0], step=120)
+    assert "subspace late was extracted" not in " ".join(CliRunner().invoke(app, ["verify", str(path)]).output.split())

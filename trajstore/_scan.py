@@ -89,9 +89,10 @@ def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run:
         raise StoreLockedError(f"{path} is being written by {who}; {MAINTENANCE_ADVICE} (a dry run's plan would "
                                f"be out of date at its next commit){gone_advice}", holder or {})
     if holder is not None:
-        notes.append(f"dry run: {'the lock held by' if live else 'the stale lock left by'} {who} would be "
-                     f"{'broken' if remote else 'taken over'} by the real run"
-                     f"{' (with --break-lock)' if remote else ''}; it is left as it lies")
+        whose = f"{describe_holder(holder)} ({holder.get('purpose') or 'a writer'})"
+        notes.append(f"dry run: the lock object of {whose} would be broken by the real run (with --break-lock); "
+                     "left as it lies" if live else f"dry run: {whose} left a stale lock; the real run would "
+                     f"{'break it (with --break-lock)' if remote else 'take it over'}; left as it lies")
     store = Handle.open(path, "r", storage_options=storage_options)
     store.dry_run_lock = holder
     return store, notes
@@ -282,7 +283,7 @@ def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows:
         width = max(1, BLOCK_BYTES // ((g1 - g0) * store.dtype.itemsize))
         bad = [i for i in range(g0, g1) if any(p.startswith(PARAMS) for p in found.problems.get(i, ()))]
         hashers, nonfinite = {}, {}
-        for r0, r1 in [(g0, g1)] + [(i, i + 1) for i in range(g0, g1)]:  # the group, then row by row
+        for r0, r1 in [(g0, g1)] + [(i, i + 1) for i in range(g0, g1)] * (g1 - g0 > 1):  # the group, row by row
             if r0 in hashers:
                 continue  # decoded with the group
             try:
@@ -298,8 +299,8 @@ def _scan_params(store: TrajectoryStore, found: Scan, allowed: np.ndarray, rows:
             except CorruptSnapshotError as exc:  # the reader's verdict on the data; anything else (too many
                 # open files, no thread to be had, a bad setting) is no damage: raised, never flagged for repair
                 if r1 - r0 == 1:
-                    source = getattr(exc, "index", None)
-                    found.flag(r0, f"unreadable: {exc}" if source in (None, r0) else
+                    source, why = getattr(exc, "index", None), str(exc).split(" (store ")[0]  # (not its advice: repair)
+                    found.flag(r0, f"unreadable: {why}" if source in (None, r0) else
                                f"cannot be decoded: it is stored relative to corrupt snapshot {source}")
                     bad.append(r0)
         for i, count in nonfinite.items():

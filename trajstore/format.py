@@ -115,7 +115,9 @@ def open_root(path: str, mode: str, storage_options: dict | None = None) -> tupl
         inner = [p.name for p in local.glob("*.zarr") if (p / "zarr.json").exists()] if local is not None else []
         hint = (f"; it holds {', '.join(sorted(inner))}: give that path (a `trajstore train` run folder keeps its store "
                 f"in trajectory.zarr), e.g. {path.rstrip('/')}/{sorted(inner)[0]}") if inner else ""
-        raise NotAStoreError(f"{path} is not a trajstore store (no zarr group there: {exc}){hint}") from None
+        why = ("a zarr array there, not a store's group" if isinstance(exc, zarr.errors.ContainsArrayError)
+               else "no zarr group there")  # (zarr's own words name its LocalStore('file://...') internals)
+        raise NotAStoreError(f"{path} is not a trajstore store ({why}){hint}") from None
     except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:  # a zarr.json that does not parse
         raise CorruptMetadataError(
             f"the group metadata {path.rstrip('/')}/zarr.json is damaged ({type(exc).__name__}: {exc}); it holds "

@@ -46,7 +46,7 @@ PROBE_RETRY_S = 0.1  # how long a local lock's taker retries before calling it h
 BREAK_ADVICE = ("open it with break_lock=True (TrajectoryStore.open(path, 'a', break_lock=True) or "
                 "open_for_recording(path, model, break_lock=True))")  # the writer lock's, in the Python API
 GRAM_LOCK_NAME = f"{DERIVED_LOCK_NAME}.gram"  # the Gram pass (gram/) of the extractions sharing the derived lock
-_DEFAULT_PURPOSE = {LOCK_NAME: "a writer (recording, import, repair or gc)",
+_DEFAULT_PURPOSE = {LOCK_NAME: "a writer (recording or import)",
                     DERIVED_LOCK_NAME: "exclusive access to derived data (gc, repair or store.derived())"}
 
 
