@@ -150,7 +150,11 @@ def _open_when_created(path: "str | os.PathLike", poll: float, stop: StopFlag, p
         try:
             return TrajectoryStore.open(path, "r")
         except NotAStoreError as exc:
-            if not may_be_created(normalize(path)):
+            try:
+                coming = may_be_created(normalize(path))
+            except Exception:  # noqa: BLE001 -- cannot list it (permissions, credentials): not waited for
+                coming = False
+            if not coming:
                 raise
             if patience is not None and time.monotonic() - began >= patience:
                 raise NotAStoreError(f"{exc}; no writer created it within {patience:g} s (--wait): check the "

@@ -299,20 +299,24 @@ class Subspace:
 
         attrs = self.attrs
         args = ["trajstore", "extract", self.path]
-        if attrs.get("variance_requested") is not None:
-            args += ["--variance", f"{attrs['variance_requested']:g}"]
-        else:
-            args += ["--dim", str(attrs.get("dim_requested") or self.dim)]
-        chosen = attrs.get("snapshots_requested")
-        if isinstance(chosen, dict) and chosen.get("slice"):
-            args += ["--snapshots", ":".join("" if v is None else str(v) for v in chosen["slice"]).rstrip(":")]
-        elif isinstance(chosen, list):
-            args += ["--snapshots", ",".join(str(i) for i in chosen)]
-        sampling = attrs.get("sampling") or {}
-        args += ["--window", str(sampling["window"])] if sampling.get("window") else []
-        args += ["--smooth", f"{sampling['smooth']:g}"] if sampling.get("smooth") is not None else []
-        args += ["--method", str(attrs["method"])] if attrs.get("method") not in (None, "gram") else []
-        args += ["--basis-precision", "float32"] if attrs.get("basis_precision") == "float32" else []
+        try:
+            if attrs.get("variance_requested") is not None:
+                args += ["--variance", repr(float(attrs["variance_requested"]))]  # every digit: 0.9999999 is not 1
+            else:
+                args += ["--dim", str(int(attrs.get("dim_requested") or self.dim))]
+            chosen = attrs.get("snapshots_requested")
+            if isinstance(chosen, dict) and chosen.get("slice"):
+                start, stop, step = ("" if v is None else str(int(v)) for v in chosen["slice"])
+                args += ["--snapshots", f"{start}:{stop}" + (f":{step}" if step else "")]  # "2:" stays a slice
+            elif isinstance(chosen, list):
+                args += ["--snapshots", ",".join(str(int(i)) for i in chosen)]
+            sampling = attrs.get("sampling") or {}
+            args += ["--window", str(int(sampling["window"]))] if sampling.get("window") else []
+            args += ["--smooth", repr(float(sampling["smooth"]))] if sampling.get("smooth") is not None else []
+            args += ["--method", str(attrs["method"])] if attrs.get("method") not in (None, "gram") else []
+            args += ["--basis-precision", "float32"] if attrs.get("basis_precision") == "float32" else []
+        except (TypeError, ValueError, AttributeError, KeyError):  # damaged attributes: the settings are unknown
+            args = ["trajstore", "extract", self.path, "--dim", "D"]
         return shlex.join(args + ["--name", self.name, "--overwrite"])
 
     def summary(self) -> dict:

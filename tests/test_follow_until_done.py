@@ -343,12 +343,26 @@ def test_a_store_in_its_creation_window_is_waited_for_and_giving_up_says_how_lon
     from trajstore.errors import NotAStoreError
     from trajstore.format import LOCK_NAME
 
+    import fcntl
+    import os
+
+    def held_lock(folder):  # a creator's writer lock, taken before anything else is written
+        folder.mkdir()
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
     path = tmp_path / "run.zarr"
-    path.mkdir()
-    (path / LOCK_NAME).write_text("")  # the creator's lock, taken before anything else is written
+    fd = held_lock(path)
+
+    def create() -> None:
+        zarr.open_group(str(path), mode="a")  # a bare zarr.json first, still under the creator's lock
+        time.sleep(1.0)
+        os.close(fd)  # (this stand-in hands the lock to the real create, which takes it at once)
+        write_store(path, trajectory(7, 400, rank=2))
+
     notes: list[str] = []
-    creator = threading.Timer(1.5, lambda: (zarr.open_group(str(path), mode="a"),  # a bare zarr.json first
-                                            time.sleep(1.0), write_store(path, trajectory(7, 400, rank=2))))
+    creator = threading.Timer(1.5, create)
     creator.start()
     try:
         assert watched_follow(path, every=3, dim=2, poll=0.1, until_done=True, idle=4.0, on_waiting=notes.append) >= 1
@@ -357,10 +371,20 @@ def test_a_store_in_its_creation_window_is_waited_for_and_giving_up_says_how_lon
     assert len(notes) == 1 and "waiting for a writer to create it" in notes[0]
     assert len(open_subspace(path).snapshots) == 7
     empty = tmp_path / "empty.zarr"
-    empty.mkdir()
-    (empty / LOCK_NAME).write_text("")
-    with pytest.raises(NotAStoreError, match=r"no writer created it within 0.5 s \(--wait\).*--wait SECONDS"):
-        follow(empty, every=3, dim=2, poll=0.1, until_done=True, idle=0.5, wait=0.5)
+    fd = held_lock(empty)
+    try:
+        with pytest.raises(NotAStoreError, match=r"no writer created it within 0.5 s \(--wait\).*--wait SECONDS"):
+            follow(empty, every=3, dim=2, poll=0.1, until_done=True, idle=0.5, wait=0.5)
+    finally:
+        os.close(fd)
+    killed = tmp_path / "killed.zarr"  # the review: a create killed part-way (nobody holds its lock) was waited on
+    killed.mkdir()
+    (killed / LOCK_NAME).write_text("")
+    zarr.open_group(str(killed), mode="a")
+    began = time.monotonic()
+    with pytest.raises(NotAStoreError, match="no 'trajstore' attributes"):
+        follow(killed, every=3, dim=2, poll=0.1, until_done=True, idle=0.5)
+    assert time.monotonic() - began < 5
     other = f"memory://follow-{time.monotonic_ns()}/run.zarr"
     import fsspec
 

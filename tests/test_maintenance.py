@@ -686,3 +686,20 @@ def test_a_writer_refused_by_a_running_repair_is_told_it_is_a_repair(tmp_path):
         store.close()
     with TrajectoryStore.open(path, "a"):
         assert "recording" in json.loads((path / ".trajstore.lock").read_text())["purpose"]
+
+
+def test_a_writer_opening_while_a_dry_run_probes_the_lock_waits_the_probe_out(tmp_path):
+    """The review: a probe held a little longer (a paused dry-run process) made a training job fail at open,
+    naming "pid None". A writer lock held with no live holder on record is a probe: the writer waits it out."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "run.zarr"
+    record(path, t=2)
+    fd = os.open(path / ".trajstore.lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the probe, paused for 0.5 s
+    threading.Timer(0.5, lambda: os.close(fd)).start()
+    began = time.monotonic()
+    with TrajectoryStore.open(path, "a") as writer:
+        writer.append(row(2, N), step=1000)
+    assert time.monotonic() - began >= 0.4 and len(TrajectoryStore.open(path)) == 3

@@ -198,6 +198,7 @@ def test_verify_notes_a_subspace_that_does_not_span_the_snapshots_committed_afte
 
     from cli.main import app
     from pipeline import extract_subspace, open_subspace
+    from pipeline.settings import selection_json
     from trajstore import TrajectoryStore
 
     from .synthetic import trajectory, write_store
@@ -225,6 +226,14 @@ def test_verify_notes_a_subspace_that_does_not_span_the_snapshots_committed_afte
     text = " ".join(CliRunner().invoke(app, ["verify", str(path)]).output.split())
     command = text.split("subspace late was extracted")[1].split("`")[1]
     assert command.endswith("--snapshots 1::2 --smooth 0.5 --name late --overwrite"), command
+    from pipeline.settings import parse_snapshots
+
+    sub = open_subspace(path, "late")  # the review: "2:" came out as "2" (one snapshot), 0.9999999 as 1
+    for chosen in (slice(2, None), slice(0, None), slice(None, 5), slice(1, None, 2), [0, 3]):
+        sub.attrs = {**sub.attrs, "snapshots_requested": selection_json(chosen), "variance_requested": 0.9999999}
+        said = sub.extract_command().split()
+        assert parse_snapshots(said[said.index("--snapshots") + 1]) == chosen, said
+        assert said[said.index("--variance") + 1] == "0.9999999"
     r = CliRunner().invoke(app, command.split()[1:])
     assert r.exit_code == 0, r.output
     late = open_subspace(path, "late")

@@ -156,7 +156,8 @@ CREATED_NAMES = frozenset({"zarr.json", PARAMS, REFERENCE, BUFFERS, *ROW_ARRAYS,
 def may_be_created(path: str, storage_options: dict | None = None) -> bool:
     """Whether ``path`` (a local folder or an object-store prefix) holds nothing yet, or only entries that
     :meth:`TrajectoryStore.create` writes: where a store that does not open yet may be on its way (a creator
-    takes the lock, then writes zarr.json and the arrays, and the trajstore attributes last)."""
+    takes the lock, then writes zarr.json and the arrays, and the trajstore attributes last: locally, such
+    entries with nobody holding the lock are a create killed part-way, nothing on its way)."""
     local = local_dir(path)
     if local is not None:
         if not local.exists():
@@ -164,6 +165,16 @@ def may_be_created(path: str, storage_options: dict | None = None) -> bool:
         if not local.is_dir():
             return False
         names = [entry.name for entry in local.iterdir()]
+        if names and all(name in CREATED_NAMES or name.startswith(DERIVED_LOCK_NAME) for name in names):
+            from .lock import local_lock_held
+
+            # a creator holds the writer lock until the store opens; a folder of a store's parts that nobody
+            # holds is a create killed part-way, or a store whose zarr.json was lost: nothing is coming there
+            for _ in range(3):
+                if local_lock_held(path) is not False:
+                    return True
+                time.sleep(0.1)  # (a creator between making the folder and taking the lock)
+            return False
     else:
         import fsspec
 

@@ -81,7 +81,9 @@ def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run:
         return open_locked(path, storage_options, break_lock)
     notes, holder = [], recorded_writer(path, storage_options)
     remote = local_dir(path) is None
-    live = (holder is not None and not gone(holder, strict=True)) if remote else local_lock_held(path)
+    live = None if remote else local_lock_held(path)  # the kernel's answer (None: this filesystem has no flock)
+    if live is None:
+        live = holder is not None and not gone(holder, strict=remote)
     who = (f"{describe_holder(holder)}, {holder.get('purpose') or 'a writer'}" if holder
            else "a writer that has not written its record yet")
     if live and not (remote and break_lock):
@@ -104,7 +106,9 @@ def check_dry_run_current(store: Handle, storage_options: dict | None) -> None:
     path, then = store.path, store._meta
     holder = recorded_writer(path, storage_options)
     remote = local_dir(path) is None
-    live = (holder is not None and not gone(holder, strict=True)) if remote else local_lock_held(path)
+    live = None if remote else local_lock_held(path)
+    if live is None:
+        live = holder is not None and not gone(holder, strict=remote)
     try:
         now = open_root(path, "r", storage_options)[1]
     except READ_ERRORS as exc:
@@ -226,7 +230,10 @@ def scan(store: TrajectoryStore, files: Files, progress: Callable[[int, int], No
         present = set(files.sizes(f"{name}/c")) if n and every_chunk else set()
         # a metric created just before a kill: its rows before the marker are NaN by design, their chunk files
         # not written yet (a writer's opening backfills them; a dry run, which opens read-only, must agree)
-        backfill_to = int(g[name].attrs.get(BACKFILL, 0)) if n and name.startswith(METRICS) else 0
+        try:
+            backfill_to = int(g[name].attrs.get(BACKFILL, 0)) if n and name.startswith(METRICS) else 0
+        except (TypeError, ValueError):
+            backfill_to = 0  # a damaged marker: every missing chunk file is damage
         for c0 in range(0, n, size):
             c1 = min(n, c0 + size)
             try:

@@ -43,6 +43,7 @@ from .holders import describe_holder, gone, is_this_process, new_holder, pid_ali
 
 _ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a"}
 PROBE_RETRY_S = 0.1  # how long a local lock's taker retries before calling it held (see local_lock_held)
+PROBE_WAIT_S = 5.0  # ... when the writer lock's record names no live holder (a probe's, most likely)
 BREAK_ADVICE = ("open it with break_lock=True (TrajectoryStore.open(path, 'a', break_lock=True) or "
                 "open_for_recording(path, model, break_lock=True))")  # the writer lock's, in the Python API
 GRAM_LOCK_NAME = f"{DERIVED_LOCK_NAME}.gram"  # the Gram pass (gram/) of the extractions sharing the derived lock
@@ -91,11 +92,12 @@ def recorded_writer(root: str, storage_options: dict | None = None) -> dict | No
     return WriterLock._read_holder(fs, f"{path.rstrip('/')}/{LOCK_NAME}")
 
 
-def local_lock_held(root: str, name: str = LOCK_NAME) -> bool:
+def local_lock_held(root: str, name: str = LOCK_NAME) -> bool | None:
     """Whether a process holds the local store's lock ``name`` now, whatever its record says: flock is the
     truth for local stores (a record from another host, container or boot that nothing holds is stale, and a
     writer's opening takes it over). Probed by taking the lock shared and releasing it at once, so it never
-    waits; a writer opening in that instant retries for ``PROBE_RETRY_S`` (:meth:`WriterLock._acquire_local`)."""
+    waits; a writer opening in that instant retries (:meth:`WriterLock._acquire_local`). None where the filesystem
+    has no flock (NFS without lockd): then only the record can say."""
     try:
         fd = os.open(Path(local_dir(root)) / name, os.O_RDONLY)
     except FileNotFoundError:
@@ -104,6 +106,8 @@ def local_lock_held(root: str, name: str = LOCK_NAME) -> bool:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # a filesystem without flock (ENOLCK, EOPNOTSUPP): the caller goes by the record
+        return None
     finally:
         os.close(fd)  # closing the descriptor releases the probe's lock
     return False
@@ -262,16 +266,19 @@ class WriterLock:
     def _acquire_local(self) -> None:
         path = Path(self._local) / self.name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + PROBE_RETRY_S  # a local_lock_held() probe holds it for an instant
+        began = time.monotonic()  # a local_lock_held() probe holds it for an instant
         while True:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() < deadline:
+                holder = _read_json(os.pread(fd, 4096, 0))
+                # a writer lock held with no live holder on record is a probe (it writes none; a writer writes its
+                # record right after taking the lock): wait it out for longer than a paused prober would take
+                probe = self.name == LOCK_NAME and (not holder.get("pid") or gone(holder))
+                if time.monotonic() - began < (PROBE_WAIT_S if probe else PROBE_RETRY_S):
                     time.sleep(0.005)
                     continue
-                holder = _read_json(os.pread(fd, 4096, 0))
                 os.close(fd)
                 raise self._locked(holder) from None
         previous = _read_json(os.pread(fd, 4096, 0))
