@@ -81,9 +81,7 @@ def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run:
         return open_locked(path, storage_options, break_lock)
     notes, holder = [], recorded_writer(path, storage_options)
     remote = local_dir(path) is None
-    live = None if remote else local_lock_held(path)  # the kernel's answer (None: this filesystem has no flock)
-    if live is None:
-        live = holder is not None and not gone(holder, strict=remote)
+    live = writer_live(path, holder)
     who = (f"{describe_holder(holder)}, {holder.get('purpose') or 'a writer'}" if holder
            else "a writer that has not written its record yet")
     if live and not (remote and break_lock):
@@ -100,15 +98,22 @@ def open_for(path: str, storage_options: dict | None, break_lock: bool, dry_run:
     return store, notes
 
 
+def writer_live(path: str, holder: dict | None) -> bool:
+    """Whether a writer holds the store now: locally the kernel's flock (the record may be stale), falling back to
+    the record where the filesystem has no flock; on an object store a record whose holder may still run."""
+    live = None if local_dir(path) is None else local_lock_held(path)
+    if live is None:
+        live = holder is not None and not gone(holder, strict=local_dir(path) is None)
+    return live
+
+
 def check_dry_run_current(store: Handle, storage_options: dict | None) -> None:
     """Refuse a dry run's plan (StoreLockedError) if, while it read the store without its lock, a writer took
     the lock or the store was appended to, truncated or re-created: the plan describes a store that is gone."""
     path, then = store.path, store._meta
     holder = recorded_writer(path, storage_options)
     remote = local_dir(path) is None
-    live = None if remote else local_lock_held(path)
-    if live is None:
-        live = holder is not None and not gone(holder, strict=remote)
+    live = writer_live(path, holder)
     try:
         now = open_root(path, "r", storage_options)[1]
     except READ_ERRORS as exc:
