@@ -165,7 +165,7 @@ def may_be_created(path: str, storage_options: dict | None = None) -> bool:
         if not local.is_dir():
             return False
         names = [entry.name for entry in local.iterdir()]
-        if names and all(name in CREATED_NAMES or name.startswith(DERIVED_LOCK_NAME) for name in names):
+        if names and _only_created(names):
             from .lock import local_lock_held
 
             # a creator holds the writer lock until the store opens; a folder of a store's parts that nobody
@@ -183,6 +183,10 @@ def may_be_created(path: str, storage_options: dict | None = None) -> bool:
             names = [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False, refresh=True)]
         except FileNotFoundError:
             return True
+    return _only_created(names)
+
+
+def _only_created(names: list[str]) -> bool:
     return all(name in CREATED_NAMES or name.startswith(DERIVED_LOCK_NAME) for name in names)
 
 
